@@ -1,0 +1,73 @@
+"""Foundation assets: corpus -> activations[layer] -> sae[layer], with the blocking sae_quality check."""
+
+import dagster as dg
+
+from sae_pipeline.activations.harvest import harvest, heldout_windows
+from sae_pipeline.config import Profile, artifacts_root, load_gates
+from sae_pipeline.corpus.build import build_corpus, load_manifest
+from sae_pipeline.layout import activations_root, corpus_dir
+from sae_pipeline.defs.metadata import numbers, png_markdown, table
+from sae_pipeline.defs.resources import ModelResource
+from sae_pipeline.sae.run import sae_dir, train_layer_sae
+
+GROUP = "foundation"
+
+
+def build_foundation_assets(profile: Profile) -> list:
+    layers = dg.StaticPartitionsDefinition([str(layer) for layer in profile.harvest.layers])
+
+    @dg.asset(group_name=GROUP, kinds={"python"},
+              description="Benign text corpus from licence-compatible sources, with a manifest and sha256.")
+    def corpus(context: dg.AssetExecutionContext, model: ModelResource) -> dg.MaterializeResult:
+        loaded = model.load(profile.model)
+        manifest = build_corpus(profile.corpus, corpus_dir(profile), loaded.tokenizer, loaded.tokenizer_hash)
+        context.log.info(f"corpus: {manifest.n_documents} documents, {manifest.n_tokens:,} tokens")
+        return dg.MaterializeResult(metadata={
+            "sha256": manifest.sha256, "n_documents": manifest.n_documents, "n_tokens": manifest.n_tokens,
+            "tokenizer_hash": manifest.tokenizer_hash, "path": dg.MetadataValue.path(str(corpus_dir(profile))),
+            "sources": table([{k: row[k] for k in ("name", "kind", "style", "license", "n_documents", "n_tokens")}
+                              for row in manifest.sources]),
+        })
+
+    @dg.asset(group_name=GROUP, deps=[corpus], partitions_def=layers, kinds={"pytorch"},
+              backfill_policy=dg.BackfillPolicy.single_run(),
+              description="MLP-output activations per hooked layer: one forward pass feeds every layer in the run.")
+    def activations(context: dg.AssetExecutionContext, model: ModelResource) -> dg.MaterializeResult:
+        loaded = model.load(profile.model)
+        run_layers = sorted(int(key) for key in context.partition_keys)
+        root = activations_root(profile, loaded)
+        result = harvest(loaded.model, loaded.tokenizer, corpus_dir(profile), root, run_layers, profile.harvest)
+        return dg.MaterializeResult(metadata={
+            "path": dg.MetadataValue.path(str(root)), "layers": str(run_layers),
+            "model_hash": loaded.model_hash, "train_tokens": result.tokens_per_split["train"],
+            "heldout_tokens": result.tokens_per_split["heldout"],
+            "forward_tokens_per_second": result.tokens_per_second,
+        })
+
+    @dg.asset(group_name=GROUP, deps=[activations], partitions_def=layers, kinds={"pytorch"},
+              check_specs=[dg.AssetCheckSpec("sae_quality", asset="sae", blocking=True,
+                                             description="R2, dead latents, decoder coherence, near-duplicates "
+                                                         "against data/gates.yaml")],
+              description="Top-k SAE per layer, whitening folded in; metrics on held-out activations.")
+    def sae(context: dg.AssetExecutionContext, model: ModelResource) -> dg.MaterializeResult:
+        layer = int(context.partition_key)
+        loaded = model.load(profile.model)
+        root = activations_root(profile, loaded)
+        out_dir = sae_dir(artifacts_root() / "sae", root, profile.sae, layer)
+        ids = heldout_windows(corpus_dir(profile), loaded.tokenizer, profile.harvest, profile.sae.splice_sequences)
+        lineage = {"model_hash": loaded.model_hash, "tokenizer_hash": loaded.tokenizer_hash,
+                   "corpus_sha256": load_manifest(corpus_dir(profile)).sha256, "activations": root.name}
+        report = train_layer_sae(root, layer, profile.sae, profile.harvest, out_dir, loaded.model, ids,
+                                 load_gates(), lineage)
+        passed = all(gate.passed for gate in report.gates)
+        check = dg.AssetCheckResult(
+            check_name="sae_quality", passed=passed, severity=dg.AssetCheckSeverity.ERROR,
+            metadata={**{gate.name: gate.value for gate in report.gates},
+                      "gates": table([gate._asdict() for gate in report.gates])})
+        return dg.MaterializeResult(
+            metadata={**numbers(report.metrics), "path": dg.MetadataValue.path(str(report.directory)),
+                      "liveness_histogram": png_markdown(report.liveness_png, "liveness histogram"),
+                      "training_curve": png_markdown(report.curve_png, "training curve"), **lineage},
+            check_results=[check])
+
+    return [corpus, activations, sae]

@@ -1,0 +1,29 @@
+"""Dagster resources: thin wrappers that hand core objects to assets."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import dagster as dg
+import torch
+
+from sae_pipeline.model.loading import LoadedModel, load_model
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@lru_cache(maxsize=2)
+def _cached_load(name_or_path: str | None, dtype: str) -> LoadedModel:
+    return load_model(name_or_path, dtype=_DTYPES[dtype])
+
+
+class ModelResource(dg.ConfigurableResource):
+    """The model under study. Empty name_or_path means the profile's model (the embedded SmolLM2 by default)."""
+
+    name_or_path: str | None = None
+    dtype: str = "bfloat16"
+
+    def load(self, profile_model: str | None) -> LoadedModel:
+        if self.dtype not in _DTYPES:
+            raise dg.Failure(f"ModelResource.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        return _cached_load(self.name_or_path or profile_model, self.dtype)

@@ -1,0 +1,20 @@
+"""Where each stage's artifacts live under the artifact root, derived from the profile and the hashes of their inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sae_pipeline.activations.harvest import harvest_root
+from sae_pipeline.activations.store import config_hash
+from sae_pipeline.config import Profile, artifacts_root
+from sae_pipeline.corpus.build import load_manifest
+from sae_pipeline.model.loading import LoadedModel
+
+
+def corpus_dir(profile: Profile) -> Path:
+    return artifacts_root() / "corpus" / config_hash(profile.corpus.model_dump(mode="json"))[:8]
+
+
+def activations_root(profile: Profile, loaded: LoadedModel) -> Path:
+    manifest = load_manifest(corpus_dir(profile))
+    return harvest_root(artifacts_root() / "activations", loaded.model_hash, manifest.sha256, profile.harvest)

@@ -1,0 +1,115 @@
+"""Top-k sparse autoencoder with a gather-based sparse decoder and whitening folded into saved weights."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+WEIGHTS_FILE = "sae.safetensors"
+CONFIG_FILE = "cfg.json"
+
+
+class SAELoadError(RuntimeError):
+    """A saved SAE is missing, unreadable or does not match its recorded sae_hash."""
+
+
+class EncoderOutput(NamedTuple):
+    top_acts: torch.Tensor  # (B, K), post-ReLU
+    top_indices: torch.Tensor  # (B, K)
+    pre_acts: torch.Tensor  # (B, F), before top-k: the L1 penalty and AuxK read it
+
+
+class TopKSAE(nn.Module):
+    def __init__(self, d_model: int, n_latents: int, k: int):
+        super().__init__()
+        if n_latents <= 0:
+            raise ValueError(f"n_latents must be positive, got {n_latents}")
+        if not 0 < k <= n_latents:
+            raise ValueError(f"k must be in 1..n_latents={n_latents}, got {k}")
+        self.d_model, self.n_latents, self.k = d_model, n_latents, k
+        self.W_enc_DF = nn.Parameter(torch.empty(d_model, n_latents))
+        self.b_enc_F = nn.Parameter(torch.zeros(n_latents))
+        self.W_dec_FD = nn.Parameter(torch.empty(n_latents, d_model))
+        self.b_dec_D = nn.Parameter(torch.zeros(d_model))
+
+    def init_tied(self, generator: torch.Generator) -> None:
+        """Unit-norm random decoder rows, encoder = decoder transpose (Gao et al. 2024)."""
+        with torch.no_grad():
+            self.W_dec_FD.copy_(torch.randn(self.n_latents, self.d_model, generator=generator))
+            self.normalize_decoder()
+            self.W_enc_DF.copy_(self.W_dec_FD.T)
+
+    def normalize_decoder(self) -> None:
+        with torch.no_grad():
+            self.W_dec_FD.div_(self.W_dec_FD.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    def remove_parallel_decoder_grad(self) -> None:
+        """Project out the gradient component along each decoder row, so the unit-norm step stays exact."""
+        if self.W_dec_FD.grad is not None:
+            rows = self.W_dec_FD.data
+            self.W_dec_FD.grad -= (self.W_dec_FD.grad * rows).sum(1, keepdim=True) * rows
+
+    def encode(self, x_BD: torch.Tensor, k: int | None = None) -> EncoderOutput:
+        pre_BF = (x_BD - self.b_dec_D) @ self.W_enc_DF + self.b_enc_F
+        top_acts_BK, top_indices_BK = pre_BF.topk(k or self.k, dim=-1, sorted=False)
+        return EncoderOutput(F.relu(top_acts_BK), top_indices_BK, pre_BF)
+
+    def decode(self, top_acts_BK: torch.Tensor, top_indices_BK: torch.Tensor) -> torch.Tensor:
+        # embedding_bag reads only the K selected decoder rows per token: cost K*D, not F*D.
+        recon_BD = F.embedding_bag(top_indices_BK, self.W_dec_FD, per_sample_weights=top_acts_BK.to(self.W_dec_FD.dtype),
+                                   mode="sum")
+        return recon_BD + self.b_dec_D
+
+    def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
+        codes = self.encode(x_BD)
+        return self.decode(codes.top_acts, codes.top_indices)
+
+    def fold_whitening(self, mean_D: torch.Tensor, scale_D: torch.Tensor) -> TopKSAE:
+        """An SAE on raw activations equal to this one applied to (x - mean) / scale; exact, no preprocessing."""
+        folded = TopKSAE(self.d_model, self.n_latents, self.k)
+        with torch.no_grad():
+            folded.W_enc_DF.copy_(self.W_enc_DF / scale_D[:, None])
+            folded.b_enc_F.copy_(self.b_enc_F)
+            folded.W_dec_FD.copy_(self.W_dec_FD * scale_D[None, :])
+            folded.b_dec_D.copy_(self.b_dec_D * scale_D + mean_D)
+        return folded
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {name: param.detach().contiguous().cpu() for name, param in self.named_parameters()}
+
+    def save(self, directory: Path, extra_config: dict) -> str:
+        """Write sae.safetensors and cfg.json; returns sae_hash (sha256 of the weights file)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(self.state_tensors(), str(directory / WEIGHTS_FILE))
+        sae_hash = hashlib.sha256((directory / WEIGHTS_FILE).read_bytes()).hexdigest()
+        config = {"d_model": self.d_model, "n_latents": self.n_latents, "k": self.k, "sae_hash": sae_hash,
+                  **extra_config}
+        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+        return sae_hash
+
+    @classmethod
+    def load(cls, directory: Path) -> tuple[TopKSAE, dict]:
+        """Load and verify against cfg.json's sae_hash; fails closed on any mismatch."""
+        weights, cfg_path = Path(directory) / WEIGHTS_FILE, Path(directory) / CONFIG_FILE
+        if not weights.exists() or not cfg_path.exists():
+            raise SAELoadError(f"{directory} lacks {WEIGHTS_FILE} or {CONFIG_FILE}")
+        config = json.loads(cfg_path.read_text())
+        actual = hashlib.sha256(weights.read_bytes()).hexdigest()
+        if actual != config.get("sae_hash"):
+            raise SAELoadError(f"{weights} sha256 {actual[:12]} does not match cfg.json sae_hash "
+                               f"{str(config.get('sae_hash'))[:12]}: refusing a tampered or partial SAE")
+        try:
+            tensors = load_file(str(weights))
+        except SafetensorError as err:
+            raise SAELoadError(f"{weights} is unreadable: {err}") from err
+        sae = cls(config["d_model"], config["n_latents"], config["k"])
+        sae.load_state_dict(tensors)
+        return sae.eval(), config

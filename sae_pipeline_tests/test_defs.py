@@ -1,0 +1,78 @@
+"""The Dagster layer on the tiny profile: definitions load, assets materialise, the blocking check blocks."""
+
+import dagster as dg
+import pytest
+
+from sae_pipeline.config import load_profile
+from sae_pipeline.defs.definitions import build_defs
+from sae_pipeline_tests.conftest import write_gates
+
+
+def test_default_definitions_load():
+    from sae_pipeline.defs import defs
+
+    dg.Definitions.validate_loadable(defs)
+    assert {key.to_user_string() for key in defs.resolve_all_asset_keys()} == {"corpus", "activations", "sae"}
+    assert defs.resolve_job_def("main") is not None
+
+
+def _tiny_defs(extra_assets=()):
+    base = build_defs(load_profile("tiny"))
+    return dg.Definitions(assets=[*base.assets, *extra_assets], resources=base.resources)
+
+
+@dg.asset(deps=["sae"], partitions_def=dg.StaticPartitionsDefinition(["1", "3"]))
+def downstream_of_sae() -> None:
+    """Stands in for feature_scores: it must not run when sae_quality fails."""
+
+
+def _materialize(defs, selection, instance, partition=None):
+    return dg.materialize(list(defs.assets), selection=selection, instance=instance, resources=defs.resources,
+                          partition_key=partition, raise_on_error=False)
+
+
+@pytest.mark.parametrize("r2_min, expect_pass", [(0.0, True), (1.01, False)])
+def test_tiny_pipeline_materialises_and_the_blocking_check_gates_downstream(
+        artifacts, tmp_path, monkeypatch, r2_min, expect_pass):
+    monkeypatch.setenv("SAE_PIPELINE_GATES", str(write_gates(tmp_path / "gates.yaml", r2_min)))
+    defs = _tiny_defs([downstream_of_sae])
+    with dg.instance_for_test() as instance:
+        assert _materialize(defs, "corpus", instance).success
+        for layer in ("1", "3"):
+            assert _materialize(defs, "activations", instance, layer).success
+        result = _materialize(defs, "sae downstream_of_sae", instance, "3")
+        checks = result.get_asset_check_evaluations()
+        assert [c.check_name for c in checks] == ["sae_quality"]
+        assert checks[0].passed is expect_pass
+        assert result.success is expect_pass
+        materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+        assert "sae" in materialized
+        assert ("downstream_of_sae" in materialized) is expect_pass
+        metadata = result.get_asset_materialization_events()[0].event_specific_data.materialization.metadata
+        for key in ("r2", "dead_fraction", "coherence_p95", "k_active_p50", "loss_recovered", "sae_hash",
+                    "liveness_histogram", "training_curve"):
+            assert key in metadata, key
+        assert metadata["liveness_histogram"].value.startswith("![liveness histogram](data:image/png;base64,")
+    assert list(artifacts.glob("sae/*/*/layer_03/sae.safetensors"))
+
+
+@pytest.mark.integration
+def test_embedded_default_end_to_end_on_a_small_budget():
+    """Real SmolLM2, real corpus, layer 15, a budget small enough for CI; the project's own gates judge it."""
+    profile = load_profile("smollm2-pilot").updated(
+        harvest={"train_tokens": 16_384, "heldout_tokens": 4_096, "shard_tokens": 4_096},
+        sae={"n_latents": 1152, "k": 16, "k_start": 32, "batch_tokens": 512, "epochs": 2.0, "aux_k": 64,
+             "dead_window_tokens": 8192, "checkpoint_every_steps": 16, "splice_sequences": 4})
+    defs = build_defs(profile)
+    with dg.instance_for_test() as instance:
+        assert _materialize(defs, "corpus", instance).success
+        assert _materialize(defs, "activations", instance, "15").success
+        result = _materialize(defs, "sae", instance, "15")
+        [check] = result.get_asset_check_evaluations()
+        metadata = result.get_asset_materialization_events()[0].event_specific_data.materialization.metadata
+    gates = {record.data["name"]: record.data for record in check.metadata["gates"].value.records}
+    assert set(gates) == {"r2_min", "dead_fraction_max", "coherence_p95_max", "near_duplicates_max"}
+    assert check.passed == all(row["passed"] for row in gates.values())
+    assert 0.2 < metadata["r2"].value < 1.0
+    assert metadata["loss_recovered"].value > 0.0
+    assert metadata["ce_spliced"].value < metadata["ce_zero_ablated"].value

@@ -1,0 +1,69 @@
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from sae_pipeline.model.hooks import (
+    UnsupportedArchitectureError, capture_mlp_outputs, mlp_module, run_until_captured,
+)
+from sae_pipeline.model.loading import ModelLoadError, load_model
+
+
+def test_tiny_model_hashes_are_stable(tiny):
+    again = load_model("tiny-random-llama")
+    assert (again.model_hash, again.tokenizer_hash) == (tiny.model_hash, tiny.tokenizer_hash)
+    assert len(tiny.model_hash) == 64
+
+
+def test_capture_matches_the_mlp_output_and_stops_early(tiny):
+    ids = torch.tensor([tiny.tokenizer("hello world, hello hooks").input_ids])
+    seen = {}
+    expected = mlp_module(tiny.model, 3).register_forward_hook(lambda m, i, o: seen.setdefault("mlp3", o.clone()))
+    later_calls = []
+    later = mlp_module(tiny.model, 5).register_forward_hook(lambda m, i, o: later_calls.append(1))
+    try:
+        with torch.no_grad(), capture_mlp_outputs(tiny.model, [1, 3]) as captured:
+            run_until_captured(tiny.model, ids)
+    finally:
+        expected.remove()
+        later.remove()
+    assert torch.equal(captured[3], seen["mlp3"])
+    assert captured[1].shape == (1, ids.shape[1], 64)
+    assert later_calls == [], "layers after the last hooked one must not run"
+
+
+def test_gpt2_style_models_are_hooked_too():
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50)).eval()
+    assert mlp_module(model, 1) is model.transformer.h[1].mlp
+
+
+def test_unknown_architecture_names_the_supported_ones():
+    with pytest.raises(UnsupportedArchitectureError, match="llama-style.*gpt2-style"):
+        mlp_module(torch.nn.Linear(2, 2), 0)
+
+
+@pytest.mark.parametrize("layer", [-1, 6, 100])
+def test_layer_out_of_range_is_named(tiny, layer):
+    with pytest.raises(IndexError, match=f"layer {layer} is out of range"):
+        mlp_module(tiny.model, layer)
+
+
+def test_missing_model_says_how_to_get_it(tmp_path):
+    with pytest.raises(ModelLoadError, match="huggingface-cli download"):
+        load_model("no-such-org/no-such-model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="config.json"):
+        load_model(str(tmp_path / "empty"))
+
+
+@pytest.mark.integration
+def test_embedded_default_loads_with_hashes(monkeypatch):
+    from sae_pipeline import load_model as public_load_model
+
+    model, tokenizer = public_load_model()
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    loaded = load_model(None)
+    assert len(loaded.model_hash) == 64 and len(loaded.tokenizer_hash) == 64
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"]
+    out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert "4" in tokenizer.decode(out[0, ids.shape[1]:])

@@ -1,0 +1,153 @@
+import pytest
+import torch
+
+from sae_pipeline.activations.store import WhiteningStats
+from sae_pipeline.config import SAEConfig
+from sae_pipeline.sae.metrics import coherence_metrics, reconstruction_metrics
+from sae_pipeline.sae.model import SAELoadError, TopKSAE
+from sae_pipeline.sae.train import (
+    TrainingInterrupted, k_at, lr_at, merge_near_duplicates, train_sae, whitening_scale,
+)
+
+
+def sparse_data(n=8192, d=32, n_true=96, active=3, seed=0):
+    """Activations made of `active` of `n_true` ground-truth directions each, plus an offset and anisotropy."""
+    g = torch.Generator().manual_seed(seed)
+    dictionary = torch.nn.functional.normalize(torch.randn(n_true, d, generator=g), dim=1)
+    idx = torch.stack([torch.randperm(n_true, generator=g)[:active] for _ in range(n)])
+    coef = torch.rand(n, active, generator=g) * 3 + 0.5
+    x = torch.einsum("nk,nkd->nd", coef, dictionary[idx])
+    return x * torch.linspace(0.5, 2.0, d) + 5.0
+
+
+def stats_of(x):
+    return WhiteningStats(x.mean(0), x.std(0, unbiased=False), x.shape[0])
+
+
+CFG = SAEConfig(n_latents=128, k=4, k_start=8, batch_tokens=256, epochs=6, lr=4e-3, aux_k=16,
+                dead_window_tokens=4096, checkpoint_every_steps=20, whiten="diagonal")
+
+
+def test_bad_sizes_are_named():
+    with pytest.raises(ValueError, match="n_latents must be positive"):
+        TopKSAE(8, 0, 1)
+    with pytest.raises(ValueError, match="k must be in 1..n_latents=16"):
+        TopKSAE(8, 16, 17)
+
+
+def test_sparse_decode_equals_dense_decode():
+    sae = TopKSAE(16, 64, 5)
+    sae.init_tied(torch.Generator().manual_seed(0))
+    x = torch.randn(10, 16)
+    codes = sae.encode(x)
+    dense = torch.zeros(10, 64).scatter(1, codes.top_indices, codes.top_acts)
+    assert torch.allclose(sae.decode(codes.top_acts, codes.top_indices), dense @ sae.W_dec_FD + sae.b_dec_D,
+                          atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["diagonal", "scalar"])
+def test_folded_whitening_is_exact(mode):
+    x = sparse_data(n=512)
+    mean, scale = whitening_scale(stats_of(x), mode)
+    sae = TopKSAE(32, 64, 4)
+    sae.init_tied(torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        sae.b_dec_D.normal_()
+        sae.b_enc_F.normal_()
+        white = sae((x - mean) / scale) * scale + mean
+        folded = sae.fold_whitening(mean, scale)(x)
+    assert torch.allclose(white, folded, atol=1e-4)
+
+
+def test_k_anneals_from_k_start_to_k():
+    cfg = CFG.model_copy(update={"k_anneal_fraction": 0.5})
+    ks = [k_at(step, 100, cfg) for step in range(100)]
+    assert ks[0] == 8 and ks[50:] == [4] * 50
+    assert ks == sorted(ks, reverse=True)
+
+
+def test_training_recovers_a_sparse_dictionary():
+    x = sparse_data()
+    result = train_sae(x[:7168], stats_of(x[:7168]), CFG)
+    held = reconstruction_metrics(result.sae, x[7168:])
+    assert held.r2 > 0.85, held
+    assert result.history[-1]["fvu"] < result.history[0]["fvu"] / 4
+    assert held.k_active_p50 <= CFG.k
+
+
+def test_decoder_rows_stay_unit_norm_during_training():
+    x = sparse_data(n=2048)
+    cfg = CFG.model_copy(update={"epochs": 1, "whiten": "none"})
+    result = train_sae(x, WhiteningStats(torch.zeros(32), torch.ones(32), 2048), cfg)
+    assert torch.allclose(result.sae.W_dec_FD.norm(dim=1), torch.ones(128), atol=1e-5)
+
+
+def test_parallel_gradient_is_removed():
+    sae = TopKSAE(8, 16, 2)
+    sae.init_tied(torch.Generator().manual_seed(0))
+    sae.W_dec_FD.grad = torch.randn(16, 8)
+    sae.remove_parallel_decoder_grad()
+    assert torch.allclose((sae.W_dec_FD.grad * sae.W_dec_FD).sum(1), torch.zeros(16), atol=1e-6)
+
+
+def test_auxk_revives_latents_that_start_dead():
+    # Data in an 8-dim subspace of 32: latents initialised off it never win a top-k slot unless AuxK pulls them in.
+    x = sparse_data(n=4096, n_true=512)
+    x[:, 8:] = 5.0
+    cfg = CFG.model_copy(update={"epochs": 4, "whiten": "none", "dead_window_tokens": 1024})
+    no_aux = train_sae(x, stats_of(x), cfg.model_copy(update={"aux_k": 0, "seed": 3}))
+    with_aux = train_sae(x, stats_of(x), cfg.model_copy(update={"seed": 3}))
+    dead_no_aux = reconstruction_metrics(no_aux.sae, x).dead_fraction
+    dead_aux = reconstruction_metrics(with_aux.sae, x).dead_fraction
+    assert max(row["aux"] for row in with_aux.history) > 0
+    assert dead_aux < dead_no_aux, (dead_aux, dead_no_aux)
+
+
+def test_merge_pass_removes_near_duplicates():
+    sae = TopKSAE(16, 32, 2)
+    g = torch.Generator().manual_seed(0)
+    sae.init_tied(g)
+    with torch.no_grad():
+        sae.W_dec_FD[5] = sae.W_dec_FD[3] + 0.05 * torch.randn(16, generator=g)
+        sae.W_dec_FD[9] = -sae.W_dec_FD[2]
+        sae.normalize_decoder()
+    assert coherence_metrics(sae.W_dec_FD, 0.85).near_duplicates == 2
+    freed = merge_near_duplicates(sae, 0.85, g)
+    assert sorted(freed) == [5, 9]
+    assert coherence_metrics(sae.W_dec_FD, 0.85).near_duplicates == 0
+
+
+def test_interrupted_training_resumes_to_identical_weights(tmp_path):
+    x = sparse_data(n=2048)
+    cfg = CFG.model_copy(update={"epochs": 3})
+    reference = train_sae(x, stats_of(x), cfg, checkpoint_dir=tmp_path / "ref")
+    with pytest.raises(TrainingInterrupted):
+        train_sae(x, stats_of(x), cfg, checkpoint_dir=tmp_path / "run", stop_after_steps=7)
+    resumed = train_sae(x, stats_of(x), cfg, checkpoint_dir=tmp_path / "run")
+    for name, tensor in reference.sae.state_tensors().items():
+        assert torch.equal(tensor, resumed.sae.state_tensors()[name]), name
+    assert [row["step"] for row in resumed.history] == [row["step"] for row in reference.history]
+
+
+def test_save_load_round_trip_and_tamper_detection(tmp_path):
+    sae = TopKSAE(8, 16, 2)
+    sae.init_tied(torch.Generator().manual_seed(0))
+    sae_hash = sae.save(tmp_path / "sae", {"layer": 3})
+    loaded, cfg = TopKSAE.load(tmp_path / "sae")
+    assert cfg["sae_hash"] == sae_hash and cfg["layer"] == 3
+    assert torch.equal(loaded.W_dec_FD, sae.W_dec_FD)
+    weights = tmp_path / "sae" / "sae.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(SAELoadError, match="does not match cfg.json sae_hash"):
+        TopKSAE.load(tmp_path / "sae")
+    with pytest.raises(SAELoadError, match="lacks"):
+        TopKSAE.load(tmp_path / "missing")
+
+
+def test_lr_holds_then_decays_linearly_to_zero():
+    cfg = CFG.model_copy(update={"lr": 1.0, "lr_decay_fraction": 0.25})
+    lrs = [lr_at(step, 100, cfg) for step in range(101)]
+    assert lrs[:76] == [1.0] * 76
+    assert lrs[100] == 0.0 and abs(lrs[90] - 0.4) < 1e-9

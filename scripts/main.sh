@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The README's main command: install, fetch the embedded model once, materialise every stage that exists.
+# Re-running resumes: finished corpus/shards/SAEs are reused, interrupted harvests and trainings continue.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+. .venv/bin/activate
+export DAGSTER_HOME="${DAGSTER_HOME:-$PWD/.dagster_home}" HF_HUB_OFFLINE=1 WANDB_MODE="${WANDB_MODE:-offline}"
+mkdir -p "$DAGSTER_HOME"
+profile="${SAE_PIPELINE_PROFILE:-smollm2}"
+layers=$(python -c "from sae_pipeline.config import load_profile; print(' '.join(map(str, load_profile('$profile').harvest.layers)))")
+first=${layers%% *}; last=${layers##* }
+echo "profile $profile: layers $layers"
+dagster asset materialize -m sae_pipeline.defs --select corpus
+dagster asset materialize -m sae_pipeline.defs --select activations --partition-range "$first...$last"
+status=0
+for layer in $layers; do
+  dagster asset materialize -m sae_pipeline.defs --select sae --partition "$layer" || status=1
+done
+python -m sae_pipeline.sae.summary --profile "$profile"
+exit $status
