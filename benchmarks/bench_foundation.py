@@ -80,7 +80,7 @@ def main() -> None:
     stats = WhiteningStats(acts.mean(0), acts.std(0), args.train_tokens)
     train = {}
     for name, bf16 in (("bf16_autocast", True), ("fp32", False)):
-        sae_cfg = profile.sae.model_copy(update={"epochs": 1.0, "bf16_autocast": bf16, "merge_at_fractions": []})
+        sae_cfg = profile.sae.model_copy(update={"epochs": 1.0, "bf16_autocast": bf16, "maintenance_at_fractions": []})
         train[name] = train_sae(acts, stats, sae_cfg).tokens_per_second
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",

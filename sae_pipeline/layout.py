@@ -1,11 +1,11 @@
-"""Where each stage's artifacts live under the artifact root, derived from the profile and the hashes of their inputs."""
+"""Where each stage's artifacts live under the artifact root, derived from the profile and their inputs' hashes."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from sae_pipeline.activations.harvest import harvest_root
-from sae_pipeline.activations.store import config_hash
+from sae_pipeline.hashing import config_hash
 from sae_pipeline.config import Profile, artifacts_root
 from sae_pipeline.corpus.build import load_manifest
 from sae_pipeline.model.loading import LoadedModel

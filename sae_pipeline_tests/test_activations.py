@@ -58,7 +58,9 @@ def test_interrupted_harvest_resumes_to_identical_shards(tmp_path, tiny, tiny_pr
     partial = read_index(layer_dir(tmp_path / "resumed", 1))["shards"]["train"]
     assert 0 < len(partial) < len(read_index(layer_dir(reference.root, 1))["shards"]["train"])
     monkeypatch.setattr(harvest_module, "append_shard", real_append)
-    harvest(tiny.model, tiny.tokenizer, tiny_corpus, tmp_path / "resumed", [1, 3], cfg)
+    resumed = harvest(tiny.model, tiny.tokenizer, tiny_corpus, tmp_path / "resumed", [1, 3], cfg)
+    assert 0 < resumed.shards_written < reference.shards_written
+    assert harvest(tiny.model, tiny.tokenizer, tiny_corpus, tmp_path / "resumed", [1, 3], cfg).shards_written == 0
     assert _shard_bytes(tmp_path / "resumed", [1, 3]) == _shard_bytes(reference.root, [1, 3])
     assert torch.equal(load_stats(layer_dir(tmp_path / "resumed", 3)).std_D,
                        load_stats(layer_dir(reference.root, 3)).std_D)

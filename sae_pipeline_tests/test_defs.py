@@ -1,5 +1,7 @@
 """The Dagster layer on the tiny profile: definitions load, assets materialise, the blocking check blocks."""
 
+import json
+
 import dagster as dg
 import pytest
 
@@ -16,8 +18,8 @@ def test_default_definitions_load():
     assert defs.resolve_job_def("main") is not None
 
 
-def _tiny_defs(extra_assets=()):
-    base = build_defs(load_profile("tiny"))
+def _tiny_defs(extra_assets=(), **overrides):
+    base = build_defs(load_profile("tiny").updated(**overrides))
     return dg.Definitions(assets=[*base.assets, *extra_assets], resources=base.resources)
 
 
@@ -31,16 +33,16 @@ def _materialize(defs, selection, instance, partition=None):
                           partition_key=partition, raise_on_error=False)
 
 
-@pytest.mark.parametrize("r2_min, expect_pass", [(0.0, True), (1.01, False)])
+@pytest.mark.parametrize("r2_min, expect_pass, l1_sweep", [(0.0, True, [0.0, 0.003]), (1.01, False, [])])
 def test_tiny_pipeline_materialises_and_the_blocking_check_gates_downstream(
-        artifacts, tmp_path, monkeypatch, r2_min, expect_pass):
+        artifacts, tmp_path, monkeypatch, r2_min, expect_pass, l1_sweep):
     monkeypatch.setenv("SAE_PIPELINE_GATES", str(write_gates(tmp_path / "gates.yaml", r2_min)))
-    defs = _tiny_defs([downstream_of_sae])
+    defs = _tiny_defs([downstream_of_sae], sae={"l1_sweep": l1_sweep})
     with dg.instance_for_test() as instance:
         assert _materialize(defs, "corpus", instance).success
         for layer in ("1", "3"):
             assert _materialize(defs, "activations", instance, layer).success
-        result = _materialize(defs, "sae downstream_of_sae", instance, "3")
+        result = _materialize(defs, ["sae", "downstream_of_sae"], instance, "3")
         checks = result.get_asset_check_evaluations()
         assert [c.check_name for c in checks] == ["sae_quality"]
         assert checks[0].passed is expect_pass
@@ -53,7 +55,11 @@ def test_tiny_pipeline_materialises_and_the_blocking_check_gates_downstream(
                     "liveness_histogram", "training_curve"):
             assert key in metadata, key
         assert metadata["liveness_histogram"].value.startswith("![liveness histogram](data:image/png;base64,")
-    assert list(artifacts.glob("sae/*/*/layer_03/sae.safetensors"))
+    [metrics_file] = artifacts.glob("sae/*/*/layer_03/metrics.json")
+    record = json.loads(metrics_file.read_text())
+    assert [row["l1_coeff"] for row in record["l1_sweep"]] == (l1_sweep or [0.003])
+    assert record["metrics"]["l1_coeff"] in (l1_sweep or [0.003])
+    assert not list(metrics_file.parent.glob("l1_*")), "candidate checkpoints are removed once saved"
 
 
 @pytest.mark.integration

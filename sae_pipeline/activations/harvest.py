@@ -12,10 +12,11 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sae_pipeline.activations.store import (
-    SPLITS, append_shard, config_hash, finish_stats, layer_dir, read_index,
+    SPLITS, append_shard, finish_stats, layer_dir, read_index,
 )
 from sae_pipeline.config import HarvestConfig
 from sae_pipeline.corpus.build import iter_documents, render_document
+from sae_pipeline.hashing import config_hash
 from sae_pipeline.model.hooks import capture_mlp_outputs, run_until_captured
 
 class CorpusTooSmallError(RuntimeError):
@@ -30,6 +31,7 @@ class HarvestResult(NamedTuple):
     layers: list[int]
     tokens_per_split: dict[str, int]
     tokens_per_second: float  # forward tokens (all positions) per second in this call; 0 when all was resumed
+    shards_written: int  # in this call, over all layers; 0 when every shard already existed
 
 
 def harvest_root(base: Path, model_hash: str, corpus_sha: str, config: HarvestConfig) -> Path:
@@ -66,7 +68,7 @@ def harvest(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, corpus_d
     store_dtype = DTYPES[config.store_dtype]
     device = next(model.parameters()).device
     windows = token_windows(corpus_dir, tokenizer, config.context_len)
-    forward_tokens, forward_seconds = 0, 0.0
+    forward_tokens, forward_seconds, shards_written = 0, 0.0, 0
     for split in SPLITS:
         per_shard, n_shards = plan[split]
         done = {layer: len(read_index(layer_dir(root, layer))["shards"][split]) for layer in layers}
@@ -85,17 +87,20 @@ def harvest(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, corpus_d
                     batch = torch.tensor(shard_windows[i:i + config.batch_sequences], device=device)
                     run_until_captured(model, batch)
                     for layer in todo:
-                        parts[layer].append(captured[layer][:, config.skip_positions:].reshape(-1, captured[layer].shape[-1]).cpu())
+                        kept_BSD = captured[layer][:, config.skip_positions:]
+                        parts[layer].append(kept_BSD.reshape(-1, kept_BSD.shape[-1]).cpu())
                     bar.update(batch.shape[0])
             forward_seconds += time.perf_counter() - began
             forward_tokens += per_shard * config.context_len
             for layer in todo:
                 append_shard(layer_dir(root, layer), split, torch.cat(parts[layer]), store_dtype)
+            shards_written += len(todo)
         bar.close()
     for layer in layers:
         finish_stats(layer_dir(root, layer))
     tokens = {split: plan[split][0] * plan[split][1] * (config.context_len - config.skip_positions) for split in SPLITS}
-    return HarvestResult(root, layers, tokens, forward_tokens / forward_seconds if forward_seconds else 0.0)
+    return HarvestResult(root, layers, tokens, forward_tokens / forward_seconds if forward_seconds else 0.0,
+                         shards_written)
 
 
 def heldout_windows(corpus_dir: Path, tokenizer: PreTrainedTokenizerBase, config: HarvestConfig,

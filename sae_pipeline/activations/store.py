@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import NamedTuple
@@ -11,7 +10,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sae_pipeline.corpus.build import file_sha256
+from sae_pipeline.hashing import file_sha256
 
 INDEX_FILE = "index.json"
 STATS_FILE = "stats.safetensors"
@@ -108,7 +107,3 @@ def load_split(directory: Path, split: str, max_tokens: int | None = None) -> to
             break
     acts = torch.cat(parts)
     return acts if max_tokens is None else acts[:max_tokens]
-
-
-def config_hash(payload: dict) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

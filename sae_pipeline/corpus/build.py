@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from pathlib import Path
@@ -13,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from sae_pipeline.config import CorpusConfig
 from sae_pipeline.corpus.sources import CorpusSourceError, Document, read_source
+from sae_pipeline.hashing import file_sha256
 
 DOCUMENTS_FILE = "documents.jsonl"
 MANIFEST_FILE = "manifest.json"
@@ -34,14 +34,6 @@ def render_document(document: Document, tokenizer: PreTrainedTokenizerBase) -> s
     if "messages" in document:
         return tokenizer.apply_chat_template(document["messages"], tokenize=False)
     return document["text"]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def build_corpus(config: CorpusConfig, out_dir: Path, tokenizer: PreTrainedTokenizerBase,

@@ -7,6 +7,7 @@ from functools import lru_cache
 import dagster as dg
 import torch
 
+from sae_pipeline.config import Profile
 from sae_pipeline.model.loading import LoadedModel, load_model
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -18,12 +19,14 @@ def _cached_load(name_or_path: str | None, dtype: str) -> LoadedModel:
 
 
 class ModelResource(dg.ConfigurableResource):
-    """The model under study. Empty name_or_path means the profile's model (the embedded SmolLM2 by default)."""
+    """The model under study. Unset fields take the profile's model (the embedded SmolLM2 by default) and its
+    harvest dtype."""
 
     name_or_path: str | None = None
-    dtype: str = "bfloat16"
+    dtype: str | None = None
 
-    def load(self, profile_model: str | None) -> LoadedModel:
-        if self.dtype not in _DTYPES:
-            raise dg.Failure(f"ModelResource.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
-        return _cached_load(self.name_or_path or profile_model, self.dtype)
+    def load(self, profile: Profile) -> LoadedModel:
+        dtype = self.dtype or profile.harvest.model_dtype
+        if dtype not in _DTYPES:
+            raise dg.Failure(f"ModelResource.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        return _cached_load(self.name_or_path or profile.model, dtype)

@@ -106,7 +106,7 @@ def splice_metrics(model: nn.Module, sae: TopKSAE, layer: int, input_ids: torch.
         if mode["value"] == "zero":
             patched[:, skip_positions:] = 0
         else:
-            flat = tail.reshape(-1, tail.shape[-1]).float()
+            flat = tail.reshape(-1, tail.shape[-1]).to(sae.W_enc_DF.dtype)
             patched[:, skip_positions:] = sae(flat).reshape(tail.shape).to(output.dtype)
         return patched
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import NamedTuple
@@ -12,6 +11,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from sae_pipeline.hashing import file_sha256
 
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "cfg.json"
@@ -64,8 +65,8 @@ class TopKSAE(nn.Module):
 
     def decode(self, top_acts_BK: torch.Tensor, top_indices_BK: torch.Tensor) -> torch.Tensor:
         # embedding_bag reads only the K selected decoder rows per token: cost K*D, not F*D.
-        recon_BD = F.embedding_bag(top_indices_BK, self.W_dec_FD, per_sample_weights=top_acts_BK.to(self.W_dec_FD.dtype),
-                                   mode="sum")
+        weights_BK = top_acts_BK.to(self.W_dec_FD.dtype)
+        recon_BD = F.embedding_bag(top_indices_BK, self.W_dec_FD, per_sample_weights=weights_BK, mode="sum")
         return recon_BD + self.b_dec_D
 
     def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
@@ -89,7 +90,7 @@ class TopKSAE(nn.Module):
         """Write sae.safetensors and cfg.json; returns sae_hash (sha256 of the weights file)."""
         directory.mkdir(parents=True, exist_ok=True)
         save_file(self.state_tensors(), str(directory / WEIGHTS_FILE))
-        sae_hash = hashlib.sha256((directory / WEIGHTS_FILE).read_bytes()).hexdigest()
+        sae_hash = file_sha256(directory / WEIGHTS_FILE)
         config = {"d_model": self.d_model, "n_latents": self.n_latents, "k": self.k, "sae_hash": sae_hash,
                   **extra_config}
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
@@ -102,7 +103,7 @@ class TopKSAE(nn.Module):
         if not weights.exists() or not cfg_path.exists():
             raise SAELoadError(f"{directory} lacks {WEIGHTS_FILE} or {CONFIG_FILE}")
         config = json.loads(cfg_path.read_text())
-        actual = hashlib.sha256(weights.read_bytes()).hexdigest()
+        actual = file_sha256(weights)
         if actual != config.get("sae_hash"):
             raise SAELoadError(f"{weights} sha256 {actual[:12]} does not match cfg.json sae_hash "
                                f"{str(config.get('sae_hash'))[:12]}: refusing a tampered or partial SAE")

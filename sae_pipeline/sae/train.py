@@ -21,7 +21,8 @@ CHECKPOINT_FILE = "checkpoint.pt"
 class TrainResult(NamedTuple):
     sae: TopKSAE  # whitening folded in: reads raw activations
     history: list[dict]  # one row per logged step: step, tokens, fvu, l1, aux, k, dead_fraction
-    merged: int  # near-duplicate latents merged or freed by the merge pass
+    merged: int  # near-duplicate latents merged or freed by the merge passes
+    resampled: int  # dead or freed latents re-aimed at poorly reconstructed tokens
     tokens_per_second: float
     wall_seconds: float
 
@@ -55,11 +56,12 @@ def _fvu(x_BD: torch.Tensor, recon_BD: torch.Tensor) -> torch.Tensor:
     return (recon_BD - x_BD).pow(2).sum() / (x_BD - x_BD.mean(0)).pow(2).sum().clamp_min(1e-12)
 
 
-def merge_near_duplicates(sae: TopKSAE, threshold: float, generator: torch.Generator) -> list[int]:
-    """Fold each latent whose decoder |cos| with a kept one exceeds threshold into it; re-draw the freed ones.
+def merge_near_duplicates(sae: TopKSAE, threshold: float) -> list[int]:
+    """Fold each latent whose decoder |cos| with a kept one exceeds threshold into it; return the freed ids.
 
     Parallel pairs merge (encoder columns add, the decoder row is the renormalised sum); anti-parallel pairs
-    cannot merge additively, so the second is freed. Returns the freed latent ids (AuxK revives them)."""
+    cannot merge additively, so the second is only freed. Freed latents still hold their old weights: resample
+    them before training on."""
     with torch.no_grad():
         cos_FF = sae.W_dec_FD @ sae.W_dec_FD.T
         cos_FF.fill_diagonal_(0)
@@ -74,13 +76,29 @@ def merge_near_duplicates(sae: TopKSAE, threshold: float, generator: torch.Gener
                 sae.W_enc_DF[:, i] += sae.W_enc_DF[:, j]
             taken[i] = taken[j] = True
             freed.append(j)
-        if freed:
-            fresh = torch.randn(len(freed), sae.d_model, generator=generator)
-            sae.W_dec_FD[freed] = fresh / fresh.norm(dim=1, keepdim=True)
-            sae.W_enc_DF[:, freed] = sae.W_dec_FD[freed].T * 0.1
-            sae.b_enc_F[freed] = 0.0
-            sae.normalize_decoder()
+        sae.normalize_decoder()
     return freed
+
+
+def resample_latents(sae: TopKSAE, latents: list[int], x_BD: torch.Tensor, recon_BD: torch.Tensor,
+                     encoder_scale: float = 0.2) -> None:
+    """Point each latent at the residual of one of the batch's worst-reconstructed tokens (Bricken et al. 2023).
+
+    Dead latents whose pre-activations went negative everywhere get no gradient, not even from AuxK; aiming them at
+    what the dictionary misses gives them inputs to fire on."""
+    if not latents:
+        return
+    with torch.no_grad():
+        residual_BD = x_BD - recon_BD
+        worst = residual_BD.pow(2).sum(1).argsort(descending=True)
+        picks = worst[torch.arange(len(latents)) % len(worst)]
+        directions = F.normalize(residual_BD[picks], dim=1)
+        alive = torch.ones(sae.n_latents, dtype=torch.bool)
+        alive[latents] = False
+        norm = sae.W_enc_DF[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
+        sae.W_dec_FD[latents] = directions
+        sae.W_enc_DF[:, latents] = directions.T * norm * encoder_scale
+        sae.b_enc_F[latents] = 0.0
 
 
 def _reset_adam_rows(optimizer: torch.optim.Optimizer, sae: TopKSAE, latents: list[int]) -> None:
@@ -110,11 +128,10 @@ def train_sae(train_ND: torch.Tensor, stats: WhiteningStats, cfg: SAEConfig, che
     mean_D, scale_D = whitening_scale(stats, cfg.whiten)
     steps_per_epoch = n_tokens // cfg.batch_tokens
     total_steps = max(1, math.floor(cfg.epochs * steps_per_epoch))
-    merge_steps = {round(fraction * total_steps) for fraction in cfg.merge_at_fractions}
-    generator = torch.Generator().manual_seed(cfg.seed)
+    maintenance_steps = {round(fraction * total_steps) for fraction in cfg.maintenance_at_fractions}
     torch.manual_seed(cfg.seed)
     sae = TopKSAE(d_model, cfg.n_latents, cfg.k)
-    sae.init_tied(generator)
+    sae.init_tied(torch.Generator().manual_seed(cfg.seed))
     with torch.no_grad():  # start the decoder bias at the data mean, so no latent wins just by aligning with it
         sae.b_dec_D.copy_((stats.mean_D - mean_D) / scale_D)
     optimizer = torch.optim.AdamW(
@@ -123,7 +140,7 @@ def train_sae(train_ND: torch.Tensor, stats: WhiteningStats, cfg: SAEConfig, che
         lr=cfg.lr, betas=cfg.betas)
     tokens_since_fired_F = torch.zeros(cfg.n_latents, dtype=torch.long)
     history: list[dict] = []
-    step, merged = 0, 0
+    step, merged, resampled = 0, 0, 0
     checkpoint = checkpoint_dir / CHECKPOINT_FILE if checkpoint_dir else None
     fingerprint = {"cfg": cfg.model_dump(mode="json"), "shape": [n_tokens, d_model]}
     if checkpoint is not None and checkpoint.exists():
@@ -131,9 +148,8 @@ def train_sae(train_ND: torch.Tensor, stats: WhiteningStats, cfg: SAEConfig, che
         if state["fingerprint"] == fingerprint:
             sae.load_state_dict(state["sae"])
             optimizer.load_state_dict(state["optimizer"])
-            tokens_since_fired_F, history, step, merged = (state["tokens_since_fired"], state["history"],
-                                                           state["step"], state["merged"])
-            generator.set_state(state["generator"])
+            tokens_since_fired_F, history, step, merged, resampled = (
+                state["tokens_since_fired"], state["history"], state["step"], state["merged"], state["resampled"])
     began, start_step = time.perf_counter(), step
     bar = tqdm(total=total_steps, initial=step, desc=f"train SAE F={cfg.n_latents} k={cfg.k}", unit="step")
     while step < total_steps:
@@ -175,11 +191,14 @@ def train_sae(train_ND: torch.Tensor, stats: WhiteningStats, cfg: SAEConfig, che
         tokens_since_fired_F += x_BD.shape[0]
         tokens_since_fired_F[fired_F] = 0
         step += 1
-        if step in merge_steps:
-            freed = merge_near_duplicates(sae, cfg.merge_cos, generator)
-            _reset_adam_rows(optimizer, sae, freed)
-            tokens_since_fired_F[freed] = cfg.dead_window_tokens
+        if step in maintenance_steps:
+            freed = merge_near_duplicates(sae, cfg.merge_cos)
+            revived = sorted(set(freed) | set(torch.nonzero(dead_F).flatten().tolist()))
+            resample_latents(sae, revived, x_BD, recon_BD.detach())
+            _reset_adam_rows(optimizer, sae, revived)
+            tokens_since_fired_F[revived] = 0
             merged += len(freed)
+            resampled += len(revived)
         if step % log_every == 0 or step == total_steps:
             row = {"step": step, "tokens": step * cfg.batch_tokens, "fvu": fvu.item(), "l1": l1.item(),
                    "aux": aux.item(), "k": k, "dead_fraction": dead_F.float().mean().item()}
@@ -193,14 +212,15 @@ def train_sae(train_ND: torch.Tensor, stats: WhiteningStats, cfg: SAEConfig, che
             _save_checkpoint(checkpoint, {
                 "fingerprint": fingerprint, "sae": sae.state_dict(), "optimizer": optimizer.state_dict(),
                 "tokens_since_fired": tokens_since_fired_F, "history": history, "step": step, "merged": merged,
-                "generator": generator.get_state()})
+                "resampled": resampled})
             if stop_after_steps is not None and step - start_step >= stop_after_steps and step < total_steps:
                 bar.close()
                 raise TrainingInterrupted(step)
     bar.close()
     wall = time.perf_counter() - began
     tokens_per_second = (step - start_step) * cfg.batch_tokens / wall if wall > 0 else 0.0
-    return TrainResult(sae.fold_whitening(mean_D, scale_D).eval(), history, merged, tokens_per_second, wall)
+    return TrainResult(sae.fold_whitening(mean_D, scale_D).eval(), history, merged, resampled, tokens_per_second,
+                       wall)
 
 
 class TrainingInterrupted(RuntimeError):

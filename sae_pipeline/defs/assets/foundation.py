@@ -6,6 +6,7 @@ from sae_pipeline.activations.harvest import harvest, heldout_windows
 from sae_pipeline.config import Profile, artifacts_root, load_gates
 from sae_pipeline.corpus.build import build_corpus, load_manifest
 from sae_pipeline.layout import activations_root, corpus_dir
+from sae_pipeline.defs.checks import SAE_QUALITY, sae_quality_result
 from sae_pipeline.defs.metadata import numbers, png_markdown, table
 from sae_pipeline.defs.resources import ModelResource
 from sae_pipeline.sae.run import sae_dir, train_layer_sae
@@ -19,7 +20,7 @@ def build_foundation_assets(profile: Profile) -> list:
     @dg.asset(group_name=GROUP, kinds={"python"},
               description="Benign text corpus from licence-compatible sources, with a manifest and sha256.")
     def corpus(context: dg.AssetExecutionContext, model: ModelResource) -> dg.MaterializeResult:
-        loaded = model.load(profile.model)
+        loaded = model.load(profile)
         manifest = build_corpus(profile.corpus, corpus_dir(profile), loaded.tokenizer, loaded.tokenizer_hash)
         context.log.info(f"corpus: {manifest.n_documents} documents, {manifest.n_tokens:,} tokens")
         return dg.MaterializeResult(metadata={
@@ -33,7 +34,7 @@ def build_foundation_assets(profile: Profile) -> list:
               backfill_policy=dg.BackfillPolicy.single_run(),
               description="MLP-output activations per hooked layer: one forward pass feeds every layer in the run.")
     def activations(context: dg.AssetExecutionContext, model: ModelResource) -> dg.MaterializeResult:
-        loaded = model.load(profile.model)
+        loaded = model.load(profile)
         run_layers = sorted(int(key) for key in context.partition_keys)
         root = activations_root(profile, loaded)
         result = harvest(loaded.model, loaded.tokenizer, corpus_dir(profile), root, run_layers, profile.harvest)
@@ -41,17 +42,15 @@ def build_foundation_assets(profile: Profile) -> list:
             "path": dg.MetadataValue.path(str(root)), "layers": str(run_layers),
             "model_hash": loaded.model_hash, "train_tokens": result.tokens_per_split["train"],
             "heldout_tokens": result.tokens_per_split["heldout"],
-            "forward_tokens_per_second": result.tokens_per_second,
+            "forward_tokens_per_second": result.tokens_per_second, "shards_written": result.shards_written,
         })
 
     @dg.asset(group_name=GROUP, deps=[activations], partitions_def=layers, kinds={"pytorch"},
-              check_specs=[dg.AssetCheckSpec("sae_quality", asset="sae", blocking=True,
-                                             description="R2, dead latents, decoder coherence, near-duplicates "
-                                                         "against data/gates.yaml")],
+              check_specs=[SAE_QUALITY],
               description="Top-k SAE per layer, whitening folded in; metrics on held-out activations.")
     def sae(context: dg.AssetExecutionContext, model: ModelResource) -> dg.MaterializeResult:
         layer = int(context.partition_key)
-        loaded = model.load(profile.model)
+        loaded = model.load(profile)
         root = activations_root(profile, loaded)
         out_dir = sae_dir(artifacts_root() / "sae", root, profile.sae, layer)
         ids = heldout_windows(corpus_dir(profile), loaded.tokenizer, profile.harvest, profile.sae.splice_sequences)
@@ -59,15 +58,10 @@ def build_foundation_assets(profile: Profile) -> list:
                    "corpus_sha256": load_manifest(corpus_dir(profile)).sha256, "activations": root.name}
         report = train_layer_sae(root, layer, profile.sae, profile.harvest, out_dir, loaded.model, ids,
                                  load_gates(), lineage)
-        passed = all(gate.passed for gate in report.gates)
-        check = dg.AssetCheckResult(
-            check_name="sae_quality", passed=passed, severity=dg.AssetCheckSeverity.ERROR,
-            metadata={**{gate.name: gate.value for gate in report.gates},
-                      "gates": table([gate._asdict() for gate in report.gates])})
         return dg.MaterializeResult(
             metadata={**numbers(report.metrics), "path": dg.MetadataValue.path(str(report.directory)),
                       "liveness_histogram": png_markdown(report.liveness_png, "liveness histogram"),
                       "training_curve": png_markdown(report.curve_png, "training curve"), **lineage},
-            check_results=[check])
+            check_results=[sae_quality_result(report.gates)])
 
     return [corpus, activations, sae]

@@ -1,0 +1,53 @@
+"""Measure the SAE quality frontier on cached activations: held-out R2 (and dead %, coherence, duplicates) against
+dictionary size, k and training tokens. Each argument after the layer is a JSON dict of SAEConfig overrides.
+
+    python benchmarks/sae_frontier.py --layer 15 --tokens 1048560 '{"k": 64, "k_start": 128}' '{"n_latents": 9216}'
+
+Rows append to data/evidence/sae_r2_frontier.jsonl, the evidence kept beside the R2 gate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from sae_pipeline.activations.store import layer_dir, load_split, load_stats
+from sae_pipeline.config import DATA_DIR, artifacts_root, load_profile
+from sae_pipeline.sae.metrics import coherence_metrics, reconstruction_metrics
+from sae_pipeline.sae.train import train_sae
+
+EVIDENCE = DATA_DIR / "evidence" / "sae_r2_frontier.jsonl"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="smollm2")
+    parser.add_argument("--layer", type=int, default=15)
+    parser.add_argument("--tokens", type=int, default=None, help="training tokens (default: all harvested)")
+    parser.add_argument("--activations", default=None, help="harvest root (default: the newest one)")
+    parser.add_argument("overrides", nargs="+")
+    args = parser.parse_args()
+    profile = load_profile(args.profile)
+    roots = sorted((artifacts_root() / "activations").glob("*"), key=lambda p: p.stat().st_mtime)
+    root = Path(args.activations) if args.activations else roots[-1]
+    directory = layer_dir(root, args.layer)
+    train_ND, heldout_ND = load_split(directory, "train", args.tokens), load_split(directory, "heldout")
+    for override in args.overrides:
+        cfg = profile.sae.model_copy(update=json.loads(override))
+        result = train_sae(train_ND, load_stats(directory), cfg)
+        recon = reconstruction_metrics(result.sae, heldout_ND)
+        coherence = coherence_metrics(result.sae.W_dec_FD, cfg.merge_cos)
+        row = {"layer": args.layer, "train_tokens": int(train_ND.shape[0]), "epochs": cfg.epochs,
+               "n_latents": cfg.n_latents, "k": cfg.k, "k_start": cfg.k_start, "l1_coeff": cfg.l1_coeff,
+               "lr": cfg.lr, "heldout_tokens": int(heldout_ND.shape[0]), "r2": round(recon.r2, 4),
+               "dead_fraction": round(recon.dead_fraction, 4), "coherence_p95": round(coherence.p95, 4),
+               "near_duplicates": coherence.near_duplicates, "tokens_per_second": round(result.tokens_per_second)}
+        EVIDENCE.parent.mkdir(parents=True, exist_ok=True)
+        with open(EVIDENCE, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
