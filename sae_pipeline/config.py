@@ -147,7 +147,7 @@ def _profiles() -> dict[str, dict]:
     corpus = _default_corpus().model_dump()
     # 8x d_model latents (4,608) and the reference k 32 (warm-up 64): two 1M-token epochs train in ~4 min per
     # layer on 2 CPU cores. Larger k or F buy R2 at a cost in sparsity or time: see the frontier in
-    # data/evidence/sae_r2_frontier.json.
+    # data/evidence/sae_r2_frontier.jsonl.
     # lambda 3e-3 lifts R2 but leaves more latents dead (layer 11: R2 0.964 / dead 2.1 % vs 0.941 / 0.26 % at 0),
     # so each layer trains both and keeps the one that passes more gates.
     smollm2_sae = dict(n_latents=4608, k=32, k_start=64, epochs=2.0, l1_sweep=[0.0, 3e-3])

@@ -52,7 +52,7 @@ def test_tiny_pipeline_materialises_and_the_blocking_check_gates_downstream(
         assert ("downstream_of_sae" in materialized) is expect_pass
         metadata = result.get_asset_materialization_events()[0].event_specific_data.materialization.metadata
         for key in ("r2", "dead_fraction", "coherence_p95", "k_active_p50", "loss_recovered", "sae_hash",
-                    "liveness_histogram", "training_curve"):
+                    "liveness_histogram", "training_curve", "l1_sweep"):
             assert key in metadata, key
         assert metadata["liveness_histogram"].value.startswith("![liveness histogram](data:image/png;base64,")
     [metrics_file] = artifacts.glob("sae/*/*/layer_03/metrics.json")

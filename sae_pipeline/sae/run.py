@@ -27,6 +27,7 @@ class LayerSAEReport(NamedTuple):
     sae_hash: str
     metrics: dict
     gates: list[GateResult]
+    sweep: list[dict]  # one row per lambda candidate: l1_coeff, r2, dead_fraction, gates_passed
     history: list[dict]
     liveness_png: bytes
     curve_png: bytes
@@ -88,5 +89,5 @@ def train_layer_sae(activations_root: Path, layer: int, cfg: SAEConfig, harvest_
     for candidate_dir in out_dir.glob("l1_*"):  # checkpoints only serve resumption
         shutil.rmtree(candidate_dir)
     title = f"layer {layer}, F={cfg.n_latents}, k={cfg.k}"
-    return LayerSAEReport(out_dir, sae_hash, metrics, gate_results, result.history,
+    return LayerSAEReport(out_dir, sae_hash, metrics, gate_results, sweep, result.history,
                           liveness_histogram(recon.firing_frequency_F, title), training_curve(result.history, title))

@@ -5,10 +5,10 @@ import dagster as dg
 from sae_pipeline.activations.harvest import harvest, heldout_windows
 from sae_pipeline.config import Profile, artifacts_root, load_gates
 from sae_pipeline.corpus.build import build_corpus, load_manifest
-from sae_pipeline.layout import activations_root, corpus_dir
 from sae_pipeline.defs.checks import SAE_QUALITY, sae_quality_result
 from sae_pipeline.defs.metadata import numbers, png_markdown, table
 from sae_pipeline.defs.resources import ModelResource
+from sae_pipeline.layout import activations_root, corpus_dir
 from sae_pipeline.sae.run import sae_dir, train_layer_sae
 
 GROUP = "foundation"
@@ -36,7 +36,7 @@ def build_foundation_assets(profile: Profile) -> list:
     def activations(context: dg.AssetExecutionContext, model: ModelResource) -> dg.MaterializeResult:
         loaded = model.load(profile)
         run_layers = sorted(int(key) for key in context.partition_keys)
-        root = activations_root(profile, loaded)
+        root = activations_root(profile, loaded, load_manifest(corpus_dir(profile)).sha256)
         result = harvest(loaded.model, loaded.tokenizer, corpus_dir(profile), root, run_layers, profile.harvest)
         return dg.MaterializeResult(metadata={
             "path": dg.MetadataValue.path(str(root)), "layers": str(run_layers),
@@ -51,17 +51,19 @@ def build_foundation_assets(profile: Profile) -> list:
     def sae(context: dg.AssetExecutionContext, model: ModelResource) -> dg.MaterializeResult:
         layer = int(context.partition_key)
         loaded = model.load(profile)
-        root = activations_root(profile, loaded)
+        corpus_sha256 = load_manifest(corpus_dir(profile)).sha256
+        root = activations_root(profile, loaded, corpus_sha256)
         out_dir = sae_dir(artifacts_root() / "sae", root, profile.sae, layer)
         ids = heldout_windows(corpus_dir(profile), loaded.tokenizer, profile.harvest, profile.sae.splice_sequences)
         lineage = {"model_hash": loaded.model_hash, "tokenizer_hash": loaded.tokenizer_hash,
-                   "corpus_sha256": load_manifest(corpus_dir(profile)).sha256, "activations": root.name}
+                   "corpus_sha256": corpus_sha256, "activations": root.name}
         report = train_layer_sae(root, layer, profile.sae, profile.harvest, out_dir, loaded.model, ids,
                                  load_gates(), lineage)
         return dg.MaterializeResult(
             metadata={**numbers(report.metrics), "path": dg.MetadataValue.path(str(report.directory)),
                       "liveness_histogram": png_markdown(report.liveness_png, "liveness histogram"),
-                      "training_curve": png_markdown(report.curve_png, "training curve"), **lineage},
+                      "training_curve": png_markdown(report.curve_png, "training curve"),
+                      "l1_sweep": table(report.sweep), **lineage},
             check_results=[sae_quality_result(report.gates)])
 
     return [corpus, activations, sae]
