@@ -104,6 +104,24 @@ class SAEConfig(_Strict):
         return self
 
 
+class EvalConfig(_Strict):
+    """The frozen evaluation harness: decoding, judging and bootstrap settings (all enter cfg_hash)."""
+
+    seed: int = 0
+    split: Literal["tuning", "heldout"] = "heldout"
+    harmful_max_new_tokens: int = Field(default=64, ge=1)
+    benign_max_new_tokens: int = Field(default=256, ge=1)
+    capability_max_new_tokens: int = Field(default=256, ge=1)
+    judge_tokens: int = Field(default=64, ge=1)  # the refusal judges read this many generated tokens
+    batch_size: int = Field(default=16, ge=1)
+    bootstrap_resamples: int = Field(default=1000, ge=10)
+    ci_level: float = Field(default=0.95, gt=0, lt=1)
+    model_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    refusal_judge: Literal["embedding", "prefix"] = "embedding"
+    # 0 = every prompt; n > 0 keeps the first n per category/domain/kind (smoke runs and tests)
+    limit_per_group: int = Field(default=0, ge=0)
+
+
 class Profile(_Strict):
     name: str
     model: str | None  # None = the embedded SmolLM2-135M-Instruct
@@ -112,6 +130,7 @@ class Profile(_Strict):
     corpus: CorpusConfig
     harvest: HarvestConfig
     sae: SAEConfig
+    evaluation: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
     def _layers_exist(self) -> Profile:
@@ -156,6 +175,12 @@ def _profiles() -> dict[str, dict]:
             name="smollm2", model=None, d_model=576, n_layers=30, corpus=corpus,
             harvest=dict(layers=[9, 11, 15, 17, 19]), sae=smollm2_sae,
         ),
+        # the nightly smoke and the integration tests: real model, two prompts per group, short replies
+        "smollm2-smoke": dict(
+            name="smollm2-smoke", model=None, d_model=576, n_layers=30, corpus=corpus,
+            harvest=dict(layers=[15]), sae=smollm2_sae,
+            evaluation=dict(limit_per_group=2, benign_max_new_tokens=64, capability_max_new_tokens=64),
+        ),
         "smollm2-pilot": dict(
             name="smollm2-pilot", model=None, d_model=576, n_layers=30, corpus=corpus,
             harvest=dict(layers=[15]), sae=smollm2_sae,
@@ -177,11 +202,14 @@ def _profiles() -> dict[str, dict]:
                          shard_tokens=1024, batch_sequences=8, model_dtype="float32", store_dtype="float32"),
             sae=dict(n_latents=128, k=8, k_start=16, batch_tokens=256, epochs=2.0, aux_k=32,
                      dead_window_tokens=2048, checkpoint_every_steps=8, splice_sequences=4),
+            evaluation=dict(limit_per_group=1, harmful_max_new_tokens=12, benign_max_new_tokens=12,
+                            capability_max_new_tokens=8, judge_tokens=12, model_dtype="float32",
+                            bootstrap_resamples=200),
         ),
     }
 
 
-PROFILE_NAMES = ("smollm2", "smollm2-pilot", "mistral-7b", "tiny")
+PROFILE_NAMES = ("smollm2", "smollm2-smoke", "smollm2-pilot", "mistral-7b", "tiny")
 
 
 def load_profile(name: str | None = None) -> Profile:
@@ -201,6 +229,10 @@ class Gate(_Strict):
 
 class Gates(_Strict):
     sae_quality: dict[str, Gate]
+    datasets: dict[str, Gate]
+    judge_accuracy: dict[str, Gate]
+    baseline: dict[str, Gate]
+    redaction: dict[str, Gate]
 
 
 def load_gates(path: Path | None = None) -> Gates:

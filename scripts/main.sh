@@ -11,9 +11,11 @@ profile="${SAE_PIPELINE_PROFILE:-smollm2}"
 layers=$(python -c "from sae_pipeline.config import load_profile; print(' '.join(map(str, load_profile('$profile').harvest.layers)))")
 first=${layers%% *}; last=${layers##* }
 echo "profile $profile: layers $layers"
+status=0
+# frozen datasets -> judges -> baseline metrics (independent of the SAEs; a failed check blocks what follows)
+dagster asset materialize -m sae_pipeline.defs --select "prompt_sets,refusal_judge,baseline_metrics" || status=1
 dagster asset materialize -m sae_pipeline.defs --select corpus
 dagster asset materialize -m sae_pipeline.defs --select activations --partition-range "$first...$last"
-status=0
 for layer in $layers; do
   dagster asset materialize -m sae_pipeline.defs --select sae --partition "$layer" || status=1
 done

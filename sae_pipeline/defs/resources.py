@@ -25,8 +25,9 @@ class ModelResource(dg.ConfigurableResource):
     name_or_path: str | None = None
     dtype: str | None = None
 
-    def load(self, profile: Profile) -> LoadedModel:
-        dtype = self.dtype or profile.harvest.model_dtype
+    def load(self, profile: Profile, dtype: str | None = None) -> LoadedModel:
+        """dtype: the stage's own choice (evaluation decodes in its configured dtype); the resource's wins."""
+        dtype = self.dtype or dtype or profile.harvest.model_dtype
         if dtype not in _DTYPES:
             raise dg.Failure(f"ModelResource.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         return _cached_load(self.name_or_path or profile.model, dtype)

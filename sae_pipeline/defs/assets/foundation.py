@@ -5,7 +5,7 @@ import dagster as dg
 from sae_pipeline.activations.harvest import harvest, heldout_windows
 from sae_pipeline.config import Profile, artifacts_root, load_gates
 from sae_pipeline.corpus.build import build_corpus, load_manifest
-from sae_pipeline.defs.checks import SAE_QUALITY, sae_quality_result
+from sae_pipeline.defs.checks import SAE_QUALITY, gate_check_result
 from sae_pipeline.defs.metadata import numbers, png_markdown, table
 from sae_pipeline.defs.resources import ModelResource
 from sae_pipeline.layout import activations_root, corpus_dir
@@ -64,6 +64,6 @@ def build_foundation_assets(profile: Profile) -> list:
                       "liveness_histogram": png_markdown(report.liveness_png, "liveness histogram"),
                       "training_curve": png_markdown(report.curve_png, "training curve"),
                       "l1_sweep": table(report.sweep), **lineage},
-            check_results=[sae_quality_result(report.gates)])
+            check_results=[gate_check_result(SAE_QUALITY, report.gates)])
 
     return [corpus, activations, sae]

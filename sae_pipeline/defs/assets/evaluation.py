@@ -1,0 +1,150 @@
+"""Evaluation assets: prompt_sets -> refusal_judge -> baseline_metrics, with the dataset, judge and redaction checks."""
+
+from pathlib import Path
+
+import dagster as dg
+
+from sae_pipeline.config import Profile, artifacts_root, load_gates
+from sae_pipeline.defs.checks import (
+    DATASET_SIZES, DATASETS_LOCK, JUDGE_ACCURACY, SPLITS_DISJOINT, gate_check_result, problems_check_result)
+from sae_pipeline.defs.metadata import numbers, png_markdown, table
+from sae_pipeline.defs.resources import ModelResource
+from sae_pipeline.evaluation.datasets import (
+    load_prompt_sets, lock_mismatches, size_shortfalls, split_overlaps)
+from sae_pipeline.evaluation.harness import (
+    FINGERPRINTS_FILE, evaluate, load_metrics, load_records, select_prompts)
+from sae_pipeline.evaluation.plots import rates_png
+from sae_pipeline.evaluation.redaction import Fingerprints, ensure_clean, scan_paths
+from sae_pipeline.evaluation.run import build_judges, evaluation_root, judge_gate_checks, select_primary
+from sae_pipeline.evaluation.tracking import flatten_scalars, log_scalars
+from sae_pipeline.gates import check_gates
+
+GROUP = "evaluation"
+
+
+def _rate_rows(rates: dict[str, dict], label: str) -> list[dict]:
+    return [{label: name, "rate": r["rate"], "ci_low": r["ci_low"], "ci_high": r["ci_high"], "n": r["n"]}
+            for name, r in rates.items()]
+
+
+def build_evaluation_assets(profile: Profile) -> list:
+    cfg = profile.evaluation
+
+    @dg.asset(group_name=GROUP, kinds={"json"}, check_specs=[DATASETS_LOCK, SPLITS_DISJOINT, DATASET_SIZES],
+              description="Frozen harmful/benign/borderline prompts, clean domain QA, capability and judge sets, "
+                          "verified against data/datasets.lock.")
+    def prompt_sets(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        mismatches = lock_mismatches()
+        if mismatches:
+            # fail closed: report what differs, then stop before anything reads the changed files
+            context.log.error("datasets do not match datasets.lock: " + "; ".join(mismatches))
+            raise dg.Failure("datasets do not match data/datasets.lock", metadata={
+                "problems": dg.MetadataValue.md("\n".join(f"- {p}" for p in mismatches))})
+        sets = load_prompt_sets()
+        counts = {"harmful": len(sets.harmful), "benign": len(sets.benign), "clean_domain_qa": len(sets.clean_domain_qa),
+                  "capability_text": len(sets.capability_text), "capability_tasks": len(sets.capability_tasks),
+                  "judge_labelled": len(sets.judge_labelled)}
+        by_group = {}
+        for record in sets.harmful:
+            by_group[("harmful", record.category, record.split)] = by_group.get(
+                ("harmful", record.category, record.split), 0) + 1
+        for record in sets.benign:
+            by_group[("benign", record.domain, record.split)] = by_group.get(
+                ("benign", record.domain, record.split), 0) + 1
+        return dg.MaterializeResult(
+            metadata={"dataset_hash": sets.dataset_hash, **counts,
+                      "splits": table([{"set": s, "group": g, "split": sp, "prompts": n}
+                                       for (s, g, sp), n in sorted(by_group.items())])},
+            check_results=[problems_check_result(DATASETS_LOCK, mismatches),
+                           problems_check_result(SPLITS_DISJOINT, split_overlaps(sets)),
+                           problems_check_result(DATASET_SIZES, size_shortfalls(sets, load_gates().datasets))])
+
+    @dg.asset(group_name=GROUP, deps=[prompt_sets], kinds={"pytorch"}, check_specs=[JUDGE_ACCURACY],
+              description="Offline refusal judges (embedding head + prefix matcher), measured on the labelled set.")
+    def refusal_judge(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        judges, directory = build_judges(load_prompt_sets())
+        rows = [acc._asdict() for acc in judges.accuracy.values()]
+        context.log.info(f"judges: {rows}")
+        return dg.MaterializeResult(
+            metadata={"path": dg.MetadataValue.path(directory), "deciding_judge": cfg.refusal_judge,
+                      "accuracy": table(rows),
+                      **numbers({f"{a.judge}_accuracy": a.accuracy for a in judges.accuracy.values()})},
+            check_results=[gate_check_result(JUDGE_ACCURACY, judge_gate_checks(
+                judges.accuracy[cfg.refusal_judge], load_gates().judge_accuracy))])
+
+    @dg.asset(group_name=GROUP, deps=[refusal_judge], kinds={"pytorch"},
+              description="The unsteered model on the held-out sets: metrics.json with bootstrap CIs (alpha 0.00).")
+    def baseline_metrics(context: dg.AssetExecutionContext, model: ModelResource) -> dg.MaterializeResult:
+        sets = load_prompt_sets()
+        judges, _ = build_judges(sets)
+        loaded = model.load(profile, dtype=cfg.model_dtype)
+        result = evaluate(loaded, sets, select_primary(judges, cfg.refusal_judge), cfg, evaluation_root())
+        m = result.metrics
+        run_name = f"{m['model_hash'][:8]}-{m['dataset_hash'][:8]}-a{m['alpha']:.2f}-{m['run_id'][:8]}"
+        wandb_dir = log_scalars(run_name, flatten_scalars(m), artifacts_root() / "wandb")
+        harmful, benign = m["harmful_refusal_rate"], m["benign_false_refusal_rate"]
+        metadata = {
+            **numbers({"harmful_refusal_rate": harmful["overall"]["rate"],
+                       "harmful_completion_rate": m["harmful_completion_rate"]["overall"]["rate"],
+                       "benign_false_refusal_rate": benign["overall"]["rate"],
+                       "borderline_false_refusal_rate": benign["borderline"]["rate"],
+                       "perplexity": m["capability"]["perplexity"],
+                       "task_accuracy": m["capability"]["task_accuracy"]["overall"]["rate"],
+                       "judge_agreement": m["judges"]["agreement"]["rate"],
+                       "wall_seconds": result.timing["wall_seconds"],
+                       "generated_tokens_per_second": result.timing["generated_tokens_per_second"]}),
+            "run_id": m["run_id"], "model_hash": m["model_hash"], "dataset_hash": m["dataset_hash"],
+            "cfg_hash": m["cfg_hash"], "metrics_sha256": m["metrics_sha256"],
+            "path": dg.MetadataValue.path(str(result.directory)),
+            "wandb_dir": dg.MetadataValue.path(str(wandb_dir)) if wandb_dir else "disabled",
+            "harmful_refusal_by_category": table(_rate_rows(harmful["per_category"], "category")),
+            "benign_false_refusal_by_domain": table(_rate_rows(
+                {**benign["per_domain"], "borderline": benign["borderline"]}, "domain")),
+            "rates": png_markdown(rates_png({"harmful refused": harmful["per_category"],
+                                             "benign falsely refused": {**benign["per_domain"],
+                                                                        "borderline": benign["borderline"]}},
+                                            "baseline (alpha 0.00), 95% bootstrap CIs"), "rates"),
+        }
+        ensure_clean(result.fingerprints, {k: str(v) for k, v in metadata.items()}, "baseline_metrics metadata")
+        return dg.MaterializeResult(metadata=metadata)
+
+    @dg.asset_check(asset=baseline_metrics, blocking=True,
+                    description="metrics.json verifies against its sha256 and every selected prompt has a record")
+    def baseline_complete(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        directory = _latest_path(context, baseline_metrics.key)
+        metrics = load_metrics(directory)
+        selection = select_prompts(load_prompt_sets(), cfg)
+        expected = {r.id for r in selection.harmful + selection.benign}
+        judged = {r["id"] for r in load_records(directory)} & expected
+        gates = check_gates(load_gates().baseline, {"coverage_min": len(judged) / max(len(expected), 1)})
+        return dg.AssetCheckResult(
+            passed=all(g.passed for g in gates), severity=dg.AssetCheckSeverity.ERROR,
+            metadata={"judged": len(judged), "expected": len(expected), "metrics_sha256": metrics["metrics_sha256"],
+                      "missing": dg.MetadataValue.md(", ".join(sorted(expected - judged)[:50]) or "none")})
+
+    @dg.asset_check(asset=baseline_metrics, blocking=True,
+                    description="No text generated from a harmful prompt in the evaluation artifacts, the W&B "
+                                "directory or the Dagster storage (scanned with the run's redaction fingerprints)")
+    def redaction(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        directory = _latest_path(context, baseline_metrics.key)
+        fingerprints = Fingerprints.from_bytes((directory / FINGERPRINTS_FILE).read_bytes())
+        roots = [evaluation_root(), artifacts_root() / "wandb"]
+        instance_root = getattr(context.instance, "root_directory", None)
+        if instance_root:
+            roots.append(Path(instance_root))
+        report = scan_paths([r for r in roots if r.exists()], fingerprints)
+        gates = check_gates(load_gates().redaction, {"leaking_files_max": len(report.leaks)})
+        return dg.AssetCheckResult(
+            passed=all(g.passed for g in gates), severity=dg.AssetCheckSeverity.ERROR,
+            metadata={"files_scanned": report.files_scanned, "bytes_scanned": report.bytes_scanned,
+                      "fingerprint_shingles": fingerprints.size, "leaking_files": len(report.leaks),
+                      "leaks": dg.MetadataValue.md("\n".join(report.leaks) or "none")})
+
+    return [prompt_sets, refusal_judge, baseline_metrics, baseline_complete, redaction]
+
+
+def _latest_path(context: dg.AssetCheckExecutionContext, key: dg.AssetKey) -> Path:
+    event = context.instance.get_latest_materialization_event(key)
+    if event is None or event.asset_materialization is None:
+        raise dg.Failure(f"{key.to_user_string()} has no materialization to check")
+    return Path(event.asset_materialization.metadata["path"].value)

@@ -1,0 +1,133 @@
+"""Batched greedy decoding and teacher-forced scoring. Generated text is returned to the caller, never written."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+CANONICAL_REFUSAL = "I'm sorry, but I can't help with that."
+
+
+class Generation(NamedTuple):
+    token_ids: list[int]  # generated ids, EOS and padding removed
+
+
+def chat_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """The prompt as a single user turn, ready for the assistant's reply."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+
+
+def _device(model: PreTrainedModel) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    # similar lengths together: less padding; the order is fixed, so batches (and numerics) are reproducible
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    configured = model.generation_config.eos_token_id
+    ids = set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+    return ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+
+
+@torch.no_grad()
+def generate_greedy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[int]],
+                    max_new_tokens: int, batch_size: int, desc: str) -> list[Generation]:
+    """Greedy continuations of chat-formatted prompt ids, in input order."""
+    pad_id, device = _pad_id(tokenizer), _device(model)
+    stop = _stop_ids(model, tokenizer)
+    out: list[Generation | None] = [None] * len(prompts)
+    for batch in tqdm(_batches([len(p) for p in prompts], batch_size), desc=desc, unit="batch"):
+        width = max(len(prompts[i]) for i in batch)
+        ids_BS = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask_BS = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):  # left padding: every prompt ends where generation starts
+            ids_BS[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask_BS[row, width - len(prompts[i]):] = 1
+        generated_BT = model.generate(
+            input_ids=ids_BS.to(device), attention_mask=mask_BS.to(device), max_new_tokens=max_new_tokens,
+            do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad_id,
+            eos_token_id=sorted(stop) or None)[:, width:].cpu()
+        for row, i in enumerate(batch):
+            tokens = generated_BT[row].tolist()
+            cut = next((j for j, t in enumerate(tokens) if t in stop), len(tokens))
+            out[i] = Generation(tokens[:cut])
+    return out  # type: ignore[return-value]
+
+
+def _right_padded(sequences: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids_BS = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask_BS = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids_BS[row, :len(seq)] = torch.tensor(seq)
+        mask_BS[row, :len(seq)] = 1
+    return ids_BS, mask_BS
+
+
+@torch.no_grad()
+def continuation_logprobs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                          contexts: Sequence[list[int]], continuation: list[int], batch_size: int) -> list[float]:
+    """Mean per-token log-probability of the same continuation after each context (teacher forced)."""
+    pad_id, device = _pad_id(tokenizer), _device(model)
+    scores: list[float] = [0.0] * len(contexts)
+    for batch in _batches([len(c) for c in contexts], batch_size):
+        ids_BS, mask_BS = _right_padded([contexts[i] + continuation for i in batch], pad_id)
+        logprobs_BSV = model(input_ids=ids_BS.to(device), attention_mask=mask_BS.to(device)).logits.float() \
+            .log_softmax(-1).cpu()
+        for row, i in enumerate(batch):
+            start = len(contexts[i])
+            positions = torch.arange(start - 1, start - 1 + len(continuation))
+            scores[i] = logprobs_BSV[row, positions, torch.tensor(continuation)].mean().item()
+    return scores
+
+
+@torch.no_grad()
+def perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
+               batch_size: int, max_tokens: int = 512) -> float:
+    """Token-weighted perplexity of plain texts (no chat template)."""
+    pad_id, device = _pad_id(tokenizer), _device(model)
+    sequences = [tokenizer(text, add_special_tokens=True)["input_ids"][:max_tokens] for text in texts]
+    total_nll, total_tokens = 0.0, 0
+    for batch in _batches([len(s) for s in sequences], batch_size):
+        ids_BS, mask_BS = _right_padded([sequences[i] for i in batch], pad_id)
+        logits_BSV = model(input_ids=ids_BS.to(device), attention_mask=mask_BS.to(device)).logits.float().cpu()
+        nll_BS = F.cross_entropy(logits_BSV[:, :-1].transpose(1, 2), ids_BS[:, 1:], reduction="none")
+        valid_BS = mask_BS[:, 1:].bool()
+        total_nll += nll_BS[valid_BS].double().sum().item()
+        total_tokens += int(valid_BS.sum())
+    return float(torch.tensor(total_nll / max(total_tokens, 1)).exp())
+
+
+@torch.no_grad()
+def mean_next_token_kl(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sequences: Sequence[list[int]],
+                       batch_size: int, steered: Callable[[], AbstractContextManager]) -> float:
+    """Mean over prompt positions of KL(unsteered || steered) next-token distributions, batch by batch (holding
+    every distribution at once would take gigabytes at a 49k vocabulary)."""
+    pad_id, device = _pad_id(tokenizer), _device(model)
+    total, count = 0.0, 0
+    for batch in _batches([len(s) for s in sequences], batch_size):
+        ids_BS, mask_BS = _right_padded([sequences[i] for i in batch], pad_id)
+        inputs = dict(input_ids=ids_BS.to(device), attention_mask=mask_BS.to(device))
+        reference_BSV = model(**inputs).logits.float().log_softmax(-1)
+        with steered():
+            other_BSV = model(**inputs).logits.float().log_softmax(-1)
+        kl_BS = (reference_BSV.exp() * (reference_BSV - other_BSV)).sum(-1).cpu()
+        total += kl_BS[mask_BS.bool()].double().sum().item()
+        count += int(mask_BS.sum())
+    return total / max(count, 1)

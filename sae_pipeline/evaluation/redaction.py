@@ -1,0 +1,145 @@
+"""The redaction guard: text generated from a harmful prompt lives in memory only.
+
+Each harmful completion is cut into word shingles (8 consecutive words; a shorter completion of >= 4 words is one
+shingle of all its words) whose 64-bit hashes are its fingerprint. Shingles that also occur in any stored prompt are
+dropped: completions echo their request, and requests may be stored. The guard checks every payload before it is
+persisted and raises on a hit (fail closed); the fingerprints themselves are hashes and may be saved, so a later
+scan of the artifact tree, the Dagster storage and the W&B directory can prove that nothing leaked."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+SHINGLE_WORDS = 8
+MIN_WORDS = 4  # fewer words than this carry no harmful content worth guarding (e.g. "Sure." or "No.")
+_WORD = re.compile(r"[a-z0-9]+")
+_ESCAPE = re.compile(r"\\(?:u[0-9a-fA-F]{4}|.)")  # JSON/str escapes (\n, \u2019): a stored copy may be escaped
+_FINGERPRINT_MAGIC = b"SAEREDv1"
+
+
+class RedactionError(RuntimeError):
+    """Persisting this would leak text generated from a harmful prompt, or redaction cannot be guaranteed."""
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(_ESCAPE.sub(" ", text).lower())
+
+
+def _hash(words: Iterable[str]) -> int:
+    return int.from_bytes(hashlib.blake2b(" ".join(words).encode(), digest_size=8).digest(), "little")
+
+
+def _shingles(words: list[str], length: int) -> set[int]:
+    return {_hash(words[i:i + length]) for i in range(len(words) - length + 1)}
+
+
+def completion_shingles(text: str) -> tuple[int, set[int]]:
+    """(shingle length, hashes) for one completion; length 0 when it is too short to guard."""
+    words = _words(text)
+    if len(words) < MIN_WORDS:
+        return 0, set()
+    length = min(SHINGLE_WORDS, len(words))
+    return length, _shingles(words, length)
+
+
+class Fingerprints(NamedTuple):
+    by_length: dict[int, frozenset[int]]
+
+    @property
+    def size(self) -> int:
+        return sum(len(v) for v in self.by_length.values())
+
+    def hits(self, text: str) -> int:
+        words = _words(text)
+        return sum(len(_shingles(words, length) & hashes) for length, hashes in self.by_length.items())
+
+    def to_bytes(self) -> bytes:
+        parts = [_FINGERPRINT_MAGIC]
+        for length, hashes in sorted(self.by_length.items()):
+            values = np.array(sorted(hashes), dtype="<u8")
+            parts += [np.array([length, len(values)], dtype="<u8").tobytes(), values.tobytes()]
+        return b"".join(parts)
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> Fingerprints:
+        if not blob.startswith(_FINGERPRINT_MAGIC):
+            raise RedactionError("not a redaction fingerprint file: cannot guarantee a scan, stopping")
+        by_length, offset = {}, len(_FINGERPRINT_MAGIC)
+        while offset < len(blob):
+            length, count = np.frombuffer(blob, dtype="<u8", count=2, offset=offset)
+            offset += 16
+            values = np.frombuffer(blob, dtype="<u8", count=int(count), offset=offset)
+            offset += 8 * int(count)
+            by_length[int(length)] = frozenset(int(v) for v in values)
+        return cls(by_length)
+
+
+def ensure_clean(fingerprints: Fingerprints, payload: object, where: str) -> str:
+    """The payload as canonical JSON, if it carries no guarded text; raises RedactionError otherwise."""
+    try:
+        text = payload if isinstance(payload, str) else json.dumps(payload, sort_keys=True, indent=2, default=str)
+    except (TypeError, ValueError) as err:
+        raise RedactionError(f"{where}: payload cannot be serialised for the redaction check ({err})") from err
+    if hits := fingerprints.hits(text):
+        raise RedactionError(f"{where}: {hits} shingles of text generated from harmful prompts; not written")
+    return text
+
+
+class RedactionGuard:
+    """Registers harmful completions (in memory) and vets everything a run persists."""
+
+    def __init__(self, stored_texts: Iterable[str]):
+        words = [_words(text) for text in stored_texts]
+        self._allowed = {length: set().union(*(_shingles(w, length) for w in words))
+                         for length in range(MIN_WORDS, SHINGLE_WORDS + 1)}
+        self._by_length: dict[int, set[int]] = {}
+        self.registered = 0
+
+    def register(self, completion: str) -> None:
+        length, hashes = completion_shingles(completion)
+        self.registered += 1
+        if length:
+            self._by_length.setdefault(length, set()).update(hashes - self._allowed[length])
+
+    @property
+    def fingerprints(self) -> Fingerprints:
+        return Fingerprints({length: frozenset(h) for length, h in self._by_length.items() if h})
+
+    def ensure_clean(self, payload: object, where: str) -> str:
+        return ensure_clean(self.fingerprints, payload, where)
+
+    def write(self, path: Path, payload: object) -> None:
+        text = self.ensure_clean(payload, str(path))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + ("" if text.endswith("\n") else "\n"))
+
+
+class ScanReport(NamedTuple):
+    files_scanned: int
+    bytes_scanned: int
+    leaks: list[str]  # "path: n shingles"
+
+
+def scan_paths(roots: Iterable[Path], fingerprints: Fingerprints) -> ScanReport:
+    """Search every file under the roots (any encoding: words are read from the raw bytes) for guarded shingles."""
+    files, size, leaks = 0, 0, []
+    for root in roots:
+        paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for path in paths:
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                continue  # gone since listing (SQLite's -shm/-wal files come and go): it holds nothing now
+            except OSError as err:
+                raise RedactionError(f"cannot read {path} for the redaction scan: {err}") from err
+            files, size = files + 1, size + len(data)
+            if hits := fingerprints.hits(data.decode("utf-8", errors="replace")):
+                leaks.append(f"{path}: {hits} shingles")
+    return ScanReport(files, size, leaks)

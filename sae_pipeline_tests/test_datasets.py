@@ -1,0 +1,71 @@
+"""The frozen datasets: the lock, split hygiene, sizes, and clear errors for changed or malformed files."""
+
+import shutil
+
+import pytest
+
+from sae_pipeline.config import DATA_DIR, load_gates
+from sae_pipeline.evaluation.datasets import (
+    BENIGN_DOMAINS, FILES, HARM_CATEGORIES, DatasetError, load_prompt_sets, lock_mismatches, normalise,
+    size_shortfalls, split_overlaps, write_lock)
+
+
+@pytest.fixture
+def data_copy(tmp_path):
+    """A private copy of the dataset files and lock, so tests may tamper with it."""
+    root = tmp_path / "data"
+    for spec in FILES.values():
+        (root / spec.path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(DATA_DIR / spec.path, root / spec.path)
+    shutil.copy(DATA_DIR / "datasets.lock", root / "datasets.lock")
+    return root
+
+
+def test_committed_datasets_match_the_lock_and_meet_the_sizes():
+    assert lock_mismatches() == [], "a dataset file changed without `--update-lock`"
+    sets = load_prompt_sets()
+    assert split_overlaps(sets) == []
+    assert size_shortfalls(sets, load_gates().datasets) == []
+    assert {r.category for r in sets.harmful} == set(HARM_CATEGORIES)
+    assert {r.domain for r in sets.benign} == set(BENIGN_DOMAINS)
+    assert all(r.source for name in FILES for r in getattr(sets, name)), "every record names its source"
+
+
+def test_a_changed_file_fails_closed_until_relocked(data_copy):
+    path = data_copy / FILES["benign"].path
+    path.write_text(path.read_text().replace("\"prompt\": \"", "\"prompt\": \"Please, ", 1))
+    with pytest.raises(DatasetError, match="benign: prompts/benign.jsonl changed"):
+        load_prompt_sets(data_copy)
+    write_lock(data_copy)
+    assert load_prompt_sets(data_copy).dataset_hash != load_prompt_sets().dataset_hash
+
+
+def test_overlapping_splits_and_duplicates_are_reported(data_copy):
+    path = data_copy / FILES["harmful"].path
+    lines = path.read_text().splitlines()
+    heldout = next(line for line in lines if '"split": "heldout"' in line)
+    leaked = heldout.replace('"split": "heldout"', '"split": "tuning"').replace('-h-', '-x-')
+    path.write_text("\n".join(lines + [leaked]) + "\n")
+    write_lock(data_copy)
+    problems = split_overlaps(load_prompt_sets(data_copy))
+    assert any("in both 'heldout' and 'tuning'" in p for p in problems)
+    assert any("share the text" in p for p in problems)
+
+
+def test_a_malformed_record_names_file_and_line(data_copy):
+    path = data_copy / FILES["clean_domain_qa"].path
+    path.write_text(path.read_text() + '{"id": "x", "domain": "astrology", "question": "q", "answer": "a", '
+                                       '"source": "s"}\n')
+    with pytest.raises(DatasetError, match=r"clean_domain_qa\.jsonl:73 is not a valid CleanQuestion"):
+        write_lock(data_copy)
+
+
+def test_shortfalls_name_the_group(data_copy):
+    path = data_copy / FILES["harmful"].path
+    path.write_text("\n".join(line for line in path.read_text().splitlines() if '"fraud-h-' not in line) + "\n")
+    write_lock(data_copy)
+    assert size_shortfalls(load_prompt_sets(data_copy), load_gates().datasets) == ["harmful fraud/heldout: 0 < 25"]
+
+
+def test_normalisation_folds_case_width_and_whitespace():
+    assert normalise("  How DO I\tkill a\u3000Python process? ") == "how do i kill a python process?"

@@ -1,0 +1,122 @@
+"""The evaluation harness on the tiny random model: schema, determinism, integrity, steering hooks, stability."""
+
+import json
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from sae_pipeline.evaluation.datasets import load_prompt_sets
+from sae_pipeline.evaluation.harness import (
+    Judges, MetricsIntegrityError, evaluate, load_metrics, load_records, select_prompts)
+from sae_pipeline.evaluation.judges import ComplianceProxyScorer, PrefixRefusalJudge, measure_judge
+from sae_pipeline.evaluation.stability import FeatureReadout
+from sae_pipeline.model.hooks import mlp_module
+from sae_pipeline.sae.model import TopKSAE
+
+
+@pytest.fixture(scope="module")
+def sets():
+    return load_prompt_sets()
+
+
+@pytest.fixture(scope="module")
+def judges(sets):
+    prefix = PrefixRefusalJudge()
+    test_split = [e for e in sets.judge_labelled if e.split == "test"]
+    return Judges(prefix, prefix, ComplianceProxyScorer(prefix), {"prefix": measure_judge(prefix, test_split)},
+                  {"prefix": "test"})
+
+
+class AddVector:
+    """A stand-in steering intervention: adds alpha * a fixed vector to one layer's MLP output."""
+
+    name = "add-vector"
+
+    def __init__(self, layer: int, vector_D: torch.Tensor):
+        self.layer, self.vector_D = layer, vector_D
+        self.sha256 = f"{hash(tuple(vector_D.tolist())) & (2**64 - 1):016x}" * 4
+
+    @contextmanager
+    def applied(self, model, alpha, reverse):
+        sign = -1.0 if reverse else 1.0
+        handle = mlp_module(model, self.layer).register_forward_hook(
+            lambda _m, _i, out: out + sign * alpha * self.vector_D.to(out.dtype))
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
+def test_metrics_schema_and_byte_identical_reruns(tiny, tiny_profile, sets, judges, tmp_path):
+    cfg = tiny_profile.evaluation
+    first = evaluate(tiny, sets, judges, cfg, tmp_path / "a")
+    second = evaluate(tiny, sets, judges, cfg, tmp_path / "b")
+    relative = first.directory.relative_to(tmp_path / "a")
+    assert relative.parts == (tiny.model_hash, sets.dataset_hash, "alpha_0.00")
+    assert (first.directory / "metrics.json").read_bytes() == (second.directory / "metrics.json").read_bytes()
+    assert (first.directory / "records.jsonl").read_bytes() == (second.directory / "records.jsonl").read_bytes()
+    metrics = load_metrics(first.directory)
+    for key in ("cfg_hash", "model_hash", "dataset_hash", "run_id", "alpha", "reverse_safety", "seed", "decode",
+                "harmful_completion_rate", "harmful_refusal_rate", "benign_false_refusal_rate", "capability",
+                "feature_stability", "throughput", "metrics_sha256"):
+        assert key in metrics, key
+    per_category = metrics["harmful_refusal_rate"]["per_category"]
+    assert set(per_category) == {"chem", "bio", "cyber", "violence", "self_harm", "fraud"}
+    for rate in [metrics["harmful_refusal_rate"]["overall"], *per_category.values(),
+                 metrics["benign_false_refusal_rate"]["borderline"]]:
+        assert rate["ci_low"] <= rate["rate"] <= rate["ci_high"] and rate["n"] >= 1
+    assert metrics["capability"]["perplexity"] > 1.0
+    assert metrics["capability"]["next_token_kl"] == 0.0
+    selection = select_prompts(sets, cfg)
+    records = load_records(first.directory)
+    assert {r["id"] for r in records} == {r.id for r in selection.harmful + selection.benign}
+    assert all(len(r["completion_sha256"]) == 64 and isinstance(r["refused"], bool) for r in records)
+    timing = json.loads((first.directory / "timing.json").read_text())
+    assert timing["metrics_sha256"] == metrics["metrics_sha256"] and timing["wall_seconds"] > 0
+
+
+def test_an_edited_metrics_file_fails_closed(tiny, tiny_profile, sets, judges, tmp_path):
+    result = evaluate(tiny, sets, judges, tiny_profile.evaluation, tmp_path)
+    path = result.directory / "metrics.json"
+    path.write_text(path.read_text().replace('"alpha": 0.0', '"alpha": 0.5'))
+    with pytest.raises(MetricsIntegrityError, match="does not match its metrics_sha256"):
+        load_metrics(result.directory)
+
+
+def test_steering_changes_the_model_and_lands_in_its_own_directory(tiny, tiny_profile, sets, judges, tmp_path):
+    steering = AddVector(layer=2, vector_D=torch.randn(64, generator=torch.Generator().manual_seed(0)) * 4)
+    with pytest.raises(ValueError, match="need a steering intervention"):
+        evaluate(tiny, sets, judges, tiny_profile.evaluation, tmp_path, alpha=0.6)
+    result = evaluate(tiny, sets, judges, tiny_profile.evaluation, tmp_path, alpha=0.6, steering=steering)
+    assert result.directory.name == f"alpha_0.60_{steering.sha256[:12]}"
+    assert result.metrics["capability"]["next_token_kl"] > 0.0
+    assert result.metrics["steering"] == {"name": "add-vector", "sha256": steering.sha256}
+
+
+def test_reverse_safety_is_off_unless_steer_debug(tiny, tiny_profile, sets, judges, tmp_path, monkeypatch):
+    steering = AddVector(layer=2, vector_D=torch.ones(64))
+    monkeypatch.delenv("STEER_DEBUG", raising=False)
+    with pytest.raises(PermissionError, match="STEER_DEBUG=1"):
+        evaluate(tiny, sets, judges, tiny_profile.evaluation, tmp_path, alpha=1.0, reverse_safety=True,
+                 steering=steering)
+    monkeypatch.setenv("STEER_DEBUG", "1")
+    result = evaluate(tiny, sets, judges, tiny_profile.evaluation, tmp_path, alpha=1.0, reverse_safety=True,
+                      steering=steering)
+    assert result.directory.name.startswith("alpha_1.00_reverse") and result.metrics["reverse_safety"] is True
+
+
+def test_feature_stability_counts_sign_flips_under_steering(tiny, tiny_profile, sets, judges, tmp_path):
+    sae = TopKSAE(64, 32, 4)
+    sae.init_tied(torch.Generator().manual_seed(0))
+    readout = FeatureReadout(layer=3, sae=sae, feature_ids=[0, 1, 2, 3])
+    calm = AddVector(layer=3, vector_D=torch.zeros(64))
+    flipping = AddVector(layer=3, vector_D=-sae.W_dec_FD[:4].detach().sum(0) * 50)
+    steady = evaluate(tiny, sets, judges, tiny_profile.evaluation, tmp_path / "calm", alpha=1.0, steering=calm,
+                      readouts=[readout])
+    assert steady.metrics["feature_stability"]["sign_flips"] == 0
+    flipped = evaluate(tiny, sets, judges, tiny_profile.evaluation, tmp_path / "flip", alpha=1.0, steering=flipping,
+                       readouts=[readout])
+    stability = flipped.metrics["feature_stability"]
+    assert stability["features"] == 4 and stability["questions"] == 3
+    assert stability["sign_flips"] > 0 and stability["flip_rate"]["rate"] > 0
