@@ -16,6 +16,11 @@ GATES_FILE = DATA_DIR / "gates.yaml"
 CORPUS_SOURCES_FILE = DATA_DIR / "corpus_sources.yaml"
 
 
+def data_dir() -> Path:
+    """The frozen datasets: ./data of the repository, or SAE_PIPELINE_DATA (your own prompt sets, same layout)."""
+    return Path(os.environ.get("SAE_PIPELINE_DATA", DATA_DIR))
+
+
 def artifacts_root() -> Path:
     """Everything a run writes lives here, laid out by stage (models/, corpus/, activations/, sae/, ...)."""
     return Path(os.environ.get("SAE_PIPELINE_ARTIFACTS", "./artifacts")).resolve()

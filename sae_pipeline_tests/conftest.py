@@ -1,4 +1,5 @@
 import os
+import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -8,7 +9,7 @@ import torch  # noqa: E402
 
 import yaml  # noqa: E402
 
-from sae_pipeline.config import GATES_FILE, load_profile  # noqa: E402
+from sae_pipeline.config import DATA_DIR, GATES_FILE, load_profile  # noqa: E402
 from sae_pipeline.model.loading import load_model  # noqa: E402
 
 torch.set_num_threads(2)
@@ -42,6 +43,19 @@ def write_gates(path, r2_min: float):
                             "near_duplicates_max": {"value": 1_000_000, "source": "test"}}
     path.write_text(yaml.safe_dump(gates))
     return path
+
+
+@pytest.fixture
+def data_copy(tmp_path):
+    """A private copy of the dataset files and lock, so tests may tamper with it."""
+    from sae_pipeline.evaluation.datasets import FILES, LOCK_FILE
+
+    root = tmp_path / "data"
+    for spec in FILES.values():
+        (root / spec.path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(DATA_DIR / spec.path, root / spec.path)
+    shutil.copy(DATA_DIR / LOCK_FILE, root / LOCK_FILE)
+    return root
 
 
 @pytest.fixture(scope="session")

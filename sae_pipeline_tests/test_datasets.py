@@ -1,24 +1,11 @@
 """The frozen datasets: the lock, split hygiene, sizes, and clear errors for changed or malformed files."""
 
-import shutil
-
 import pytest
 
-from sae_pipeline.config import DATA_DIR, load_gates
+from sae_pipeline.config import load_gates
 from sae_pipeline.evaluation.datasets import (
     BENIGN_DOMAINS, FILES, HARM_CATEGORIES, DatasetError, load_prompt_sets, lock_mismatches, normalise,
     size_shortfalls, split_overlaps, write_lock)
-
-
-@pytest.fixture
-def data_copy(tmp_path):
-    """A private copy of the dataset files and lock, so tests may tamper with it."""
-    root = tmp_path / "data"
-    for spec in FILES.values():
-        (root / spec.path).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(DATA_DIR / spec.path, root / spec.path)
-    shutil.copy(DATA_DIR / "datasets.lock", root / "datasets.lock")
-    return root
 
 
 def test_committed_datasets_match_the_lock_and_meet_the_sizes():
@@ -69,3 +56,15 @@ def test_shortfalls_name_the_group(data_copy):
 
 def test_normalisation_folds_case_width_and_whitespace():
     assert normalise("  How DO I\tkill a\u3000Python process? ") == "how do i kill a python process?"
+
+
+def test_a_malformed_lock_is_named(data_copy):
+    (data_copy / "datasets.lock").write_text('{"version": 1, "files": {"harmful": "oops"}}')
+    with pytest.raises(DatasetError, match="is not a valid lock file: every entry needs path, sha256 and splits"):
+        load_prompt_sets(data_copy)
+
+
+def test_a_non_utf8_file_is_named(data_copy):
+    (data_copy / FILES["harmful"].path).write_bytes(b"\xff\xfe not utf-8")
+    with pytest.raises(DatasetError, match="harmful.jsonl is not UTF-8"):
+        load_prompt_sets(data_copy)

@@ -87,3 +87,19 @@ def test_embedded_default_end_to_end_on_a_small_budget():
     assert 0.2 < metadata["r2"].value < 1.0
     assert metadata["loss_recovered"].value > 0.0
     assert metadata["ce_spliced"].value < metadata["ce_zero_ablated"].value
+
+
+def test_datasets_that_differ_from_the_lock_fail_the_blocking_checks(data_copy, artifacts, monkeypatch):
+    path = data_copy / "prompts" / "benign.jsonl"
+    path.write_text(path.read_text().replace('"prompt": "', '"prompt": "Please, ', 1))
+    monkeypatch.setenv("SAE_PIPELINE_DATA", str(data_copy))
+    defs = build_defs(load_profile("tiny"))
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([*defs.assets, *defs.asset_checks], instance=instance, resources=defs.resources,
+                                selection=["prompt_sets", "refusal_judge"], raise_on_error=False)
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert not checks["datasets_lock"].passed
+    assert "benign: prompts/benign.jsonl changed" in checks["datasets_lock"].metadata["details"].value
+    assert not checks["splits_disjoint"].passed and not checks["dataset_sizes"].passed
+    materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert "refusal_judge" not in materialized, "a failed dataset check must block the judge"

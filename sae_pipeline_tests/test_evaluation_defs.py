@@ -10,8 +10,8 @@ from sae_pipeline.config import load_profile
 from sae_pipeline.defs.definitions import build_defs
 from sae_pipeline.defs.resources import ModelResource
 from sae_pipeline.evaluation.datasets import load_prompt_sets
-from sae_pipeline.evaluation.harness import FINGERPRINTS_FILE, evaluate
-from sae_pipeline.evaluation.redaction import Fingerprints, scan_paths
+from sae_pipeline.evaluation.harness import evaluate, load_fingerprints
+from sae_pipeline.evaluation.redaction import scan_paths
 from sae_pipeline.evaluation.run import build_judges, select_primary
 
 
@@ -20,14 +20,19 @@ def _files_under(*roots):
     return [p for root in roots for p in sorted(root.rglob("*")) if p.is_file() and "models" not in p.parts]
 
 
-def _exact_leaks(files, completions):
-    """Files holding any completion's middle 40 characters, raw or JSON-escaped (a stricter, simpler check than
-    the shingle scanner, so the test does not only trust the code it tests)."""
+def _needles(completions):
+    """Each completion's middle 40 characters, raw and JSON-escaped: a simpler check than the shingle scanner, so
+    the test does not only trust the code it tests. Shorter completions carry nothing worth matching exactly."""
     needles = set()
-    for text in completions:
+    for text in (t for t in completions if len(t) >= 40):
         middle = text[len(text) // 2 - 20: len(text) // 2 + 20]
         needles |= {middle.encode(), json.dumps(middle)[1:-1].encode()}
-    return [str(path) for path in files if any(n in path.read_bytes() for n in needles)]
+    return needles
+
+
+def _exact_leak_count(blobs, needles):
+    # a count, never the text: a failing assertion must not print a completion into the CI log
+    return sum(any(n in blob for n in needles) for blob in blobs)
 
 
 @pytest.mark.integration
@@ -58,21 +63,27 @@ def test_baseline_on_the_embedded_model_leaves_no_harmful_text_anywhere(artifact
     loaded = ModelResource().load(profile, dtype=profile.evaluation.model_dtype)
     replay = evaluate(loaded, sets, select_primary(judges, profile.evaluation.refusal_judge), profile.evaluation,
                       tmp_path / "replay", on_harmful_completion=completions.append)
-    assert (replay.directory / "metrics.json").read_bytes() == (tmp_path.joinpath(run_dir) / "metrics.json"
-                                                                 ).read_bytes()
-    assert len(completions) == 12 and max(len(text.split()) for text in completions) >= 20
+    same_bytes = (replay.directory / "metrics.json").read_bytes() == (tmp_path.joinpath(run_dir) / "metrics.json"
+                                                                       ).read_bytes()
+    assert same_bytes
+    count, longest = len(completions), max(len(text.split()) for text in completions)
+    assert count == 12 and longest >= 20
+    needles = _needles(completions)
+    assert len(needles) >= 12
 
     files = _files_under(artifacts_with_encoder, dagster_home)
     assert any("wandb" in p.parts for p in files) and any(p.suffix == ".db" for p in files)
-    assert _exact_leaks(files, completions) == []
-    fingerprints = Fingerprints.from_bytes((tmp_path.joinpath(run_dir) / FINGERPRINTS_FILE).read_bytes())
+    leaking = _exact_leak_count((p.read_bytes() for p in files), needles)
+    assert leaking == 0
+    fingerprints = load_fingerprints(tmp_path.joinpath(run_dir))
     report = scan_paths(files, fingerprints)
     assert report.leaks == []
     print(f"redaction scan: {report.files_scanned} files, {report.bytes_scanned:,} bytes, {len(completions)} "
           f"completions, {fingerprints.size} shingles; no leak")
 
-    # negative control: the same scans catch a completion that did leak into the Dagster storage
-    leak = dagster_home / "storage" / "leak.log"
-    leak.write_text(json.dumps({"message": completions[0]}))
-    assert _exact_leaks([leak], completions) == [str(leak)]
-    assert scan_paths([leak], fingerprints).leaks
+    # negative control, in memory only (a completion is never written, not even to a temp file): an event-log
+    # style record holding a completion is caught by both checks
+    longest_text = max(completions, key=len)
+    event = json.dumps({"message": json.dumps({"text": longest_text})}).encode()
+    caught_exact, caught_shingles = _exact_leak_count([event], needles), fingerprints.hits(event.decode())
+    assert caught_exact == 1 and caught_shingles > 0

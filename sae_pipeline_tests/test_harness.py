@@ -8,8 +8,10 @@ import torch
 
 from sae_pipeline.evaluation.datasets import load_prompt_sets
 from sae_pipeline.evaluation.harness import (
-    Judges, MetricsIntegrityError, evaluate, load_metrics, load_records, select_prompts)
+    Judges, MetricsIntegrityError, answer_matches, evaluate, load_fingerprints, load_metrics, load_records,
+    select_prompts)
 from sae_pipeline.evaluation.judges import ComplianceProxyScorer, PrefixRefusalJudge, measure_judge
+from sae_pipeline.evaluation.redaction import RedactionError
 from sae_pipeline.evaluation.stability import FeatureReadout
 from sae_pipeline.model.hooks import mlp_module
 from sae_pipeline.sae.model import TopKSAE
@@ -53,7 +55,7 @@ def test_metrics_schema_and_byte_identical_reruns(tiny, tiny_profile, sets, judg
     first = evaluate(tiny, sets, judges, cfg, tmp_path / "a")
     second = evaluate(tiny, sets, judges, cfg, tmp_path / "b")
     relative = first.directory.relative_to(tmp_path / "a")
-    assert relative.parts == (tiny.model_hash, sets.dataset_hash, "alpha_0.00")
+    assert relative.parts == (tiny.model_hash, sets.dataset_hash, "alpha_0.00", first.metrics["cfg_hash"][:12])
     assert (first.directory / "metrics.json").read_bytes() == (second.directory / "metrics.json").read_bytes()
     assert (first.directory / "records.jsonl").read_bytes() == (second.directory / "records.jsonl").read_bytes()
     metrics = load_metrics(first.directory)
@@ -67,7 +69,8 @@ def test_metrics_schema_and_byte_identical_reruns(tiny, tiny_profile, sets, judg
                  metrics["benign_false_refusal_rate"]["borderline"]]:
         assert rate["ci_low"] <= rate["rate"] <= rate["ci_high"] and rate["n"] >= 1
     assert metrics["capability"]["perplexity"] > 1.0
-    assert metrics["capability"]["next_token_kl"] == 0.0
+    assert metrics["capability"]["next_token_kl"] == 0.0, "unsteered vs unsteered, computed: exactly equal logits"
+    assert metrics["redaction"]["harmful_completions"] == len(select_prompts(sets, cfg).harmful)
     selection = select_prompts(sets, cfg)
     records = load_records(first.directory)
     assert {r["id"] for r in records} == {r.id for r in selection.harmful + selection.benign}
@@ -76,12 +79,26 @@ def test_metrics_schema_and_byte_identical_reruns(tiny, tiny_profile, sets, judg
     assert timing["metrics_sha256"] == metrics["metrics_sha256"] and timing["wall_seconds"] > 0
 
 
-def test_an_edited_metrics_file_fails_closed(tiny, tiny_profile, sets, judges, tmp_path):
+def test_edited_run_files_fail_closed(tiny, tiny_profile, sets, judges, tmp_path):
     result = evaluate(tiny, sets, judges, tiny_profile.evaluation, tmp_path)
+    records = result.directory / "records.jsonl"
+    records.write_text(records.read_text().replace('"refused": false', '"refused": true', 1))
+    with pytest.raises(MetricsIntegrityError, match="records.jsonl does not match the records_sha256"):
+        load_records(result.directory)
+    fingerprints = result.directory / "redaction.fingerprints"
+    fingerprints.write_bytes(b"SAEREDv1")
+    with pytest.raises(RedactionError, match="does not match the fingerprints_sha256"):
+        load_fingerprints(result.directory)
     path = result.directory / "metrics.json"
     path.write_text(path.read_text().replace('"alpha": 0.0', '"alpha": 0.5'))
     with pytest.raises(MetricsIntegrityError, match="does not match its metrics_sha256"):
         load_metrics(result.directory)
+
+
+def test_settings_that_differ_write_to_different_directories(tiny, tiny_profile, sets, judges, tmp_path):
+    base = evaluate(tiny, sets, judges, tiny_profile.evaluation, tmp_path)
+    other = evaluate(tiny, sets, judges, tiny_profile.evaluation.model_copy(update={"limit_per_group": 2}), tmp_path)
+    assert base.directory.parent == other.directory.parent and base.directory != other.directory
 
 
 def test_steering_changes_the_model_and_lands_in_its_own_directory(tiny, tiny_profile, sets, judges, tmp_path):
@@ -89,7 +106,7 @@ def test_steering_changes_the_model_and_lands_in_its_own_directory(tiny, tiny_pr
     with pytest.raises(ValueError, match="need a steering intervention"):
         evaluate(tiny, sets, judges, tiny_profile.evaluation, tmp_path, alpha=0.6)
     result = evaluate(tiny, sets, judges, tiny_profile.evaluation, tmp_path, alpha=0.6, steering=steering)
-    assert result.directory.name == f"alpha_0.60_{steering.sha256[:12]}"
+    assert result.directory.parent.name == "alpha_0.60"
     assert result.metrics["capability"]["next_token_kl"] > 0.0
     assert result.metrics["steering"] == {"name": "add-vector", "sha256": steering.sha256}
 
@@ -103,7 +120,7 @@ def test_reverse_safety_is_off_unless_steer_debug(tiny, tiny_profile, sets, judg
     monkeypatch.setenv("STEER_DEBUG", "1")
     result = evaluate(tiny, sets, judges, tiny_profile.evaluation, tmp_path, alpha=1.0, reverse_safety=True,
                       steering=steering)
-    assert result.directory.name.startswith("alpha_1.00_reverse") and result.metrics["reverse_safety"] is True
+    assert result.directory.parent.name == "alpha_1.00_reverse" and result.metrics["reverse_safety"] is True
 
 
 def test_feature_stability_counts_sign_flips_under_steering(tiny, tiny_profile, sets, judges, tmp_path):
@@ -120,3 +137,10 @@ def test_feature_stability_counts_sign_flips_under_steering(tiny, tiny_profile, 
     stability = flipped.metrics["feature_stability"]
     assert stability["features"] == 4 and stability["questions"] == 3
     assert stability["sign_flips"] > 0 and stability["flip_rate"]["rate"] > 0
+
+
+def test_task_answers_must_go_beyond_echoing_the_question():
+    assert not answer_matches("What is 144 divided by 12?", "144 divided by 12 is a division problem.", ["12"])
+    assert answer_matches("What is 144 divided by 12?", "144 / 12 = 12", ["12"])
+    assert answer_matches("What is the capital of France?", "It is Paris.", ["Paris"])
+    assert not answer_matches("What is the capital of France?", "It is Parisian.", ["Paris"])

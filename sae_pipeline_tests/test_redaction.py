@@ -28,6 +28,20 @@ def test_guard_refuses_payloads_carrying_a_completion_in_any_form(guard, tmp_pat
     assert not (tmp_path / "out.json").exists(), "nothing is written when the check fails"
 
 
+@pytest.mark.parametrize("completion", [
+    r"Open C:\temp\tools and run the \x90 loader before you start the second stage of it",
+    "Сначала соедините провода вместе, затем подождите пять минут и включите питание снова",
+])
+def test_guard_catches_backslashes_and_any_script_in_every_stored_form(completion):
+    guard = RedactionGuard([])
+    guard.register(completion)
+    assert guard.fingerprinted == 1
+    for stored in (completion, json.dumps({"m": completion}), json.dumps({"m": completion}, ensure_ascii=False),
+                   json.dumps({"event": json.dumps({"m": completion})})):
+        with pytest.raises(RedactionError):
+            guard.ensure_clean(stored, "test")
+
+
 def test_guard_allows_numbers_hashes_and_echoed_prompt_text(guard, tmp_path):
     guard.write(tmp_path / "ok.json", {"refused": False, "sha256": "ab" * 32, "prompt": PROMPT, "rate": 0.5})
     assert json.loads((tmp_path / "ok.json").read_text())["prompt"] == PROMPT
@@ -45,6 +59,8 @@ def test_fingerprints_round_trip_and_reject_foreign_files(guard):
     assert restored == guard.fingerprints and restored.size > 0
     with pytest.raises(RedactionError, match="not a redaction fingerprint file"):
         Fingerprints.from_bytes(b"garbage")
+    with pytest.raises(RedactionError, match="truncated"):
+        Fingerprints.from_bytes(guard.fingerprints.to_bytes()[:-3])
 
 
 def test_scanner_finds_a_leak_inside_a_sqlite_event_log(guard, tmp_path):

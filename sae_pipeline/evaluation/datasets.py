@@ -16,7 +16,7 @@ from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from sae_pipeline.config import DATA_DIR, Gate
+from sae_pipeline.config import Gate, data_dir as default_data_dir
 
 HARM_CATEGORIES = ("chem", "bio", "cyber", "violence", "self_harm", "fraud")
 BENIGN_DOMAINS = ("general", "coding", "math", "legal", "medical", "finance", "borderline")
@@ -103,13 +103,22 @@ class PromptSets(NamedTuple):
     dataset_hash: str  # sha256 of datasets.lock: names every byte of every file
 
 
-def _read_records(data_dir: Path, name: str) -> list[_Record]:
-    spec = FILES[name]
-    path = data_dir / spec.path
+def _read_bytes(data_dir: Path, name: str) -> bytes:
+    path = data_dir / FILES[name].path
     if not path.is_file():
         raise DatasetError(f"dataset {name!r}: {path} is missing")
+    return path.read_bytes()
+
+
+def _parse_records(data_dir: Path, name: str, raw: bytes) -> list[_Record]:
+    spec = FILES[name]
+    path = data_dir / spec.path
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"dataset {name!r}: {path} is not UTF-8 ({err})") from err
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -126,42 +135,58 @@ def _split_of(record: _Record) -> str:
     return getattr(record, "split", "all")
 
 
-def _lock_entry(data_dir: Path, name: str, records: list[_Record]) -> dict:
+def _lock_entry(name: str, raw: bytes, records: list[_Record]) -> dict:
     spec = FILES[name]
     splits: dict[str, list[str]] = {}
     for record in records:
         splits.setdefault(_split_of(record), []).append(text_sha256(getattr(record, spec.text_field)))
     return {
         "path": spec.path,
-        "sha256": hashlib.sha256((data_dir / spec.path).read_bytes()).hexdigest(),
+        "sha256": hashlib.sha256(raw).hexdigest(),
         "records": len(records),
         "splits": {split: {"records": len(hashes), "sha256": hashlib.sha256("".join(sorted(hashes)).encode())
                            .hexdigest()} for split, hashes in sorted(splits.items())},
     }
 
 
-def compute_lock(data_dir: Path = DATA_DIR) -> dict:
-    return {"version": 1, "files": {name: _lock_entry(data_dir, name, _read_records(data_dir, name))
-                                     for name in FILES}}
+def _read_all(data_dir: Path) -> dict[str, tuple[bytes, list[_Record]]]:
+    """Every file read once: the lock is computed from, and the records parsed from, the same bytes."""
+    out = {}
+    for name in FILES:
+        raw = _read_bytes(data_dir, name)
+        out[name] = (raw, _parse_records(data_dir, name, raw))
+    return out
 
 
-def write_lock(data_dir: Path = DATA_DIR) -> Path:
+def _lock_of(files: dict[str, tuple[bytes, list[_Record]]]) -> dict:
+    return {"version": 1, "files": {name: _lock_entry(name, raw, records) for name, (raw, records) in files.items()}}
+
+
+def compute_lock(data_dir: Path | None = None) -> dict:
+    return _lock_of(_read_all(data_dir or default_data_dir()))
+
+
+def write_lock(data_dir: Path | None = None) -> Path:
     """Re-lock after a reviewed change to a dataset file (the only way to make a changed file loadable)."""
+    data_dir = data_dir or default_data_dir()
     path = data_dir / LOCK_FILE
     path.write_text(json.dumps(compute_lock(data_dir), indent=2, sort_keys=True) + "\n")
     return path
 
 
-def lock_mismatches(data_dir: Path = DATA_DIR) -> list[str]:
+def lock_mismatches(data_dir: Path | None = None, files: dict | None = None) -> list[str]:
     """Every way the files differ from datasets.lock, in words; empty when they match."""
+    data_dir = data_dir or default_data_dir()
     path = data_dir / LOCK_FILE
     if not path.is_file():
         return [f"{path} is missing"]
     try:
         locked = json.loads(path.read_text())["files"]
-    except (ValueError, KeyError) as err:
+        if not all(isinstance(v, dict) and {"path", "sha256", "splits"} <= set(v) for v in locked.values()):
+            raise ValueError("every entry needs path, sha256 and splits")
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
         return [f"{path} is not a valid lock file: {err}"]
-    current = compute_lock(data_dir)["files"]
+    current = _lock_of(files if files is not None else _read_all(data_dir))["files"]
     problems = [f"{name}: not in the lock" for name in current if name not in locked]
     problems += [f"{name}: in the lock but not a known dataset" for name in locked if name not in current]
     for name in set(current) & set(locked):
@@ -213,14 +238,16 @@ def size_shortfalls(sets: PromptSets, gates: dict[str, Gate]) -> list[str]:
     return problems
 
 
-def load_prompt_sets(data_dir: Path = DATA_DIR) -> PromptSets:
+def load_prompt_sets(data_dir: Path | None = None) -> PromptSets:
     """Every dataset, verified against datasets.lock first: a changed or tampered file fails closed."""
-    if problems := lock_mismatches(data_dir):
+    data_dir = data_dir or default_data_dir()
+    lock_bytes = (data_dir / LOCK_FILE).read_bytes() if (data_dir / LOCK_FILE).is_file() else b""
+    files = _read_all(data_dir)
+    if problems := lock_mismatches(data_dir, files):
         raise DatasetError("datasets do not match datasets.lock (after reviewing a change, re-lock with "
                            "`python -m sae_pipeline.evaluation.datasets --update-lock`): " + "; ".join(problems))
-    records = {name: _read_records(data_dir, name) for name in FILES}
-    dataset_hash = hashlib.sha256((data_dir / LOCK_FILE).read_bytes()).hexdigest()
-    return PromptSets(**records, dataset_hash=dataset_hash)
+    return PromptSets(**{name: records for name, (_, records) in files.items()},
+                      dataset_hash=hashlib.sha256(lock_bytes).hexdigest())
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ def deterministic(seed: int) -> Iterator[None]:
     (training code elsewhere may legitimately use non-deterministic kernels)."""
     saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cuda.matmul.allow_tf32,
              torch.backends.cudnn.allow_tf32, torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    saved_sdp = (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled())
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -36,6 +37,5 @@ def deterministic(seed: int) -> Iterator[None]:
         torch.use_deterministic_algorithms(saved[0])
         (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.deterministic,
          torch.backends.cudnn.benchmark) = saved[1:]
-        if torch.cuda.is_available():
-            torch.backends.cuda.enable_flash_sdp(True)
-            torch.backends.cuda.enable_mem_efficient_sdp(True)
+        torch.backends.cuda.enable_flash_sdp(saved_sdp[0])
+        torch.backends.cuda.enable_mem_efficient_sdp(saved_sdp[1])

@@ -1,7 +1,8 @@
 """The redaction guard: text generated from a harmful prompt lives in memory only.
 
 Each harmful completion is cut into word shingles (8 consecutive words; a shorter completion of >= 4 words is one
-shingle of all its words) whose 64-bit hashes are its fingerprint. Shingles that also occur in any stored prompt are
+shingle of all its words) whose 64-bit hashes are its fingerprint. Words are read from the text as written and from
+the forms a stored copy would take (JSON-escaped, ASCII or not, and JSON inside JSON, as in Dagster's event log). Shingles that also occur in any stored prompt are
 dropped: completions echo their request, and requests may be stored. The guard checks every payload before it is
 persisted and raises on a hit (fail closed); the fingerprints themselves are hashes and may be saved, so a later
 scan of the artifact tree, the Dagster storage and the W&B directory can prove that nothing leaked."""
@@ -19,8 +20,10 @@ import numpy as np
 
 SHINGLE_WORDS = 8
 MIN_WORDS = 4  # fewer words than this carry no harmful content worth guarding (e.g. "Sure." or "No.")
-_WORD = re.compile(r"[a-z0-9]+")
-_ESCAPE = re.compile(r"\\(?:u[0-9a-fA-F]{4}|.)")  # JSON/str escapes (\n, \u2019): a stored copy may be escaped
+_WORD = re.compile(r"\w+")  # Unicode words: a completion in any script is guarded
+# \uXXXX turns back into its character (so an ASCII-escaped copy of non-Latin text still has words); any other
+# escape splits words, identically in every form
+_ESCAPE = re.compile(r"\\(?:u([0-9a-fA-F]{4})|.)")
 _FINGERPRINT_MAGIC = b"SAEREDv1"
 
 
@@ -29,7 +32,14 @@ class RedactionError(RuntimeError):
 
 
 def _words(text: str) -> list[str]:
-    return _WORD.findall(_ESCAPE.sub(" ", text).lower())
+    unescaped = _ESCAPE.sub(lambda m: chr(int(m.group(1), 16)) if m.group(1) else " ", text)
+    return _WORD.findall(unescaped.casefold())
+
+
+def _stored_forms(text: str) -> list[str]:
+    """The text as written and as JSON would store it (escaped, ASCII-only or not, and escaped twice)."""
+    return [text, json.dumps(text)[1:-1], json.dumps(text, ensure_ascii=False)[1:-1],
+            json.dumps(json.dumps(text))[1:-1]]
 
 
 def _hash(words: Iterable[str]) -> int:
@@ -40,13 +50,15 @@ def _shingles(words: list[str], length: int) -> set[int]:
     return {_hash(words[i:i + length]) for i in range(len(words) - length + 1)}
 
 
-def completion_shingles(text: str) -> tuple[int, set[int]]:
-    """(shingle length, hashes) for one completion; length 0 when it is too short to guard."""
-    words = _words(text)
-    if len(words) < MIN_WORDS:
-        return 0, set()
-    length = min(SHINGLE_WORDS, len(words))
-    return length, _shingles(words, length)
+def completion_shingles(text: str) -> dict[int, set[int]]:
+    """{shingle length: hashes} over the stored forms of one completion; empty when it is too short to guard."""
+    out: dict[int, set[int]] = {}
+    for form in _stored_forms(text):
+        words = _words(form)
+        if len(words) >= MIN_WORDS:
+            length = min(SHINGLE_WORDS, len(words))
+            out.setdefault(length, set()).update(_shingles(words, length))
+    return out
 
 
 class Fingerprints(NamedTuple):
@@ -72,12 +84,15 @@ class Fingerprints(NamedTuple):
         if not blob.startswith(_FINGERPRINT_MAGIC):
             raise RedactionError("not a redaction fingerprint file: cannot guarantee a scan, stopping")
         by_length, offset = {}, len(_FINGERPRINT_MAGIC)
-        while offset < len(blob):
-            length, count = np.frombuffer(blob, dtype="<u8", count=2, offset=offset)
-            offset += 16
-            values = np.frombuffer(blob, dtype="<u8", count=int(count), offset=offset)
-            offset += 8 * int(count)
-            by_length[int(length)] = frozenset(int(v) for v in values)
+        try:
+            while offset < len(blob):
+                length, count = (int(v) for v in np.frombuffer(blob, dtype="<u8", count=2, offset=offset))
+                offset += 16
+                values = np.frombuffer(blob, dtype="<u8", count=count, offset=offset)
+                offset += 8 * count
+                by_length[length] = frozenset(int(v) for v in values)
+        except ValueError as err:
+            raise RedactionError(f"truncated redaction fingerprint file ({err}): cannot guarantee a scan") from err
         return cls(by_length)
 
 
@@ -100,13 +115,14 @@ class RedactionGuard:
         self._allowed = {length: set().union(*(_shingles(w, length) for w in words))
                          for length in range(MIN_WORDS, SHINGLE_WORDS + 1)}
         self._by_length: dict[int, set[int]] = {}
-        self.registered = 0
+        self.registered = self.fingerprinted = 0
 
     def register(self, completion: str) -> None:
-        length, hashes = completion_shingles(completion)
         self.registered += 1
-        if length:
-            self._by_length.setdefault(length, set()).update(hashes - self._allowed[length])
+        new = {length: hashes - self._allowed[length] for length, hashes in completion_shingles(completion).items()}
+        for length, hashes in new.items():
+            self._by_length.setdefault(length, set()).update(hashes)
+        self.fingerprinted += any(new.values())
 
     @property
     def fingerprints(self) -> Fingerprints:
