@@ -127,6 +127,15 @@ class EvalConfig(_Strict):
     limit_per_group: int = Field(default=0, ge=0)
 
 
+class FeatureConfig(_Strict):
+    """Feature discovery: which prompts score the latents and how many make the ranking."""
+
+    top_n: int = Field(default=512, ge=1)
+    split: Literal["tuning"] = "tuning"  # held-out prompts stay for the evaluation
+    batch_size: int = Field(default=16, ge=1)
+    seed: int = 0
+
+
 class Profile(_Strict):
     name: str
     model: str | None  # None = the embedded SmolLM2-135M-Instruct
@@ -136,6 +145,7 @@ class Profile(_Strict):
     harvest: HarvestConfig
     sae: SAEConfig
     evaluation: EvalConfig = EvalConfig()
+    features: FeatureConfig = FeatureConfig()
 
     @model_validator(mode="after")
     def _layers_exist(self) -> Profile:

@@ -16,3 +16,15 @@ def corpus_dir(profile: Profile) -> Path:
 
 def activations_root(profile: Profile, loaded: LoadedModel, corpus_sha256: str) -> Path:
     return harvest_root(artifacts_root() / "activations", loaded.model_hash, corpus_sha256, profile.harvest)
+
+
+def sae_layer_dir(profile: Profile, loaded: LoadedModel, corpus_sha256: str, layer: int) -> Path:
+    from sae_pipeline.sae.run import sae_dir
+
+    return sae_dir(artifacts_root() / "sae", activations_root(profile, loaded, corpus_sha256), profile.sae, layer)
+
+
+def features_dir(sae_directory: Path, dataset_hash: str, features_cfg_hash: str) -> Path:
+    """artifacts/features/<activations>/<sae-cfg>/layer_L/<dataset>_<features-cfg>/"""
+    relative = sae_directory.relative_to(artifacts_root() / "sae")
+    return artifacts_root() / "features" / relative / f"{dataset_hash[:12]}_{features_cfg_hash[:8]}"

@@ -15,7 +15,8 @@ def test_default_definitions_load():
 
     dg.Definitions.validate_loadable(defs)
     assert {key.to_user_string() for key in defs.resolve_all_asset_keys()} == {
-        "corpus", "activations", "sae", "prompt_sets", "refusal_judge", "baseline_metrics"}
+        "corpus", "activations", "sae", "prompt_sets", "refusal_judge", "baseline_metrics", "feature_scores",
+        "feature_ranking"}
     checks = {key.name for key in defs.resolve_asset_graph().asset_check_keys}
     assert checks == {"sae_quality", "datasets_lock", "splits_disjoint", "dataset_sizes", "judge_accuracy",
                       "baseline_complete", "redaction"}
@@ -59,6 +60,17 @@ def test_tiny_pipeline_materialises_and_the_blocking_check_gates_downstream(
         for key in ("r2", "dead_fraction", "coherence_p95", "k_active_p50", "loss_recovered", "sae_hash",
                     "liveness_histogram", "training_curve", "l1_sweep"):
             assert key in metadata, key
+        # a later, separate run: feature discovery re-checks the SAE's gates before reading it
+        features = _materialize(defs, ["feature_scores", "feature_ranking"], instance, "3")
+        assert features.success is expect_pass
+        ranked = {e.asset_key.to_user_string(): e for e in features.get_asset_materialization_events()}
+        if expect_pass:
+            path = ranked["feature_ranking"].event_specific_data.materialization.metadata["path"].value
+            assert path.endswith("top512_ranking_l3.json") and json.loads(open(path).read())
+        else:
+            assert not ranked
+            failure = next(e for e in features.all_events if e.event_type_value == "STEP_FAILURE")
+            assert "fails sae_quality (r2_min)" in str(failure.event_specific_data.error)
         assert metadata["liveness_histogram"].value.startswith("![liveness histogram](data:image/png;base64,")
     [metrics_file] = artifacts.glob("sae/*/*/layer_03/metrics.json")
     record = json.loads(metrics_file.read_text())

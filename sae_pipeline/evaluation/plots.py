@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import io
-
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from sae_pipeline.plotting import plt, png
 
 
 def rates_png(groups: dict[str, dict[str, dict]], title: str) -> bytes:
@@ -24,7 +19,4 @@ def rates_png(groups: dict[str, dict[str, dict]], title: str) -> bytes:
         ax.invert_yaxis()
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
-    return buffer.getvalue()
+    return png(fig)

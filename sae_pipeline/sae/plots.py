@@ -2,20 +2,9 @@
 
 from __future__ import annotations
 
-import io
+import torch
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-
-def _png(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return buffer.getvalue()
+from sae_pipeline.plotting import plt, png
 
 
 def liveness_histogram(firing_frequency_F: torch.Tensor, title: str) -> bytes:
@@ -25,7 +14,7 @@ def liveness_histogram(firing_frequency_F: torch.Tensor, title: str) -> bytes:
     ax.set_xlabel("log10 firing frequency on held-out tokens (dead latents at -7)")
     ax.set_ylabel("latents")
     ax.set_title(title)
-    return _png(fig)
+    return png(fig)
 
 
 def training_curve(history: list[dict], title: str) -> bytes:
@@ -37,4 +26,4 @@ def training_curve(history: list[dict], title: str) -> bytes:
     ax.set_xlabel("training tokens")
     ax.legend()
     ax.set_title(title)
-    return _png(fig)
+    return png(fig)

@@ -8,8 +8,8 @@ from sae_pipeline.corpus.build import build_corpus, load_manifest
 from sae_pipeline.defs.checks import SAE_QUALITY, gate_check_result
 from sae_pipeline.defs.metadata import numbers, png_markdown, table
 from sae_pipeline.defs.resources import ModelResource
-from sae_pipeline.layout import activations_root, corpus_dir
-from sae_pipeline.sae.run import sae_dir, train_layer_sae
+from sae_pipeline.layout import activations_root, corpus_dir, sae_layer_dir
+from sae_pipeline.sae.run import train_layer_sae
 
 GROUP = "foundation"
 
@@ -53,7 +53,7 @@ def build_foundation_assets(profile: Profile) -> list:
         loaded = model.load(profile)
         corpus_sha256 = load_manifest(corpus_dir(profile)).sha256
         root = activations_root(profile, loaded, corpus_sha256)
-        out_dir = sae_dir(artifacts_root() / "sae", root, profile.sae, layer)
+        out_dir = sae_layer_dir(profile, loaded, corpus_sha256, layer)
         ids = heldout_windows(corpus_dir(profile), loaded.tokenizer, profile.harvest, profile.sae.splice_sequences)
         lineage = {"model_hash": loaded.model_hash, "tokenizer_hash": loaded.tokenizer_hash,
                    "corpus_sha256": corpus_sha256, "activations": root.name}

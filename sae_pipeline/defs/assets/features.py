@@ -1,0 +1,83 @@
+"""Feature discovery assets: feature_scores[layer] -> feature_ranking[layer].
+
+They read the layer's SAE only if its sae_quality gates pass (re-checked from the SAE's metrics.json, so the gate
+holds across separate runs too, not only within the run that trained the SAE)."""
+
+import json
+
+import dagster as dg
+
+from sae_pipeline.config import Profile, load_gates
+from sae_pipeline.corpus.build import load_manifest
+from sae_pipeline.defs.metadata import png_markdown, table
+from sae_pipeline.defs.resources import ModelResource
+from sae_pipeline.evaluation.datasets import load_prompt_sets
+from sae_pipeline.evaluation.determinism import deterministic
+from sae_pipeline.features.plots import delta_mu_histogram
+from sae_pipeline.features.ranking import rank_latents, write_ranking
+from sae_pipeline.features.scoring import score_latents
+from sae_pipeline.features.store import load_scores, save_scores
+from sae_pipeline.hashing import config_hash
+from sae_pipeline.layout import corpus_dir, features_dir, sae_layer_dir
+from sae_pipeline.sae.gates import evaluate_sae_gates
+from sae_pipeline.sae.model import TopKSAE
+from sae_pipeline.sae.run import METRICS_FILE
+
+GROUP = "features"
+
+
+def build_feature_assets(profile: Profile) -> list:
+    layers = dg.StaticPartitionsDefinition([str(layer) for layer in profile.harvest.layers])
+    cfg = profile.features
+
+    def _paths(model: ModelResource, layer: int):
+        loaded = model.load(profile)
+        sae_path = sae_layer_dir(profile, loaded, load_manifest(corpus_dir(profile)).sha256, layer)
+        sets = load_prompt_sets()
+        return loaded, sae_path, sets, features_dir(sae_path, sets.dataset_hash,
+                                                    config_hash(cfg.model_dump(mode="json")))
+
+    @dg.asset(group_name=GROUP, deps=["sae", "prompt_sets"], partitions_def=layers, kinds={"pytorch"},
+              description="Every SAE latent scored as a harm detector on the tuning prompts (delta_mu, AUROC, "
+                          "refusal correlation, liveness, position profile, probe AUROC, rank stability).")
+    def feature_scores(context: dg.AssetExecutionContext, model: ModelResource) -> dg.MaterializeResult:
+        layer = int(context.partition_key)
+        loaded, sae_path, sets, out = _paths(model, layer)
+        record = json.loads((sae_path / METRICS_FILE).read_text())
+        failed = [g.name for g in evaluate_sae_gates(record["metrics"], load_gates()) if not g.passed]
+        if failed:
+            raise dg.Failure(f"layer {layer}: the SAE fails sae_quality ({', '.join(failed)}); features are not "
+                             "scored on an SAE that misses its gates")
+        sae, sae_cfg = TopKSAE.load(sae_path)
+        harmful = [r.prompt for r in sets.harmful if r.split == cfg.split]
+        benign = [r.prompt for r in sets.benign if r.split == cfg.split]
+        with deterministic(cfg.seed):
+            scores = score_latents(loaded.model, loaded.tokenizer, sae, layer, harmful, benign, cfg.batch_size)
+        provenance = {"seed": cfg.seed, "layer": layer, "step": len(record.get("history", [])),
+                      "sae_hash": sae_cfg["sae_hash"],
+                      "scoring_hashes": {"dataset_hash": sets.dataset_hash,
+                                         "cfg_hash": config_hash(cfg.model_dump(mode="json"))}}
+        sha256 = save_scores(scores, out, provenance)
+        live = scores.liveness_F > 0
+        return dg.MaterializeResult(metadata={
+            "path": dg.MetadataValue.path(str(out)), "scores_sha256": sha256, "sae_hash": sae_cfg["sae_hash"],
+            "probe_auroc": scores.probe_auroc, "rank_stability_spearman": scores.rank_stability,
+            "live_latents": int(live.sum()), "harmful_prompts": scores.n_harmful, "benign_prompts": scores.n_benign,
+            "delta_mu_histogram": png_markdown(delta_mu_histogram(
+                scores.delta_mu_F, live, cfg.top_n, f"layer {layer}"), "delta_mu histogram")})
+
+    @dg.asset(group_name=GROUP, deps=[feature_scores], partitions_def=layers, kinds={"pandas"},
+              description=f"The top {cfg.top_n} latents by delta_mu, as JSON, parquet and CSV.")
+    def feature_ranking(context: dg.AssetExecutionContext, model: ModelResource) -> dg.MaterializeResult:
+        layer = int(context.partition_key)
+        _, _, _, out = _paths(model, layer)
+        scores, provenance = load_scores(out)
+        records = rank_latents(scores, cfg.top_n, provenance)
+        path = write_ranking(records, out, layer, cfg.top_n)
+        shown = ("rank", "feature_id", "delta_mu", "auroc_harmful", "refusal_corr", "liveness", "mean_activation")
+        return dg.MaterializeResult(metadata={
+            "path": dg.MetadataValue.path(str(path)), "features": len(records),
+            "top_delta_mu": records[0]["delta_mu"] if records else 0.0,
+            "top_25": table([{k: r[k] for k in shown} for r in records[:25]])})
+
+    return [feature_scores, feature_ranking]

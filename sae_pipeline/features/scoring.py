@@ -1,0 +1,160 @@
+"""Score every SAE latent of one layer as a harm detector, from the tuning prompts only.
+
+Each prompt runs as a chat turn; the layer's MLP output over the prompt tokens (position 0, the attention sink,
+skipped) is encoded by the SAE. Per latent:
+  delta_mu        E[z | harmful] - E[z | benign], z mean-pooled over each prompt's tokens
+  auroc_harmful   how well the pooled z alone separates harmful from benign prompts (Mann-Whitney)
+  refusal_corr    Pearson correlation of the pooled z with the model's refusal log-probability
+  liveness        share of prompt tokens where the latent fires; mean_activation where it does
+  pos_profile     mean z in 8 position deciles of the prompt
+and, over all latents, a logistic probe on pooled z (fit on one half of the prompts, AUROC on the other) and the
+Spearman rank stability of delta_mu between the two halves."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from sae_pipeline.evaluation.generation import CANONICAL_REFUSAL, chat_ids, continuation_logprobs
+from sae_pipeline.model.hooks import capture_mlp_outputs, run_until_captured
+from sae_pipeline.sae.model import TopKSAE
+
+POSITION_BINS = 8
+
+
+class PromptCodes(NamedTuple):
+    pooled_PF: torch.Tensor  # mean z over each prompt's tokens
+    profile_PBF: torch.Tensor  # mean z per position decile
+    fired_tokens_F: torch.Tensor  # tokens where each latent fired (all prompts)
+    activation_sum_F: torch.Tensor  # sum of z where it fired
+    tokens: int
+
+
+class LatentScores(NamedTuple):
+    delta_mu_F: torch.Tensor
+    auroc_F: torch.Tensor
+    refusal_corr_F: torch.Tensor
+    liveness_F: torch.Tensor
+    mean_activation_F: torch.Tensor
+    profile_BF: torch.Tensor  # harmful prompts' mean position profile
+    probe_auroc: float
+    rank_stability: float  # Spearman of delta_mu between the two halves of the prompts
+    n_harmful: int
+    n_benign: int
+
+
+@torch.no_grad()
+def encode_prompts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sae: TopKSAE, layer: int,
+                   prompts: Sequence[str], desc: str) -> PromptCodes:
+    device = next(model.parameters()).device
+    sae = sae.to(device)
+    pooled, profiles = [], []
+    fired_F = torch.zeros(sae.n_latents, dtype=torch.float64)
+    activation_F = torch.zeros(sae.n_latents, dtype=torch.float64)
+    tokens = 0
+    for prompt in tqdm(prompts, desc=desc, unit="prompt"):
+        ids = torch.tensor([chat_ids(tokenizer, prompt)], device=device)
+        with capture_mlp_outputs(model, [layer]) as captured:
+            run_until_captured(model, ids)
+        acts_SD = captured[layer][0, 1:].float()
+        codes = sae.encode(acts_SD)
+        z_SF = torch.zeros(acts_SD.shape[0], sae.n_latents, device=device).scatter_(
+            1, codes.top_indices, codes.top_acts).cpu()
+        pooled.append(z_SF.mean(0))
+        profiles.append(torch.stack([chunk.mean(0) for chunk in z_SF.tensor_split(POSITION_BINS)]))
+        fired_F += (z_SF > 0).sum(0)
+        activation_F += z_SF.sum(0)
+        tokens += z_SF.shape[0]
+    return PromptCodes(torch.stack(pooled), torch.stack(profiles), fired_F, activation_F, tokens)
+
+
+def auroc_per_column(scores_PF: torch.Tensor, positive_P: torch.Tensor) -> torch.Tensor:
+    """AUROC of each column as a score for the positive class (ties count half), via ranks."""
+    values = scores_PF.double().numpy()
+    ranks = np.apply_along_axis(_average_ranks, 0, values)
+    pos = positive_P.numpy().astype(bool)
+    n_pos, n_neg = pos.sum(), (~pos).sum()
+    u = ranks[pos].sum(0) - n_pos * (n_pos + 1) / 2
+    return torch.from_numpy(u / (n_pos * n_neg))
+
+
+def _average_ranks(column: np.ndarray) -> np.ndarray:
+    order = np.argsort(column, kind="stable")
+    ranks = np.empty(len(column))
+    ranks[order] = np.arange(1, len(column) + 1)
+    values = column[order]
+    starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]])
+    ends = np.r_[starts[1:], len(values)]
+    for start, end in zip(starts, ends):
+        if end - start > 1:
+            ranks[order[start:end]] = (start + 1 + end) / 2
+    return ranks
+
+
+def _pearson_columns(x_PF: torch.Tensor, y_P: torch.Tensor) -> torch.Tensor:
+    x = x_PF.double() - x_PF.double().mean(0)
+    y = y_P.double() - y_P.double().mean()
+    denominator = x.norm(dim=0) * y.norm()
+    return torch.where(denominator > 0, (x * y[:, None]).sum(0) / denominator.clamp(min=1e-12),
+                       torch.zeros_like(denominator))
+
+
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra, rb = (torch.from_numpy(_average_ranks(v.double().numpy())) for v in (a, b))
+    return float(_pearson_columns(ra[:, None], rb)[0])
+
+
+def _probe_auroc(x_PF: torch.Tensor, y_P: torch.Tensor, train_P: torch.Tensor, l2: float = 1e-3) -> float:
+    """Logistic probe on standardised pooled codes, fit on one half, AUROC on the other."""
+    x = x_PF.double()
+    mean, std = x[train_P].mean(0), x[train_P].std(0).clamp(min=1e-6)
+    x = (x - mean) / std
+    weight_F = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight_F, bias], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x[train_P] @ weight_F + bias, y_P[train_P]) \
+            + l2 * weight_F.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    held = ~train_P
+    logits = (x[held] @ weight_F + bias).detach()
+    return float(auroc_per_column(logits[:, None], y_P[held].bool())[0])
+
+
+def score_latents(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sae: TopKSAE, layer: int,
+                  harmful: Sequence[str], benign: Sequence[str], batch_size: int = 16) -> LatentScores:
+    codes = encode_prompts(model, tokenizer, sae, layer, list(harmful) + list(benign), f"encode L{layer}")
+    n_harmful = len(harmful)
+    is_harmful_P = torch.tensor([True] * n_harmful + [False] * len(benign))
+    pooled_PF = codes.pooled_PF
+    contexts = [chat_ids(tokenizer, p) for p in list(harmful) + list(benign)]
+    refusal_ids = tokenizer(CANONICAL_REFUSAL, add_special_tokens=False)["input_ids"]
+    refusal_logprob_P = torch.tensor(continuation_logprobs(model, tokenizer, contexts, refusal_ids, batch_size))
+    delta_mu_F = pooled_PF[is_harmful_P].mean(0) - pooled_PF[~is_harmful_P].mean(0)
+    half_P = torch.arange(len(is_harmful_P)) % 2 == 0  # deterministic halves, both classes in each
+
+    def delta(mask_P: torch.Tensor) -> torch.Tensor:
+        return pooled_PF[mask_P & is_harmful_P].mean(0) - pooled_PF[mask_P & ~is_harmful_P].mean(0)
+
+    live_F = codes.fired_tokens_F > 0
+    return LatentScores(
+        delta_mu_F=delta_mu_F,
+        auroc_F=auroc_per_column(pooled_PF, is_harmful_P),
+        refusal_corr_F=_pearson_columns(pooled_PF, refusal_logprob_P).float(),
+        liveness_F=(codes.fired_tokens_F / max(codes.tokens, 1)).float(),
+        mean_activation_F=torch.where(live_F, codes.activation_sum_F / codes.fired_tokens_F.clamp(min=1),
+                                      torch.zeros_like(codes.activation_sum_F)).float(),
+        profile_BF=codes.profile_PBF[is_harmful_P].mean(0),
+        probe_auroc=_probe_auroc(pooled_PF, is_harmful_P.double(), half_P),
+        rank_stability=_spearman(delta(half_P)[live_F], delta(~half_P)[live_F]),
+        n_harmful=n_harmful, n_benign=len(benign))

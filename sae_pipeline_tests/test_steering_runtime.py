@@ -1,0 +1,102 @@
+"""Runtime steering hooks on the tiny model: exactness at alpha 0 and after removal, gating, modes, controls."""
+
+import pytest
+import torch
+
+from sae_pipeline.model.hooks import capture_mlp_outputs, run_until_captured
+from sae_pipeline.steering.runtime import (
+    NO_STEER_TOKEN, REVERSE_TOKEN, LayerSteering, SteeringError, apply_patch_layers, patched, remove_patch)
+from sae_pipeline.steering.sidecar import DenseSidecar
+
+LAYER = 2
+
+
+def _sidecar(tau: float, n: int = 4, d: int = 64, seed: int = 0) -> DenseSidecar:
+    generator = torch.Generator().manual_seed(seed)
+    directions = torch.nn.functional.normalize(torch.randn(n, d, generator=generator), dim=-1)
+    return DenseSidecar(directions, directions.clone(), torch.full((n,), tau))
+
+
+@pytest.fixture
+def ids(tiny):
+    return torch.tensor([tiny.tokenizer("steer this prompt, please").input_ids] * 2)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_alpha_zero_is_bit_identical_and_removal_restores_exactly(tiny, ids):
+    before = _logits(tiny.model, ids)
+    with patched(tiny.model, {LAYER: LayerSteering(_sidecar(tau=-10.0), alpha=0.0)}):
+        assert torch.equal(_logits(tiny.model, ids), before)
+    with patched(tiny.model, {LAYER: LayerSteering(_sidecar(tau=-10.0), alpha=0.8)}):
+        assert not torch.equal(_logits(tiny.model, ids), before)
+    assert torch.equal(_logits(tiny.model, ids), before)
+
+
+def test_the_delta_follows_the_reference_rule_and_only_where_features_fire(tiny, ids):
+    with capture_mlp_outputs(tiny.model, [LAYER], stop_after_last=False) as clean:
+        run_until_captured(tiny.model, ids)
+    x_BSD = clean[LAYER]
+    probe = _sidecar(tau=0.0)
+    # a threshold at the median token's strongest projection: about half the tokens fire
+    tau = float((x_BSD @ probe.B_sel_ND.T).amax(-1).median()) - 0.02
+    sidecar = probe._replace(tau_N=torch.full((4,), tau))
+    z_BSN = torch.relu(x_BSD @ sidecar.B_sel_ND.T - sidecar.tau_N)
+    fire_BS = (z_BSN > 0.02).any(-1)
+    expected = x_BSD - 0.6 * (z_BSN @ sidecar.A_sel_ND) * fire_BS.unsqueeze(-1)
+    steered = {}
+    with patched(tiny.model, {LAYER: LayerSteering(sidecar, alpha=0.6)}):
+        handle = tiny.model.model.layers[LAYER].mlp.register_forward_hook(lambda m, i, o: steered.setdefault("x", o))
+        run_until_captured(tiny.model, ids)
+        handle.remove()
+    assert 0 < int(fire_BS.sum()) < fire_BS.numel(), "the gate must fire on some tokens and not on others"
+    assert torch.allclose(steered["x"], expected, atol=1e-6)
+    assert torch.equal(steered["x"][~fire_BS], x_BSD[~fire_BS])
+
+
+def test_refusal_mode_adds_beta_r_only_when_the_prompt_fires(tiny, ids):
+    refusal_D = torch.ones(64)
+    before = _logits(tiny.model, ids)
+    silent = LayerSteering(_sidecar(tau=1e4), alpha=0.0, refusal_D=refusal_D, beta=1.0)
+    with patched(tiny.model, {LAYER: silent}):
+        assert torch.equal(_logits(tiny.model, ids), before)
+    firing = LayerSteering(_sidecar(tau=-1e4), alpha=0.0, refusal_D=refusal_D, beta=1.0)
+    with patched(tiny.model, {LAYER: firing}) as patch:
+        assert not torch.equal(_logits(tiny.model, ids), before)
+        assert patch.layers[LAYER].fired_B.tolist() == [True, True]
+        out = tiny.model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert out.shape == (2, ids.shape[1] + 3)
+
+
+def test_inert_switches_and_control_tokens(tiny, ids, monkeypatch):
+    before = _logits(tiny.model, ids)
+    with patched(tiny.model, {LAYER: LayerSteering(_sidecar(tau=-10.0), alpha=0.8)}) as patch:
+        monkeypatch.setenv("STEER_ENABLE", "0")
+        assert torch.equal(_logits(tiny.model, ids), before)
+        monkeypatch.delenv("STEER_ENABLE")
+        assert patch.strip_controls(f"{NO_STEER_TOKEN}hello") == "hello"
+        assert torch.equal(_logits(tiny.model, ids), before)
+        monkeypatch.delenv("STEER_DEBUG", raising=False)
+        with pytest.raises(SteeringError, match="STEER_DEBUG=1"):
+            patch.strip_controls(f"{REVERSE_TOKEN}hello")
+        monkeypatch.setenv("STEER_DEBUG", "1")
+        assert patch.strip_controls(f"hello{REVERSE_TOKEN}") == "hello" and patch.scale == -1.0
+        reversed_logits = _logits(tiny.model, ids)
+        assert patch.strip_controls("hello") == "hello" and patch.scale == 1.0
+        assert not torch.equal(reversed_logits, _logits(tiny.model, ids))
+
+
+def test_bad_patches_fail_clearly(tiny):
+    apply_patch_layers(tiny.model, {LAYER: LayerSteering(_sidecar(tau=0.0), alpha=0.5)})
+    try:
+        with pytest.raises(SteeringError, match="already patched"):
+            apply_patch_layers(tiny.model, {LAYER: LayerSteering(_sidecar(tau=0.0), alpha=0.5)})
+    finally:
+        remove_patch(tiny.model)
+    with pytest.raises(SteeringError, match="d_model 32, the model 64"):
+        apply_patch_layers(tiny.model, {LAYER: LayerSteering(_sidecar(tau=0.0, d=32), alpha=0.5)})
+    with pytest.raises(IndexError, match="out of range"):
+        apply_patch_layers(tiny.model, {17: LayerSteering(_sidecar(tau=0.0), alpha=0.5)})
