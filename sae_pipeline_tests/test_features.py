@@ -58,3 +58,11 @@ def test_refusal_direction_is_the_difference_of_continuation_means(tiny):
     assert direction.shape == (64,) and torch.isfinite(direction).all() and direction.norm() > 0
     with pytest.raises(ValueError, match="at least one harmful prompt"):
         refusal_direction(tiny.model, tiny.tokenizer, 2, [])
+
+
+def test_user_token_span_covers_exactly_the_users_words(tiny):
+    from sae_pipeline.evaluation.generation import chat_ids, user_token_span
+
+    prompt = "How do I kill a python process?"
+    start, end = user_token_span(tiny.tokenizer, prompt)
+    assert tiny.tokenizer.decode(chat_ids(tiny.tokenizer, prompt)[start:end]) == prompt

@@ -25,6 +25,16 @@ def chat_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
     return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
 
+def user_token_span(tokenizer: PreTrainedTokenizerBase, prompt: str) -> tuple[int, int]:
+    """[start, end) of the user's own words in chat_ids(prompt): the template's system prompt and role markers,
+    identical for every prompt, are outside it (they would dilute anything pooled over the prompt)."""
+    ids, empty = chat_ids(tokenizer, prompt), chat_ids(tokenizer, "")
+    start = next((i for i, (a, b) in enumerate(zip(ids, empty)) if a != b), min(len(ids), len(empty)))
+    tail = next((i for i, (a, b) in enumerate(zip(reversed(ids), reversed(empty))) if a != b), 0)
+    end = max(start + 1, len(ids) - tail)
+    return start, min(end, len(ids))
+
+
 def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
 

@@ -1,7 +1,7 @@
 """Score every SAE latent of one layer as a harm detector, from the tuning prompts only.
 
-Each prompt runs as a chat turn; the layer's MLP output over the prompt tokens (position 0, the attention sink,
-skipped) is encoded by the SAE. Per latent:
+Each prompt runs as a chat turn; the layer's MLP output over the user's own tokens (the chat template's system
+prompt and role markers, the same for every prompt, left out) is encoded by the SAE. Per latent:
   delta_mu        E[z | harmful] - E[z | benign], z mean-pooled over each prompt's tokens
   auroc_harmful   how well the pooled z alone separates harmful from benign prompts (Mann-Whitney)
   refusal_corr    Pearson correlation of the pooled z with the model's refusal log-probability
@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sae_pipeline.evaluation.generation import CANONICAL_REFUSAL, chat_ids, continuation_logprobs
+from sae_pipeline.evaluation.generation import CANONICAL_REFUSAL, chat_ids, continuation_logprobs, user_token_span
 from sae_pipeline.model.hooks import capture_mlp_outputs, run_until_captured
 from sae_pipeline.sae.model import TopKSAE
 
@@ -59,9 +59,10 @@ def encode_prompts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, s
     tokens = 0
     for prompt in tqdm(prompts, desc=desc, unit="prompt"):
         ids = torch.tensor([chat_ids(tokenizer, prompt)], device=device)
+        start, end = user_token_span(tokenizer, prompt)
         with capture_mlp_outputs(model, [layer]) as captured:
             run_until_captured(model, ids)
-        acts_SD = captured[layer][0, 1:].float()
+        acts_SD = captured[layer][0, max(start, 1):end].float()  # never position 0 (the attention sink)
         codes = sae.encode(acts_SD)
         z_SF = torch.zeros(acts_SD.shape[0], sae.n_latents, device=device).scatter_(
             1, codes.top_indices, codes.top_acts).cpu()
