@@ -66,7 +66,7 @@ def test_refusal_mode_adds_beta_r_only_when_the_prompt_fires(tiny, ids):
     firing = LayerSteering(_sidecar(tau=-1e4), alpha=0.0, refusal_D=refusal_D, beta=1.0)
     with patched(tiny.model, {LAYER: firing}) as patch:
         assert not torch.equal(_logits(tiny.model, ids), before)
-        assert patch.layers[LAYER].fired_B.tolist() == [True, True]
+        assert patch.layers[LAYER].fired_B.flatten().tolist() == [True, True]
         out = tiny.model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
         assert out.shape == (2, ids.shape[1] + 3)
 

@@ -46,7 +46,20 @@ class LayerSteering:
 @dataclass
 class _LayerState:
     config: LayerSteering
-    fired_B: torch.Tensor | None = None  # rows whose prompt fired, set on each prefill
+    fired_B: torch.Tensor | None = None  # (B, 1, 1) rows whose prompt fired, set on each prefill
+    # (device, dtype) -> (A_sel_ND, B_sel_DN, tau_N, refusal_D) in the activations' dtype: converted once, not per call
+    cast: dict = field(default_factory=dict)
+
+    def tensors(self, like: torch.Tensor) -> tuple:
+        key = (like.device, like.dtype)
+        if key not in self.cast:
+            A_sel_ND, B_sel_ND, tau_N = self.config.sidecar
+            refusal_D = self.config.refusal_D
+            self.cast[key] = (A_sel_ND.to(like.device, like.dtype).contiguous(),
+                              B_sel_ND.to(like.device, like.dtype).T.contiguous(),
+                              tau_N.to(like.device, like.dtype),
+                              None if refusal_D is None else refusal_D.to(like.device, like.dtype))
+        return self.cast[key]
 
 
 @dataclass
@@ -70,7 +83,6 @@ class SteeringPatch:
 
     def _hook(self, state: _LayerState):
         cfg = state.config
-        A_sel_ND, B_sel_ND, tau_N = cfg.sidecar
 
         def hook(_module, _inputs, output: torch.Tensor) -> torch.Tensor:
             if os.environ.get("STEER_ENABLE", "1") == "0" or self.scale == 0.0:
@@ -80,18 +92,17 @@ class SteeringPatch:
             if alpha == 0.0 and (cfg.refusal_D is None or beta == 0.0):
                 return output
             x_BSD = output
-            B = B_sel_ND.to(x_BSD.device, x_BSD.dtype)
-            z_BSN = torch.relu(x_BSD @ B.T - tau_N.to(x_BSD.device, x_BSD.dtype))
-            fire_BS = (z_BSN > cfg.epsilon).any(-1)
+            A_sel_ND, B_sel_DN, tau_N, refusal_D = state.tensors(x_BSD)
+            z_BSN = torch.relu(x_BSD @ B_sel_DN - tau_N)
+            fire_BS1 = (z_BSN > cfg.epsilon).any(-1, keepdim=True)
             steered = x_BSD
             if alpha != 0.0:
-                delta_BSD = (z_BSN @ A_sel_ND.to(x_BSD.device, x_BSD.dtype)) * fire_BS.unsqueeze(-1)
-                steered = steered - alpha * delta_BSD
-            if cfg.refusal_D is not None and beta != 0.0:
+                steered = steered - alpha * (z_BSN @ A_sel_ND) * fire_BS1
+            if refusal_D is not None and beta != 0.0:
                 if x_BSD.shape[1] > 1 or state.fired_B is None or state.fired_B.shape[0] != x_BSD.shape[0]:
-                    state.fired_B = fire_BS.any(-1)  # a prefill: this request's prompt decides
-                rows_B11 = state.fired_B.to(x_BSD.dtype)[:, None, None]
-                steered = steered + beta * rows_B11 * cfg.refusal_D.to(x_BSD.device, x_BSD.dtype)
+                    # a prefill: this request's prompt decides, for every token generated after it
+                    state.fired_B = fire_BS1.any(1, keepdim=True)
+                steered = steered + state.fired_B.to(x_BSD.dtype) * (beta * refusal_D)
             return steered
 
         return hook

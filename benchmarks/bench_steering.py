@@ -1,0 +1,97 @@
+"""Steering overhead, in one run: greedy decode tokens/s with the steering hooks attached vs without.
+
+The arms alternate round by round (unsteered, steered, unsteered, ...) so drift in machine speed hits both alike;
+the reported overhead is the ratio of the medians. Hooks: n features at each of the given layers, feature mode
+(alpha 0.6) plus the conditional refusal mode (beta 1.0) - the most work the runtime does per token.
+
+    python benchmarks/bench_steering.py                          # embedded SmolLM2 on the CPU
+    python benchmarks/bench_steering.py --mistral-shaped --device cuda --context 2048   # needs a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from sae_pipeline.model.loading import load_model
+from sae_pipeline.steering.runtime import LayerSteering, patched
+from sae_pipeline.steering.sidecar import DenseSidecar
+
+
+def mistral_shaped(device: str) -> torch.nn.Module:
+    """Mistral-7B's shapes with random bf16 weights: true timings without the weights."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                           num_key_value_heads=8, vocab_size=32000, max_position_embeddings=32768)
+    with torch.device(device):
+        return MistralForCausalLM(config).to(torch.bfloat16).eval()
+
+
+def random_layers(d_model: int, layers: list[int], n_features: int, seed: int = 0) -> dict[int, LayerSteering]:
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for layer in layers:
+        directions = torch.nn.functional.normalize(torch.randn(n_features, d_model, generator=generator), dim=-1)
+        sidecar = DenseSidecar(directions, directions.clone(), torch.zeros(n_features))
+        out[layer] = LayerSteering(sidecar, alpha=0.6, refusal_D=torch.randn(d_model, generator=generator) * 0.01,
+                                   beta=1.0)
+    return out
+
+
+@torch.inference_mode()
+def decode_rate(model, input_ids: torch.Tensor, new_tokens: int) -> float:
+    if input_ids.is_cuda:
+        torch.cuda.synchronize()
+    began = time.perf_counter()
+    out = model.generate(input_ids=input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                         do_sample=False, pad_token_id=0)
+    if input_ids.is_cuda:
+        torch.cuda.synchronize()
+    return (out.shape[1] - input_ids.shape[1]) * out.shape[0] / (time.perf_counter() - began)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mistral-shaped", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--context", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--features", type=int, default=8)
+    parser.add_argument("--layers", default=None, help="comma list; default 9,11,15,17,19 (SmolLM2) or "
+                                                       "10,12,16,18,20 (Mistral-shaped)")
+    parser.add_argument("--out", default="artifacts/benchmarks/steering.json")
+    args = parser.parse_args()
+    if args.mistral_shaped:
+        model, d_model, default_layers, name = mistral_shaped(args.device), 4096, "10,12,16,18,20", "mistral-shaped"
+    else:
+        loaded = load_model(None, dtype=torch.bfloat16, device=args.device)
+        model, d_model, default_layers, name = loaded.model, 576, "9,11,15,17,19", loaded.name
+    layers = [int(x) for x in (args.layers or default_layers).split(",")]
+    input_ids = torch.randint(10, 1000, (1, args.context), generator=torch.Generator().manual_seed(0)).to(args.device)
+    steering = random_layers(d_model, layers, args.features)
+    decode_rate(model, input_ids, 4)  # warm-up: allocator, kernels
+    rates = {"unsteered": [], "steered": []}
+    for _ in range(args.rounds):
+        rates["unsteered"].append(decode_rate(model, input_ids, args.new_tokens))
+        with patched(model, steering):
+            rates["steered"].append(decode_rate(model, input_ids, args.new_tokens))
+    medians = {arm: statistics.median(values) for arm, values in rates.items()}
+    report = {"model": name, "device": args.device, "threads": torch.get_num_threads(), "context": args.context,
+              "new_tokens": args.new_tokens, "layers": layers, "features_per_layer": args.features,
+              "tokens_per_s_median": {k: round(v, 2) for k, v in medians.items()},
+              "tokens_per_s_rounds": {k: [round(x, 2) for x in v] for k, v in rates.items()},
+              "overhead": round(1 - medians["steered"] / medians["unsteered"], 4)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
