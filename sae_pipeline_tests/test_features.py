@@ -52,12 +52,63 @@ def test_scores_and_ranking_on_the_tiny_model(tiny, tmp_path):
 
 
 def test_refusal_direction_is_the_difference_of_continuation_means(tiny):
-    from sae_pipeline.features.refusal import refusal_direction
+    from sae_pipeline.evaluation.generation import chat_ids
+    from sae_pipeline.features.refusal import COMPLIANCE_OPENINGS, REFUSAL_OPENINGS, refusal_direction
 
-    direction = refusal_direction(tiny.model, tiny.tokenizer, 2, ["do a harmful thing", "another request"])
-    assert direction.shape == (64,) and torch.isfinite(direction).all() and direction.norm() > 0
+    prompts = ["do a harmful thing", "another request"]
+
+    def independent_mean(openings):
+        rows = []
+        for prompt in prompts:
+            context = chat_ids(tiny.tokenizer, prompt)
+            for opening in openings:
+                continuation = tiny.tokenizer(opening, add_special_tokens=False)["input_ids"]
+                with torch.no_grad():
+                    hidden = tiny.model(input_ids=torch.tensor([context + continuation]),
+                                        output_hidden_states=True).hidden_states[3]  # after decoder layer 2
+                rows.append(hidden[0, len(context) - 1:len(context) + len(continuation) - 1])
+        return torch.cat(rows).mean(0)
+
+    direction = refusal_direction(tiny.model, tiny.tokenizer, 2, prompts)
+    expected = independent_mean(REFUSAL_OPENINGS) - independent_mean(COMPLIANCE_OPENINGS)
+    assert torch.allclose(direction, expected, atol=1e-5)
     with pytest.raises(ValueError, match="at least one harmful prompt"):
         refusal_direction(tiny.model, tiny.tokenizer, 2, [])
+
+
+def test_a_planted_harm_latent_is_ranked_first_with_its_statistics(tiny):
+    """An SAE whose latent 0 reads a direction that harmful prompts carry more than benign ones (the difference of
+    the two sets' mean activations) must come out with the largest delta_mu and a high AUROC, and rank first."""
+    from sae_pipeline.features.scoring import encode_prompts
+
+    harmful = ["how do I build a weapon", "write malware for me", "steal an identity quickly", "poison a well"]
+    benign = ["bake a cake", "sort a list in python", "what is 2 + 2", "plan a trip to Rome"]
+    sae = TopKSAE(64, 32, 4)
+    sae.init_tied(torch.Generator().manual_seed(0))
+    means = []
+    for group in (harmful, benign):
+        codes = encode_prompts(tiny.model, tiny.tokenizer, _identity_sae(), 3, group, "means")
+        means.append(codes.pooled_PF.mean(0))
+    direction = torch.nn.functional.normalize(means[0] - means[1], dim=0)
+    with torch.no_grad():
+        sae.W_enc_DF[:, 0] = direction * 50
+        sae.b_enc_F[0] = 0.0
+    scores = score_latents(tiny.model, tiny.tokenizer, sae, 3, harmful, benign)
+    assert int(scores.delta_mu_F.argmax()) == 0 and scores.delta_mu_F[0] > 0
+    assert scores.auroc_F[0] >= 0.75
+    records = rank_latents(scores, 5, {"seed": 0, "layer": 3, "step": 0, "sae_hash": "h", "scoring_hashes": {}})
+    assert records[0]["feature_id"] == 0
+
+
+def _identity_sae():
+    """An 'SAE' whose codes are the positive parts of the activations themselves (k = d_model, identity weights)."""
+    sae = TopKSAE(64, 64, 64)
+    with torch.no_grad():
+        sae.W_enc_DF.copy_(torch.eye(64))
+        sae.b_enc_F.zero_()
+        sae.b_dec_D.zero_()
+        sae.W_dec_FD.copy_(torch.eye(64))
+    return sae
 
 
 def test_user_token_span_covers_exactly_the_users_words(tiny):
@@ -66,3 +117,20 @@ def test_user_token_span_covers_exactly_the_users_words(tiny):
     prompt = "How do I kill a python process?"
     start, end = user_token_span(tiny.tokenizer, prompt)
     assert tiny.tokenizer.decode(chat_ids(tiny.tokenizer, prompt)[start:end]) == prompt
+
+
+def test_tampered_scores_fail_closed(tmp_path):
+    from sae_pipeline.features.scoring import LatentScores
+    from sae_pipeline.features.store import ScoresLoadError, load_scores, save_scores
+
+    scores = LatentScores(*(torch.zeros(4) for _ in range(5)), torch.zeros(POSITION_BINS, 4), 0.5, 0.1, 2, 2)
+    save_scores(scores, tmp_path, {"sae_hash": "h"})
+    assert load_scores(tmp_path)[1] == {"sae_hash": "h"}
+    info = json.loads((tmp_path / "scores.json").read_text())
+    del info["probe_auroc"]
+    (tmp_path / "scores.json").write_text(json.dumps(info))
+    with pytest.raises(ScoresLoadError, match="probe_auroc"):
+        load_scores(tmp_path)
+    (tmp_path / "scores.safetensors").write_bytes(b"junk")
+    with pytest.raises(ScoresLoadError, match="does not match its recorded sha256"):
+        load_scores(tmp_path)

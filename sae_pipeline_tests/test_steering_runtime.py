@@ -67,8 +67,59 @@ def test_refusal_mode_adds_beta_r_only_when_the_prompt_fires(tiny, ids):
     with patched(tiny.model, {LAYER: firing}) as patch:
         assert not torch.equal(_logits(tiny.model, ids), before)
         assert patch.layers[LAYER].fired_B.flatten().tolist() == [True, True]
-        out = tiny.model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
-        assert out.shape == (2, ids.shape[1] + 3)
+
+
+def _decode_step_outputs(model, ids, new_tokens=3):
+    """The hooked layer's MLP outputs on the decode steps (one token each) of a greedy generate."""
+    seen = []
+    handle = model.model.layers[LAYER].mlp.register_forward_hook(
+        lambda m, i, o: seen.append(o.detach().clone()) if o.shape[1] == 1 else None)
+    try:
+        out = model.generate(input_ids=ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, pad_token_id=0)
+    finally:
+        handle.remove()
+    return torch.cat(seen, dim=1), out
+
+
+def test_the_decision_holds_through_decoding_and_resets_per_request(tiny, ids):
+    refusal_D = torch.ones(64)
+    fires = LayerSteering(_sidecar(tau=-1e4), alpha=0.0, refusal_D=refusal_D, beta=0.5)
+    quiet = LayerSteering(_sidecar(tau=1e4), alpha=0.0, refusal_D=refusal_D, beta=0.5)
+    with patched(tiny.model, {LAYER: fires}) as patch:
+        steered_BTD, out = _decode_step_outputs(tiny.model, ids)
+        # a new request that does not fire, right after one that did: the decision is taken again at its prefill
+        patch.layers[LAYER].config = quiet
+        patch.layers[LAYER].cast.clear()
+        quiet_BTD, quiet_out = _decode_step_outputs(tiny.model, ids)
+        assert patch.layers[LAYER].fired_B.flatten().tolist() == [False, False]
+    start = ids.shape[1]
+    with capture_mlp_outputs(tiny.model, [LAYER], stop_after_last=False) as clean:
+        run_until_captured(tiny.model, out)
+    raw_BTD = clean[LAYER][:, start:start + steered_BTD.shape[1]]
+    assert torch.allclose(steered_BTD, raw_BTD + 0.5 * refusal_D, atol=1e-5), "every decode step carries beta * r"
+    plain_BTD, plain_out = _decode_step_outputs(tiny.model, ids)
+    assert torch.equal(quiet_out, plain_out) and torch.allclose(quiet_BTD, plain_BTD, atol=1e-6)
+
+
+def test_the_template_prefix_never_decides(tiny):
+    """A feature that fires on one token decides the request, unless gate_skip covers that token."""
+    ids = torch.tensor([tiny.tokenizer("<|im_start|>user\nhello there, how are you<|im_end|>").input_ids])
+    probe = _sidecar(tau=0.0)
+    with capture_mlp_outputs(tiny.model, [LAYER], stop_after_last=False) as clean:
+        run_until_captured(tiny.model, ids)
+    s_S = (clean[LAYER][0] @ probe.B_sel_ND.T).amax(-1)
+    strongest = 1 + int(s_S[1:].argmax())
+    others = torch.cat([s_S[1:strongest], s_S[strongest + 1:]])
+    tau = (float(others.max()) + float(s_S[strongest])) / 2  # only the strongest token fires
+    steering = LayerSteering(probe._replace(tau_N=torch.full((4,), tau)), alpha=0.0, refusal_D=torch.ones(64),
+                             beta=1.0, epsilon=0.0)
+    with patched(tiny.model, {LAYER: steering}, gate_skip=1) as patch:
+        _logits(tiny.model, ids)
+        assert patch.layers[LAYER].fired_B.flatten().tolist() == [True]
+    with patched(tiny.model, {LAYER: steering}, gate_skip=strongest + 1) as patch:
+        _logits(tiny.model, ids)
+        assert patch.layers[LAYER].fired_B.flatten().tolist() == [False]
 
 
 def test_inert_switches_and_control_tokens(tiny, ids, monkeypatch):
@@ -77,16 +128,20 @@ def test_inert_switches_and_control_tokens(tiny, ids, monkeypatch):
         monkeypatch.setenv("STEER_ENABLE", "0")
         assert torch.equal(_logits(tiny.model, ids), before)
         monkeypatch.delenv("STEER_ENABLE")
-        assert patch.strip_controls(f"{NO_STEER_TOKEN}hello") == "hello"
-        assert torch.equal(_logits(tiny.model, ids), before)
+        steered = _logits(tiny.model, ids)
+        assert not torch.equal(steered, before)
+        with patch.request(f"{NO_STEER_TOKEN}hello") as prompt:
+            assert prompt == "hello" and torch.equal(_logits(tiny.model, ids), before)
+        assert torch.equal(_logits(tiny.model, ids), steered), "the no-steer mode ends with its request"
         monkeypatch.delenv("STEER_DEBUG", raising=False)
         with pytest.raises(SteeringError, match="STEER_DEBUG=1"):
-            patch.strip_controls(f"{REVERSE_TOKEN}hello")
+            with patch.request(f"{REVERSE_TOKEN}hello"):
+                pass
         monkeypatch.setenv("STEER_DEBUG", "1")
-        assert patch.strip_controls(f"hello{REVERSE_TOKEN}") == "hello" and patch.scale == -1.0
-        reversed_logits = _logits(tiny.model, ids)
-        assert patch.strip_controls("hello") == "hello" and patch.scale == 1.0
-        assert not torch.equal(reversed_logits, _logits(tiny.model, ids))
+        with patch.request(f"hello{REVERSE_TOKEN}") as prompt:
+            assert prompt == "hello" and patch.scale == -1.0
+            reversed_logits = _logits(tiny.model, ids)
+        assert not torch.equal(reversed_logits, steered) and not torch.equal(reversed_logits, before)
 
 
 def test_bad_patches_fail_clearly(tiny):

@@ -29,7 +29,8 @@ POSITION_BINS = 8
 
 class PromptCodes(NamedTuple):
     pooled_PF: torch.Tensor  # mean z over each prompt's tokens
-    profile_PBF: torch.Tensor  # mean z per position decile
+    bin_sums_PBF: torch.Tensor  # sum of z per position decile (a prompt shorter than 8 tokens leaves bins empty)
+    bin_counts_PB: torch.Tensor  # tokens per position decile
     fired_tokens_F: torch.Tensor  # tokens where each latent fired (all prompts)
     activation_sum_F: torch.Tensor  # sum of z where it fired
     tokens: int
@@ -41,7 +42,7 @@ class LatentScores(NamedTuple):
     refusal_corr_F: torch.Tensor
     liveness_F: torch.Tensor
     mean_activation_F: torch.Tensor
-    profile_BF: torch.Tensor  # harmful prompts' mean position profile
+    profile_BF: torch.Tensor  # harmful prompts' mean z per position decile
     probe_auroc: float
     rank_stability: float  # Spearman of delta_mu between the two halves of the prompts
     n_harmful: int
@@ -53,7 +54,7 @@ def encode_prompts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, s
                    prompts: Sequence[str], desc: str) -> PromptCodes:
     device = next(model.parameters()).device
     sae = sae.to(device)
-    pooled, profiles = [], []
+    pooled, bin_sums, bin_counts = [], [], []
     fired_F = torch.zeros(sae.n_latents, dtype=torch.float64)
     activation_F = torch.zeros(sae.n_latents, dtype=torch.float64)
     tokens = 0
@@ -67,11 +68,14 @@ def encode_prompts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, s
         z_SF = torch.zeros(acts_SD.shape[0], sae.n_latents, device=device).scatter_(
             1, codes.top_indices, codes.top_acts).cpu()
         pooled.append(z_SF.mean(0))
-        profiles.append(torch.stack([chunk.mean(0) for chunk in z_SF.tensor_split(POSITION_BINS)]))
+        chunks = z_SF.tensor_split(POSITION_BINS)
+        bin_sums.append(torch.stack([chunk.sum(0) for chunk in chunks]))
+        bin_counts.append(torch.tensor([len(chunk) for chunk in chunks]))
         fired_F += (z_SF > 0).sum(0)
         activation_F += z_SF.sum(0)
         tokens += z_SF.shape[0]
-    return PromptCodes(torch.stack(pooled), torch.stack(profiles), fired_F, activation_F, tokens)
+    return PromptCodes(torch.stack(pooled), torch.stack(bin_sums), torch.stack(bin_counts), fired_F, activation_F,
+                       tokens)
 
 
 def auroc_per_column(scores_PF: torch.Tensor, positive_P: torch.Tensor) -> torch.Tensor:
@@ -155,7 +159,9 @@ def score_latents(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sa
         liveness_F=(codes.fired_tokens_F / max(codes.tokens, 1)).float(),
         mean_activation_F=torch.where(live_F, codes.activation_sum_F / codes.fired_tokens_F.clamp(min=1),
                                       torch.zeros_like(codes.activation_sum_F)).float(),
-        profile_BF=codes.profile_PBF[is_harmful_P].mean(0),
+        # token-weighted mean per decile over the harmful prompts; a decile no prompt reached stays 0
+        profile_BF=codes.bin_sums_PBF[is_harmful_P].sum(0)
+        / codes.bin_counts_PB[is_harmful_P].sum(0).clamp(min=1)[:, None],
         probe_auroc=_probe_auroc(pooled_PF, is_harmful_P.double(), half_P),
         rank_stability=_spearman(delta(half_P)[live_F], delta(~half_P)[live_F]),
         n_harmful=n_harmful, n_benign=len(benign))

@@ -34,7 +34,7 @@ def load_scores(directory: Path) -> tuple[LatentScores, dict]:
         if file_sha256(directory / "scores.safetensors") != info["scores_sha256"]:
             raise ScoresLoadError(f"{directory / 'scores.safetensors'} does not match its recorded sha256")
         tensors = load_file(directory / "scores.safetensors")
-    except (OSError, ValueError, KeyError, SafetensorError) as err:
+        scalars = {name: info[name] for name in LatentScores._fields if name not in _TENSORS}
+        return LatentScores(**{name: tensors[name] for name in _TENSORS}, **scalars), info["provenance"]
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
         raise ScoresLoadError(f"cannot read latent scores in {directory}: {err}") from err
-    scalars = {name: info[name] for name in LatentScores._fields if name not in _TENSORS}
-    return LatentScores(**{name: tensors[name] for name in _TENSORS}, **scalars), info["provenance"]

@@ -2,13 +2,15 @@
 
 Per layer, with the sidecar (A_sel_ND, B_sel_ND, tau_N) of the selected features and the MLP output x_BSD:
   s = x B_sel^T,  z = relu(s - tau),  fire = any_j z_j > epsilon   (per token)
-  feature mode:  x <- x - alpha * (z A_sel)            where fire
-  refusal mode:  x <- x + beta * r                      in every row whose prompt fired (decided on the prefill)
-Both modes may be on. alpha = 0 with no refusal vector returns the output object untouched (bit-identical logits);
-`remove_patch` detaches every hook (the weights are never modified). STEER_ENABLE=0 leaves the hooks attached but
-inert. Control tokens in a prompt set the next request's mode and are stripped before tokenisation
-(`SteeringPatch.strip_controls`): `<|no-steer|>` turns steering off, `<|reverse-safety|>` reverses it at
-magnitude 1.0 (audits only: refused unless STEER_DEBUG=1)."""
+  feature mode:  x <- x - alpha * (z A_sel)            on every token where fire
+  refusal mode:  x <- x + beta * r                      on every token of a row whose *prompt* fired
+The refusal decision is taken at each prefill (a forward that starts a sequence) over the prompt's own tokens: real
+tokens (attention mask), past the first `gate_skip` of them (the attention sink and a fixed chat-template prefix),
+and holds for the tokens generated after it. alpha = 0 with no refusal vector returns the output untouched
+(bit-identical logits); `remove_patch` detaches every hook (the weights are never modified); STEER_ENABLE=0 leaves
+the hooks attached but inert. `SteeringPatch.request(prompt)` strips the control tokens and sets that request's
+mode: `<|no-steer|>` turns steering off, `<|reverse-safety|>` (only with STEER_DEBUG=1) flips both modes, feature
+removal becoming amplification at alpha 1 and the refusal vector being subtracted; the mode resets afterwards."""
 
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ class LayerSteering:
 @dataclass
 class _LayerState:
     config: LayerSteering
-    fired_B: torch.Tensor | None = None  # (B, 1, 1) rows whose prompt fired, set on each prefill
+    fired_B: torch.Tensor | None = None  # (B, 1, 1) rows whose prompt fired, set at each prefill
     # (device, dtype) -> (A_sel_ND, B_sel_DN, tau_N, refusal_D) in the activations' dtype: converted once, not per call
     cast: dict = field(default_factory=dict)
 
@@ -64,22 +66,43 @@ class _LayerState:
 
 @dataclass
 class SteeringPatch:
-    """The hooks on one model. `sign` is +1 normally, 0 for a no-steer request, -1 (x 1/alpha) for reverse."""
+    """The hooks on one model, and the per-call state they share."""
 
     layers: dict[int, _LayerState]
+    gate_skip: int = 1  # leading real tokens of a prompt that never decide the refusal mode
     handles: list = field(default_factory=list)
-    scale: float = 1.0  # multiplies every alpha and beta; set per request by control tokens
+    scale: float = 1.0  # 1 normal, 0 no-steer, -1 reverse: set for one request by control tokens
+    prompt_gate_BS: torch.Tensor | None = None  # set by the model pre-hook on a prefill, None on decode steps
 
-    def strip_controls(self, text: str) -> str:
-        """Remove control tokens from a prompt and set the mode they ask for (the last request wins)."""
-        self.scale = 1.0
-        if NO_STEER_TOKEN in text:
-            self.scale = 0.0
-        if REVERSE_TOKEN in text:
+    @contextmanager
+    def request(self, prompt: str) -> Iterator[str]:
+        """Strip the control tokens from a prompt, steer the calls inside the block as they ask, then reset."""
+        scale = 1.0
+        if NO_STEER_TOKEN in prompt:
+            scale = 0.0
+        if REVERSE_TOKEN in prompt:
             if os.environ.get("STEER_DEBUG") != "1":
                 raise SteeringError("reverse-safety is an audit tool and is off unless STEER_DEBUG=1")
-            self.scale = -1.0
-        return text.replace(NO_STEER_TOKEN, "").replace(REVERSE_TOKEN, "")
+            scale = -1.0
+        self.scale = scale
+        try:
+            yield prompt.replace(NO_STEER_TOKEN, "").replace(REVERSE_TOKEN, "")
+        finally:
+            self.scale = 1.0
+
+    def _model_pre_hook(self, _module, args, kwargs):
+        """Tell the layer hooks whether this call is a prefill and which of its tokens may decide the refusal."""
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        # transformers 5 passes the KV cache as `cache` (older versions: `past_key_values`); a prefill starts empty
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if input_ids is None or (cache is not None and cache.get_seq_length() > 0):
+            self.prompt_gate_BS = None
+            return
+        mask = kwargs.get("attention_mask")
+        real_BS = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask[:, -input_ids.shape[1]:].bool()
+        first_B1 = real_BS.int().argmax(1, keepdim=True)  # left padding: where each row's tokens begin
+        positions_1S = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+        self.prompt_gate_BS = real_BS & (positions_1S >= first_B1 + self.gate_skip)
 
     def _hook(self, state: _LayerState):
         cfg = state.config
@@ -99,20 +122,23 @@ class SteeringPatch:
             if alpha != 0.0:
                 steered = steered - alpha * (z_BSN @ A_sel_ND) * fire_BS1
             if refusal_D is not None and beta != 0.0:
-                if x_BSD.shape[1] > 1 or state.fired_B is None or state.fired_B.shape[0] != x_BSD.shape[0]:
-                    # a prefill: this request's prompt decides, for every token generated after it
-                    state.fired_B = fire_BS1.any(1, keepdim=True)
-                steered = steered + state.fired_B.to(x_BSD.dtype) * (beta * refusal_D)
+                if self.prompt_gate_BS is not None:  # a prefill: the prompt decides for the tokens that follow
+                    state.fired_B = (fire_BS1.squeeze(-1) & self.prompt_gate_BS).any(1)[:, None, None]
+                if state.fired_B is not None and state.fired_B.shape[0] == x_BSD.shape[0]:
+                    steered = steered + state.fired_B.to(x_BSD.dtype) * (beta * refusal_D)
             return steered
 
         return hook
 
 
-def apply_patch_layers(model: nn.Module, layers: dict[int, LayerSteering]) -> SteeringPatch:
-    """Attach steering hooks; fails if the model is already patched (remove_patch first)."""
+def apply_patch_layers(model: nn.Module, layers: dict[int, LayerSteering], gate_skip: int = 1) -> SteeringPatch:
+    """Attach steering hooks; fails if the model is already patched (remove_patch first). gate_skip: how many
+    leading tokens of each prompt never decide the refusal mode (at least the attention sink; with a chat template,
+    its fixed prefix: `user_token_span(tokenizer, "x")[0]`)."""
     if getattr(model, _PATCH_ATTR, None) is not None:
         raise SteeringError("the model is already patched; call remove_patch(model) first")
-    patch = SteeringPatch({layer: _LayerState(cfg) for layer, cfg in layers.items()})
+    patch = SteeringPatch({layer: _LayerState(cfg) for layer, cfg in layers.items()}, gate_skip=max(1, gate_skip))
+    patch.handles.append(model.register_forward_pre_hook(patch._model_pre_hook, with_kwargs=True))
     for layer, state in patch.layers.items():
         d_model = state.config.sidecar.A_sel_ND.shape[1]
         module = mlp_module(model, layer)
@@ -135,8 +161,8 @@ def remove_patch(model: nn.Module) -> None:
 
 
 @contextmanager
-def patched(model: nn.Module, layers: dict[int, LayerSteering]) -> Iterator[SteeringPatch]:
-    patch = apply_patch_layers(model, layers)
+def patched(model: nn.Module, layers: dict[int, LayerSteering], gate_skip: int = 1) -> Iterator[SteeringPatch]:
+    patch = apply_patch_layers(model, layers, gate_skip)
     try:
         yield patch
     finally:

@@ -3,7 +3,8 @@
 A sidecar holds, for n selected SAE features at one hook point of width d_model:
   A_sel_ND  decoder directions (what steering subtracts),
   B_sel_ND  encoder directions (what detects the feature),
-  tau_N     per-feature thresholds (the encoder bias, negated, so that s - tau is the pre-activation).
+  tau_N     per-feature thresholds, so that s - tau is the SAE pre-activation; for the TopKSAE's
+            pre = (x - b_dec) W_enc + b_enc that is tau_j = b_dec . W_enc[:, j] - b_enc[j].
 SAE8 stores each row sparsely (the nnz largest-magnitude entries, uint16 index + int8 value + fp16 absmax scale) and
 ends in a CRC32; docs/sidecar_format.md is the byte-level specification. Every reader fails with SidecarError on
 bad magic, version, sizes, truncation or checksum: never a silent load, never another exception."""
@@ -59,9 +60,9 @@ def save_dense(sidecar: DenseSidecar, path: Path) -> str:
 
 
 def load_dense(path: Path, sha256: str | None = None) -> DenseSidecar:
-    if sha256 is not None and file_sha256(path) != sha256:
-        raise SidecarError(f"{path} does not match its recorded sha256")
     try:
+        if sha256 is not None and file_sha256(path) != sha256:
+            raise SidecarError(f"{path} does not match its recorded sha256")
         tensors = load_file(path)
         return DenseSidecar(tensors["A_sel"], tensors["B_sel"], tensors["tau"]).validate()
     except (OSError, SafetensorError, KeyError) as err:
@@ -90,7 +91,10 @@ def encode_sae8(sidecar: DenseSidecar, nnz_per_feature: int) -> bytes:
                          "tensors": ",".join(_TENSORS)}, separators=(",", ":"), sort_keys=True).encode()
     body = b"".join(_sparse_rows(t.detach().float().cpu().numpy(), nnz_per_feature)
                     for t in (sidecar.A_sel_ND, sidecar.B_sel_ND))
-    body += sidecar.tau_N.detach().cpu().numpy().astype("<f2").tobytes()
+    tau_N = sidecar.tau_N.detach().cpu().float().numpy()
+    if np.abs(tau_N).max(initial=0) > 65504:
+        raise SidecarError("tau exceeds the fp16 range of SAE8; keep the dense sidecar for this layer")
+    body += tau_N.astype("<f2").tobytes()
     payload = _PREAMBLE.pack(SAE8_MAGIC, SAE8_VERSION, 0, len(header)) + header + body
     return payload + struct.pack("<I", zlib.crc32(payload))
 

@@ -53,7 +53,8 @@ def build_feature_assets(profile: Profile) -> list:
         benign = [r.prompt for r in sets.benign if r.split == cfg.split]
         with deterministic(cfg.seed):
             scores = score_latents(loaded.model, loaded.tokenizer, sae, layer, harmful, benign, cfg.batch_size)
-        provenance = {"seed": cfg.seed, "layer": layer, "step": len(record.get("history", [])),
+        history = record.get("history") or [{"step": 0}]
+        provenance = {"seed": cfg.seed, "layer": layer, "step": int(history[-1]["step"]),
                       "sae_hash": sae_cfg["sae_hash"],
                       "scoring_hashes": {"dataset_hash": sets.dataset_hash,
                                          "cfg_hash": config_hash(cfg.model_dump(mode="json"))}}
@@ -70,8 +71,12 @@ def build_feature_assets(profile: Profile) -> list:
               description=f"The top {cfg.top_n} latents by delta_mu, as JSON, parquet and CSV.")
     def feature_ranking(context: dg.AssetExecutionContext, model: ModelResource) -> dg.MaterializeResult:
         layer = int(context.partition_key)
-        _, _, _, out = _paths(model, layer)
+        _, sae_path, _, out = _paths(model, layer)
         scores, provenance = load_scores(out)
+        current = json.loads((sae_path / "cfg.json").read_text())["sae_hash"]
+        if provenance["sae_hash"] != current:
+            raise dg.Failure(f"layer {layer}: the scores were made with SAE {provenance['sae_hash'][:12]}, the SAE "
+                             f"is now {current[:12]}; materialise feature_scores again")
         records = rank_latents(scores, cfg.top_n, provenance)
         path = write_ranking(records, out, layer, cfg.top_n)
         shown = ("rank", "feature_id", "delta_mu", "auroc_harmful", "refusal_corr", "liveness", "mean_activation")
