@@ -134,3 +134,33 @@ def test_tampered_scores_fail_closed(tmp_path):
     (tmp_path / "scores.safetensors").write_bytes(b"junk")
     with pytest.raises(ScoresLoadError, match="does not match its recorded sha256"):
         load_scores(tmp_path)
+
+
+def test_probe_gate_fit_respects_the_benign_budget_and_folds_exactly():
+    from sae_pipeline.features.gate import fit_probe_gate
+
+    generator = torch.Generator().manual_seed(0)
+    direction_D = torch.nn.functional.normalize(torch.randn(16, generator=generator), dim=0)
+    harmful = torch.randn(120, 16, generator=generator) + 2.5 * direction_D
+    benign = torch.randn(120, 16, generator=generator) - 2.5 * direction_D
+    fit = fit_probe_gate(harmful, benign, max_benign_fire=0.05)
+    assert fit.cv_benign_fire <= 0.05 + 1 / 120 and fit.cv_harmful_fire > 0.9
+    scores = lambda x: x.double() @ fit.gate.weight_D.double() + fit.gate.bias  # noqa: E731
+    assert (scores(harmful) > 0).double().mean() > 0.9 and (scores(benign) > 0).double().mean() <= 0.1
+    # swapping the classes' sides must flip the probe: it reads the data, not the order of the arguments
+    flipped = fit_probe_gate(benign, harmful, max_benign_fire=0.05)
+    assert float(flipped.gate.weight_D @ fit.gate.weight_D) < 0
+
+
+def test_prompt_means_read_what_the_runtime_gate_reads(tiny):
+    from sae_pipeline.evaluation.generation import chat_ids
+    from sae_pipeline.features.gate import prompt_means, template_prefix_length
+    from sae_pipeline.model.hooks import capture_mlp_outputs, run_until_captured
+
+    skip = template_prefix_length(tiny.tokenizer)
+    assert tiny.tokenizer.decode(chat_ids(tiny.tokenizer, "x")[:skip]) == "<|im_start|>user\n"
+    means = prompt_means(tiny.model, tiny.tokenizer, 2, ["hello there", "bye"])
+    with capture_mlp_outputs(tiny.model, [2]) as captured:
+        run_until_captured(tiny.model, torch.tensor([chat_ids(tiny.tokenizer, "bye")]))
+    assert means.shape == (2, 64)
+    assert torch.allclose(means[1].float(), captured[2][0, skip:].mean(0), atol=1e-6)

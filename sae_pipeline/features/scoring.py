@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sae_pipeline.evaluation.generation import CANONICAL_REFUSAL, chat_ids, continuation_logprobs, user_token_span
+from sae_pipeline.linear import fit_logistic
 from sae_pipeline.model.hooks import capture_mlp_outputs, run_until_captured
 from sae_pipeline.sae.model import TopKSAE
 
@@ -119,18 +120,7 @@ def _probe_auroc(x_PF: torch.Tensor, y_P: torch.Tensor, train_P: torch.Tensor, l
     x = x_PF.double()
     mean, std = x[train_P].mean(0), x[train_P].std(0).clamp(min=1e-6)
     x = (x - mean) / std
-    weight_F = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight_F, bias], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(x[train_P] @ weight_F + bias, y_P[train_P]) \
-            + l2 * weight_F.square().sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
+    weight_F, bias = fit_logistic(x[train_P], y_P[train_P], l2, balanced=False, max_iter=200)
     held = ~train_P
     logits = (x[held] @ weight_F + bias).detach()
     return float(auroc_per_column(logits[:, None], y_P[held].bool())[0])

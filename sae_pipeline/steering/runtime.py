@@ -18,6 +18,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -34,15 +35,25 @@ class SteeringError(RuntimeError):
     """Steering cannot be applied as asked (already patched, bad layer, reverse without STEER_DEBUG, ...)."""
 
 
+class ProbeGate(NamedTuple):
+    """A linear harm probe on the prompt's mean MLP output at the layer (standardisation and threshold folded in):
+    the prompt fires when mean_x . weight_D + bias > 0."""
+
+    weight_D: torch.Tensor
+    bias: float
+
+
 @dataclass
 class LayerSteering:
-    """What one hooked layer applies. refusal_D: the refusal vector for the conditional refusal mode (or None)."""
+    """What one hooked layer applies. refusal_D: the refusal vector for the conditional refusal mode (or None);
+    gate: a probe that decides the refusal mode instead of the selected features firing."""
 
     sidecar: DenseSidecar
     alpha: float
     epsilon: float = 0.02
     refusal_D: torch.Tensor | None = None
     beta: float = 0.0
+    gate: ProbeGate | None = None
 
 
 @dataclass
@@ -104,6 +115,14 @@ class SteeringPatch:
         positions_1S = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
         self.prompt_gate_BS = real_BS & (positions_1S >= first_B1 + self.gate_skip)
 
+    def _prompt_fires(self, cfg: LayerSteering, x_BSD: torch.Tensor, fire_BS: torch.Tensor) -> torch.Tensor:
+        gate_BS = self.prompt_gate_BS
+        if cfg.gate is None:
+            return (fire_BS & gate_BS).any(1)
+        weights_BS1 = gate_BS.unsqueeze(-1).to(x_BSD.dtype)
+        mean_BD = (x_BSD * weights_BS1).sum(1) / weights_BS1.sum(1).clamp(min=1)
+        return mean_BD.float() @ cfg.gate.weight_D.to(x_BSD.device) + cfg.gate.bias > 0
+
     def _hook(self, state: _LayerState):
         cfg = state.config
 
@@ -123,7 +142,7 @@ class SteeringPatch:
                 steered = steered - alpha * (z_BSN @ A_sel_ND) * fire_BS1
             if refusal_D is not None and beta != 0.0:
                 if self.prompt_gate_BS is not None:  # a prefill: the prompt decides for the tokens that follow
-                    state.fired_B = (fire_BS1.squeeze(-1) & self.prompt_gate_BS).any(1)[:, None, None]
+                    state.fired_B = self._prompt_fires(cfg, x_BSD, fire_BS1.squeeze(-1))[:, None, None]
                 if state.fired_B is not None and state.fired_B.shape[0] == x_BSD.shape[0]:
                     steered = steered + state.fired_B.to(x_BSD.dtype) * (beta * refusal_D)
             return steered

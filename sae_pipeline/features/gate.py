@@ -1,0 +1,75 @@
+"""Fit the probe gate that decides the conditional refusal mode.
+
+Inputs are what the runtime hook sees at a prefill: the layer's MLP output averaged over the prompt's tokens past
+the chat template's fixed prefix. The probe is a class-balanced logistic regression on standardised inputs; its L2
+penalty and threshold come from deterministic k-fold cross-validation on the tuning prompts only: the threshold
+lets at most `max_benign_fire` of the out-of-fold benign prompts through, and the penalty that then catches the most
+out-of-fold harmful prompts wins. Standardisation and threshold are folded into (weight_D, bias)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from sae_pipeline.evaluation.generation import chat_ids, user_token_span
+from sae_pipeline.linear import fit_logistic
+from sae_pipeline.model.hooks import capture_mlp_outputs, run_until_captured
+from sae_pipeline.steering.runtime import ProbeGate
+
+L2_GRID = (1e-2, 1e-1, 1.0, 10.0)
+
+
+class GateFit(NamedTuple):
+    gate: ProbeGate
+    l2: float
+    cv_harmful_fire: float
+    cv_benign_fire: float
+
+
+def template_prefix_length(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Tokens before the user's words in a chat turn: the runtime's gate_skip."""
+    return user_token_span(tokenizer, "x")[0]
+
+
+@torch.no_grad()
+def prompt_means(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, layer: int, prompts: Sequence[str]
+                 ) -> torch.Tensor:
+    """(P, D) mean MLP output over each chat-formatted prompt past the template prefix (float64)."""
+    device = next(model.parameters()).device
+    skip = max(1, template_prefix_length(tokenizer))
+    rows = []
+    for prompt in prompts:
+        with capture_mlp_outputs(model, [layer]) as captured:
+            run_until_captured(model, torch.tensor([chat_ids(tokenizer, prompt)], device=device))
+        rows.append(captured[layer][0, skip:].double().mean(0).cpu())
+    return torch.stack(rows)
+
+
+def fit_probe_gate(harmful_PD: torch.Tensor, benign_PD: torch.Tensor, max_benign_fire: float = 0.02,
+                   folds: int = 5) -> GateFit:
+    x_ND = torch.cat([harmful_PD, benign_PD]).double()
+    y_N = torch.cat([torch.ones(len(harmful_PD)), torch.zeros(len(benign_PD))]).double()
+    mean_D, std_D = x_ND.mean(0), x_ND.std(0).clamp(min=1e-6)
+    z_ND = (x_ND - mean_D) / std_D
+    fold_N = torch.arange(len(y_N)) % folds
+    best = None
+    for l2 in L2_GRID:
+        out_of_fold_N = torch.zeros(len(y_N), dtype=torch.float64)
+        for fold in range(folds):
+            held = fold_N == fold
+            weight, bias = fit_logistic(z_ND[~held], y_N[~held], l2)
+            out_of_fold_N[held] = z_ND[held] @ weight + bias
+        threshold = torch.quantile(out_of_fold_N[y_N == 0], 1 - max_benign_fire).item()
+        harmful_fire = (out_of_fold_N[y_N == 1] > threshold).double().mean().item()
+        benign_fire = (out_of_fold_N[y_N == 0] > threshold).double().mean().item()
+        if best is None or harmful_fire > best[0]:
+            best = (harmful_fire, benign_fire, l2, threshold)
+    harmful_fire, benign_fire, l2, threshold = best
+    weight, bias = fit_logistic(z_ND, y_N, l2)
+    # fold standardisation and threshold in: (x - mean)/std . w + b - t  ==  x . (w/std) + (b - t - mean . w/std)
+    weight_D = weight / std_D
+    folded_bias = float(bias - threshold - mean_D @ weight_D)
+    return GateFit(ProbeGate(weight_D.float(), folded_bias), l2, harmful_fire, benign_fire)
