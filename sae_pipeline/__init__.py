@@ -11,4 +11,18 @@ def load_model(name_or_path: str | None = None, **kwargs):
     return loaded.model, loaded.tokenizer
 
 
-__all__ = ["load_model"]
+def apply_patch(model, sae_path, **kwargs):
+    """Attach steering hooks from an operating point or sidecars (see sae_pipeline.steering.operating_point)."""
+    from sae_pipeline.steering.operating_point import apply_patch as apply
+
+    return apply(model, sae_path, **kwargs)
+
+
+def remove_patch(model) -> None:
+    """Detach every steering hook; the model computes exactly as before."""
+    from sae_pipeline.steering.runtime import remove_patch as remove
+
+    remove(model)
+
+
+__all__ = ["load_model", "apply_patch", "remove_patch"]

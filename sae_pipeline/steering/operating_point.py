@@ -1,0 +1,114 @@
+"""The operating point on disk and the public patching API.
+
+An operating point is a directory: `steering_config.json` plus, per layer, its sidecar (dense safetensors or SAE8),
+its refusal vector and its probe gate (safetensors), each pinned by sha256 in the config. `apply_patch(model, dir)`
+applies it exactly as it was evaluated; a missing, edited or swapped file fails closed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from sae_pipeline.hashing import file_sha256
+from sae_pipeline.steering.runtime import (
+    NO_STEER_TOKEN, REVERSE_TOKEN, LayerSteering, ProbeGate, SteeringError, SteeringPatch, apply_patch_layers,
+    remove_patch)
+from sae_pipeline.steering.sidecar import SidecarError, load_dense, read_sae8, save_dense
+
+CONFIG_FILE = "steering_config.json"
+CONFIG_VERSION = 1
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> str:
+    save_file({k: v.detach().float().contiguous() for k, v in tensors.items()}, path)
+    return file_sha256(path)
+
+
+def _load_tensors(path: Path, sha256: str) -> dict[str, torch.Tensor]:
+    try:
+        if file_sha256(path) != sha256:
+            raise SteeringError(f"{path} does not match the sha256 in {CONFIG_FILE}")
+        return load_file(path)
+    except (OSError, SafetensorError) as err:
+        raise SteeringError(f"cannot read {path}: {err}") from err
+
+
+def save_operating_point(directory: Path, layers: dict[int, LayerSteering], gate_skip: int, provenance: dict
+                         ) -> Path:
+    """Write the sidecars, refusal vectors and gates with a config that pins each by sha256."""
+    directory.mkdir(parents=True, exist_ok=True)
+    entries = {}
+    for layer, cfg in sorted(layers.items()):
+        entry = {"alpha": cfg.alpha, "epsilon": cfg.epsilon, "beta": cfg.beta,
+                 "sidecar": f"sidecar_l{layer}.safetensors"}
+        entry["sidecar_sha256"] = save_dense(cfg.sidecar, directory / entry["sidecar"])
+        if cfg.refusal_D is not None:
+            entry["refusal"] = f"refusal_l{layer}.safetensors"
+            entry["refusal_sha256"] = _save_tensors({"refusal_D": cfg.refusal_D}, directory / entry["refusal"])
+        if cfg.gate is not None:
+            entry["gate"] = f"gate_l{layer}.safetensors"
+            entry["gate_sha256"] = _save_tensors({"weight_D": cfg.gate.weight_D,
+                                                  "bias": torch.tensor([cfg.gate.bias])}, directory / entry["gate"])
+        entries[str(layer)] = entry
+    config = {"version": CONFIG_VERSION, "gate_skip": gate_skip, "layers": entries, **provenance}
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+    return directory
+
+
+def load_operating_point(directory: Path) -> tuple[dict[int, LayerSteering], int, dict]:
+    """(layers, gate_skip, config), every file verified against the config's sha256."""
+    try:
+        config = json.loads((directory / CONFIG_FILE).read_text())
+        if config.get("version") != CONFIG_VERSION:
+            raise SteeringError(f"{directory / CONFIG_FILE}: unsupported version {config.get('version')!r}")
+        layers = {}
+        for key, entry in config["layers"].items():
+            name = entry["sidecar"]
+            sidecar = (read_sae8 if name.endswith(".sae8") else load_dense)(directory / name, entry["sidecar_sha256"])
+            refusal_D = (_load_tensors(directory / entry["refusal"], entry["refusal_sha256"])["refusal_D"]
+                         if "refusal" in entry else None)
+            gate = None
+            if "gate" in entry:
+                tensors = _load_tensors(directory / entry["gate"], entry["gate_sha256"])
+                gate = ProbeGate(tensors["weight_D"], float(tensors["bias"][0]))
+            layers[int(key)] = LayerSteering(sidecar, float(entry["alpha"]), float(entry["epsilon"]), refusal_D,
+                                             float(entry["beta"]), gate)
+        return layers, int(config["gate_skip"]), config
+    except (OSError, ValueError, KeyError, TypeError, SidecarError) as err:
+        raise SteeringError(f"cannot load the operating point in {directory}: {err}") from err
+
+
+def apply_patch(model: nn.Module, sae_path: str | Path | dict, steer_on: bool = True, alpha: float | None = None,
+                alphas: dict[int, float] | None = None, reverse_token: str = REVERSE_TOKEN,
+                no_steer_token: str = NO_STEER_TOKEN) -> SteeringPatch:
+    """Attach steering. sae_path: an operating-point directory (applied as evaluated; alpha/alphas override its
+    feature-mode strengths), or {layer: sidecar file} with `alphas` (or one `alpha`, default 0.6) for the feature
+    mode alone. steer_on=False attaches the hooks inert (alpha and beta 0). The control tokens are this
+    runtime's; other spellings are refused rather than silently ignored."""
+    if (reverse_token, no_steer_token) != (REVERSE_TOKEN, NO_STEER_TOKEN):
+        raise SteeringError(f"control tokens are fixed: {REVERSE_TOKEN} and {NO_STEER_TOKEN}")
+    if isinstance(sae_path, dict):
+        layers = {}
+        for layer, path in sae_path.items():
+            path = Path(path)
+            sidecar = read_sae8(path) if path.suffix == ".sae8" else load_dense(path)
+            layers[int(layer)] = LayerSteering(sidecar, (alphas or {}).get(layer, 0.6 if alpha is None else alpha))
+        gate_skip = 1
+    else:
+        layers, gate_skip, _ = load_operating_point(Path(sae_path))
+        for layer, cfg in layers.items():
+            override = (alphas or {}).get(layer, alpha)
+            if override is not None:
+                cfg.alpha = override
+    if not steer_on:
+        for cfg in layers.values():
+            cfg.alpha, cfg.beta = 0.0, 0.0
+    return apply_patch_layers(model, layers, gate_skip)
+
+
+__all__ = ["apply_patch", "remove_patch", "save_operating_point", "load_operating_point"]
