@@ -136,6 +136,14 @@ class FeatureConfig(_Strict):
     seed: int = 0
 
 
+class SteeringConfig(_Strict):
+    """The conditional refusal mode's ingredients, fit on the tuning prompts."""
+
+    max_benign_fire: float = Field(default=0.02, gt=0, lt=1)  # the probe gate's cross-validated benign budget
+    gate_folds: int = Field(default=5, ge=2)
+    refusal_prompts: int = Field(default=60, ge=1)  # tuning harmful prompts behind the refusal direction
+
+
 class Profile(_Strict):
     name: str
     model: str | None  # None = the embedded SmolLM2-135M-Instruct
@@ -146,6 +154,7 @@ class Profile(_Strict):
     sae: SAEConfig
     evaluation: EvalConfig = EvalConfig()
     features: FeatureConfig = FeatureConfig()
+    steering: SteeringConfig = SteeringConfig()
 
     @model_validator(mode="after")
     def _layers_exist(self) -> Profile:

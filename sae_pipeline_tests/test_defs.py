@@ -1,6 +1,7 @@
 """The Dagster layer on the tiny profile: definitions load, assets materialise, the blocking check blocks."""
 
 import json
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -16,7 +17,7 @@ def test_default_definitions_load():
     dg.Definitions.validate_loadable(defs)
     assert {key.to_user_string() for key in defs.resolve_all_asset_keys()} == {
         "corpus", "activations", "sae", "prompt_sets", "refusal_judge", "baseline_metrics", "feature_scores",
-        "feature_ranking"}
+        "feature_ranking", "refusal_gate"}
     checks = {key.name for key in defs.resolve_asset_graph().asset_check_keys}
     assert checks == {"sae_quality", "datasets_lock", "splits_disjoint", "dataset_sizes", "judge_accuracy",
                       "baseline_complete", "redaction"}
@@ -115,3 +116,17 @@ def test_datasets_that_differ_from_the_lock_fail_the_blocking_checks(data_copy, 
     assert not checks["splits_disjoint"].passed and not checks["dataset_sizes"].passed
     materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
     assert "refusal_judge" not in materialized, "a failed dataset check must block the judge"
+
+
+def test_refusal_gate_asset_writes_a_verified_gate(artifacts):
+    from sae_pipeline.features.gate import load_refusal_gate
+
+    defs = build_defs(load_profile("tiny"))
+    with dg.instance_for_test() as instance:
+        result = _materialize(defs, "refusal_gate", instance, "3")
+    assert result.success
+    metadata = result.get_asset_materialization_events()[0].event_specific_data.materialization.metadata
+    gate, refusal_D, info = load_refusal_gate(Path(metadata["path"].value))
+    assert gate.weight_D.shape == refusal_D.shape == (64,)
+    assert info["cv_benign_fire"] <= 0.02 + 1 / 210 and 0 <= info["cv_harmful_fire"] <= 1
+    assert metadata["gate_skip"].value == info["gate_skip"] > 0

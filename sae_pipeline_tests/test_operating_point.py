@@ -56,7 +56,7 @@ def test_an_operating_point_applies_exactly_as_saved(tiny, ids, tmp_path):
 def test_edited_or_missing_files_fail_closed(tmp_path):
     directory = save_operating_point(tmp_path / "op", _layers(), gate_skip=1, provenance={})
     (directory / f"gate_l{LAYER}.safetensors").write_bytes(b"junk")
-    with pytest.raises(SteeringError, match="does not match the sha256"):
+    with pytest.raises(SteeringError, match="gate_l2.safetensors does not match its recorded sha256"):
         load_operating_point(directory)
     (directory / f"gate_l{LAYER}.safetensors").unlink()
     with pytest.raises(SteeringError, match="cannot"):

@@ -19,10 +19,12 @@ dagster asset materialize -m sae_pipeline.defs --select activations --partition-
 for layer in $layers; do
   dagster asset materialize -m sae_pipeline.defs --select sae --partition "$layer" || status=1
 done
-# feature discovery on every layer whose SAE passes sae_quality (the others are refused with the reason)
+# feature discovery on every layer whose SAE passes sae_quality (the others are refused with the reason), and the
+# conditional refusal mode's probe gate and refusal direction (raw activations: every layer)
 for layer in $layers; do
   dagster asset materialize -m sae_pipeline.defs --select "feature_scores,feature_ranking" --partition "$layer" \
     || status=1
+  dagster asset materialize -m sae_pipeline.defs --select refusal_gate --partition "$layer" || status=1
 done
 python -m sae_pipeline.sae.summary --profile "$profile"
 exit $status

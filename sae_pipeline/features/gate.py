@@ -8,7 +8,9 @@ out-of-fold harmful prompts wins. Standardisation and threshold are folded into 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -18,6 +20,7 @@ from sae_pipeline.evaluation.generation import chat_ids, user_token_span
 from sae_pipeline.linear import fit_logistic
 from sae_pipeline.model.hooks import capture_mlp_outputs, run_until_captured
 from sae_pipeline.steering.runtime import ProbeGate
+from sae_pipeline.tensorfiles import TensorFileError, load_tensors, save_tensors
 
 L2_GRID = (1e-2, 1e-1, 1.0, 10.0)
 
@@ -27,6 +30,7 @@ class GateFit(NamedTuple):
     l2: float
     cv_harmful_fire: float
     cv_benign_fire: float
+    cv_by_l2: dict  # l2 -> (harmful fire, benign fire) out of fold, for the record
 
 
 def template_prefix_length(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -55,7 +59,7 @@ def fit_probe_gate(harmful_PD: torch.Tensor, benign_PD: torch.Tensor, max_benign
     mean_D, std_D = x_ND.mean(0), x_ND.std(0).clamp(min=1e-6)
     z_ND = (x_ND - mean_D) / std_D
     fold_N = torch.arange(len(y_N)) % folds
-    best = None
+    best, by_l2 = None, {}
     for l2 in L2_GRID:
         out_of_fold_N = torch.zeros(len(y_N), dtype=torch.float64)
         for fold in range(folds):
@@ -65,6 +69,7 @@ def fit_probe_gate(harmful_PD: torch.Tensor, benign_PD: torch.Tensor, max_benign
         threshold = torch.quantile(out_of_fold_N[y_N == 0], 1 - max_benign_fire).item()
         harmful_fire = (out_of_fold_N[y_N == 1] > threshold).double().mean().item()
         benign_fire = (out_of_fold_N[y_N == 0] > threshold).double().mean().item()
+        by_l2[l2] = (round(harmful_fire, 6), round(benign_fire, 6))
         if best is None or harmful_fire > best[0]:
             best = (harmful_fire, benign_fire, l2, threshold)
     harmful_fire, benign_fire, l2, threshold = best
@@ -72,4 +77,32 @@ def fit_probe_gate(harmful_PD: torch.Tensor, benign_PD: torch.Tensor, max_benign
     # fold standardisation and threshold in: (x - mean)/std . w + b - t  ==  x . (w/std) + (b - t - mean . w/std)
     weight_D = weight / std_D
     folded_bias = float(bias - threshold - mean_D @ weight_D)
-    return GateFit(ProbeGate(weight_D.float(), folded_bias), l2, harmful_fire, benign_fire)
+    return GateFit(ProbeGate(weight_D.float(), folded_bias), l2, harmful_fire, benign_fire, by_l2)
+
+
+GATE_INFO_FILE = "refusal_gate.json"
+
+
+def save_refusal_gate(directory: Path, layer: int, fit: GateFit, refusal_D: torch.Tensor, provenance: dict) -> dict:
+    """gate_l{L}.safetensors, refusal_l{L}.safetensors and refusal_gate.json (the CV record and both sha256)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    info = {"layer": layer, "l2": fit.l2, "cv_harmful_fire": fit.cv_harmful_fire,
+            "cv_benign_fire": fit.cv_benign_fire, "cv_by_l2": {str(k): v for k, v in fit.cv_by_l2.items()},
+            "refusal_norm": float(refusal_D.norm()), **provenance,
+            "gate_sha256": save_tensors({"weight_D": fit.gate.weight_D, "bias": torch.tensor([fit.gate.bias])},
+                                        directory / f"gate_l{layer}.safetensors"),
+            "refusal_sha256": save_tensors({"refusal_D": refusal_D}, directory / f"refusal_l{layer}.safetensors")}
+    (directory / GATE_INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
+    return info
+
+
+def load_refusal_gate(directory: Path) -> tuple[ProbeGate, torch.Tensor, dict]:
+    """(gate, refusal_D, info), both tensor files verified against refusal_gate.json."""
+    try:
+        info = json.loads((directory / GATE_INFO_FILE).read_text())
+        layer = info["layer"]
+        gate = load_tensors(directory / f"gate_l{layer}.safetensors", info["gate_sha256"])
+        refusal = load_tensors(directory / f"refusal_l{layer}.safetensors", info["refusal_sha256"])
+        return ProbeGate(gate["weight_D"], float(gate["bias"][0])), refusal["refusal_D"], info
+    except (OSError, ValueError, KeyError) as err:
+        raise TensorFileError(f"cannot read the refusal gate in {directory}: {err}") from err

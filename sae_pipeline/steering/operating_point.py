@@ -10,32 +10,16 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sae_pipeline.hashing import file_sha256
 from sae_pipeline.steering.runtime import (
     NO_STEER_TOKEN, REVERSE_TOKEN, LayerSteering, ProbeGate, SteeringError, SteeringPatch, apply_patch_layers,
     remove_patch)
 from sae_pipeline.steering.sidecar import SidecarError, load_dense, read_sae8, save_dense
+from sae_pipeline.tensorfiles import TensorFileError, load_tensors, save_tensors
 
 CONFIG_FILE = "steering_config.json"
 CONFIG_VERSION = 1
-
-
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> str:
-    save_file({k: v.detach().float().contiguous() for k, v in tensors.items()}, path)
-    return file_sha256(path)
-
-
-def _load_tensors(path: Path, sha256: str) -> dict[str, torch.Tensor]:
-    try:
-        if file_sha256(path) != sha256:
-            raise SteeringError(f"{path} does not match the sha256 in {CONFIG_FILE}")
-        return load_file(path)
-    except (OSError, SafetensorError) as err:
-        raise SteeringError(f"cannot read {path}: {err}") from err
 
 
 def save_operating_point(directory: Path, layers: dict[int, LayerSteering], gate_skip: int, provenance: dict
@@ -49,10 +33,10 @@ def save_operating_point(directory: Path, layers: dict[int, LayerSteering], gate
         entry["sidecar_sha256"] = save_dense(cfg.sidecar, directory / entry["sidecar"])
         if cfg.refusal_D is not None:
             entry["refusal"] = f"refusal_l{layer}.safetensors"
-            entry["refusal_sha256"] = _save_tensors({"refusal_D": cfg.refusal_D}, directory / entry["refusal"])
+            entry["refusal_sha256"] = save_tensors({"refusal_D": cfg.refusal_D}, directory / entry["refusal"])
         if cfg.gate is not None:
             entry["gate"] = f"gate_l{layer}.safetensors"
-            entry["gate_sha256"] = _save_tensors({"weight_D": cfg.gate.weight_D,
+            entry["gate_sha256"] = save_tensors({"weight_D": cfg.gate.weight_D,
                                                   "bias": torch.tensor([cfg.gate.bias])}, directory / entry["gate"])
         entries[str(layer)] = entry
     config = {"version": CONFIG_VERSION, "gate_skip": gate_skip, "layers": entries, **provenance}
@@ -70,16 +54,16 @@ def load_operating_point(directory: Path) -> tuple[dict[int, LayerSteering], int
         for key, entry in config["layers"].items():
             name = entry["sidecar"]
             sidecar = (read_sae8 if name.endswith(".sae8") else load_dense)(directory / name, entry["sidecar_sha256"])
-            refusal_D = (_load_tensors(directory / entry["refusal"], entry["refusal_sha256"])["refusal_D"]
+            refusal_D = (load_tensors(directory / entry["refusal"], entry["refusal_sha256"])["refusal_D"]
                          if "refusal" in entry else None)
             gate = None
             if "gate" in entry:
-                tensors = _load_tensors(directory / entry["gate"], entry["gate_sha256"])
+                tensors = load_tensors(directory / entry["gate"], entry["gate_sha256"])
                 gate = ProbeGate(tensors["weight_D"], float(tensors["bias"][0]))
             layers[int(key)] = LayerSteering(sidecar, float(entry["alpha"]), float(entry["epsilon"]), refusal_D,
                                              float(entry["beta"]), gate)
         return layers, int(config["gate_skip"]), config
-    except (OSError, ValueError, KeyError, TypeError, SidecarError) as err:
+    except (OSError, ValueError, KeyError, TypeError, SidecarError, TensorFileError) as err:
         raise SteeringError(f"cannot load the operating point in {directory}: {err}") from err
 
 
