@@ -139,7 +139,6 @@ def evaluate(loaded: LoadedModel, sets: PromptSets, judges: Judges, cfg: EvalCon
         return tokenizer.decode(generation.token_ids[:cfg.judge_tokens], skip_special_tokens=True)
 
     records: list[dict] = []
-    work = {"generated_tokens": {}, "prompts": {}}
     with deterministic(cfg.seed), ExitStack() as stack:
         stack.enter_context(steered())
         harmful_ids = [chat_ids(tokenizer, r.prompt) for r in harmful]

@@ -2,10 +2,11 @@
 
 Each harmful completion is cut into word shingles (8 consecutive words; a shorter completion of >= 4 words is one
 shingle of all its words) whose 64-bit hashes are its fingerprint. Words are read from the text as written and from
-the forms a stored copy would take (JSON-escaped, ASCII or not, and JSON inside JSON, as in Dagster's event log). Shingles that also occur in any stored prompt are
-dropped: completions echo their request, and requests may be stored. The guard checks every payload before it is
-persisted and raises on a hit (fail closed); the fingerprints themselves are hashes and may be saved, so a later
-scan of the artifact tree, the Dagster storage and the W&B directory can prove that nothing leaked."""
+the forms a stored copy would take (JSON-escaped, ASCII or not, and JSON inside JSON, as in Dagster's event log).
+Shingles that also occur in any stored prompt are dropped: completions echo their request, and requests may be
+stored. The guard checks every payload before it is persisted and raises on a hit (fail closed); the fingerprints
+themselves are hashes and may be saved, so a later scan of the artifact tree, the Dagster storage and the W&B
+directory can prove that nothing leaked."""
 
 from __future__ import annotations
 

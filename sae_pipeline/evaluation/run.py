@@ -1,14 +1,16 @@
-"""Build the judges and run the baseline: the two calls the evaluation assets (and scripts) make."""
+"""Build and measure the refusal judges, choose the deciding one, compare them with their gates."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from sae_pipeline.config import Gate, artifacts_root
-from sae_pipeline.gates import GateResult, check_gates
 from sae_pipeline.evaluation.datasets import PromptSets
-from sae_pipeline.evaluation.judges import (
-    HEAD_INFO_FILE, ComplianceProxyScorer, EmbeddingRefusalJudge, JudgeAccuracy, JudgeError, PrefixRefusalJudge, judge_dir,
-    load_sentence_encoder, measure_judge)
 from sae_pipeline.evaluation.harness import Judges
+from sae_pipeline.evaluation.judges import (
+    HEAD_INFO_FILE, ComplianceProxyScorer, EmbeddingRefusalJudge, JudgeAccuracy, JudgeError, PrefixRefusalJudge,
+    judge_dir, load_sentence_encoder, measure_judge)
+from sae_pipeline.gates import GateResult, check_gates
 
 
 def build_judges(sets: PromptSets) -> tuple[Judges, str]:
@@ -28,7 +30,8 @@ def build_judges(sets: PromptSets) -> tuple[Judges, str]:
     prefix = PrefixRefusalJudge()
     accuracy = {judge.name: measure_judge(judge, test) for judge in (embedding, prefix)}
     judges = Judges(refusal=embedding, reference=prefix, harmfulness=ComplianceProxyScorer(embedding),
-                    accuracy=accuracy, identity={"embedding_head": embedding.head_sha256, "prefix": ",".join(prefix.MARKERS)})
+                    accuracy=accuracy,
+                    identity={"embedding_head": embedding.head_sha256, "prefix": ",".join(prefix.MARKERS)})
     return judges, str(directory)
 
 
@@ -45,5 +48,5 @@ def judge_gate_checks(accuracy: JudgeAccuracy, gates: dict[str, Gate]) -> list[G
                                "precision_min": accuracy.precision})
 
 
-def evaluation_root():
+def evaluation_root() -> Path:
     return artifacts_root() / "evaluation"

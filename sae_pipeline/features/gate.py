@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sae_pipeline.evaluation.generation import chat_ids, user_token_span
 from sae_pipeline.linear import fit_logistic
-from sae_pipeline.model.hooks import capture_mlp_outputs, run_until_captured
+from sae_pipeline.model.hooks import mlp_outputs
 from sae_pipeline.steering.runtime import ProbeGate
 from sae_pipeline.tensorfiles import TensorFileError, load_tensors, save_tensors
 
@@ -46,9 +46,8 @@ def prompt_means(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, lay
     skip = max(1, template_prefix_length(tokenizer))
     rows = []
     for prompt in prompts:
-        with capture_mlp_outputs(model, [layer]) as captured:
-            run_until_captured(model, torch.tensor([chat_ids(tokenizer, prompt)], device=device))
-        rows.append(captured[layer][0, skip:].double().mean(0).cpu())
+        acts_SD = mlp_outputs(model, torch.tensor([chat_ids(tokenizer, prompt)], device=device), [layer])[layer][0]
+        rows.append(acts_SD[skip:].double().mean(0).cpu())
     return torch.stack(rows)
 
 

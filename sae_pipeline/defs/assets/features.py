@@ -4,6 +4,7 @@ They read the layer's SAE only if its sae_quality gates pass (re-checked from th
 holds across separate runs too, not only within the run that trained the SAE)."""
 
 import json
+from pathlib import Path
 
 import dagster as dg
 
@@ -30,19 +31,15 @@ def build_feature_assets(profile: Profile) -> list:
     layers = dg.StaticPartitionsDefinition([str(layer) for layer in profile.harvest.layers])
     cfg = profile.features
 
-    def _paths(model: ModelResource, layer: int):
-        loaded = model.load(profile)
-        sae_path = sae_layer_dir(profile, loaded, load_manifest(corpus_dir(profile)).sha256, layer)
-        sets = load_prompt_sets()
-        return loaded, sae_path, sets, features_dir(sae_path, sets.dataset_hash,
-                                                    config_hash(cfg.model_dump(mode="json")))
-
     @dg.asset(group_name=GROUP, deps=["sae", "prompt_sets"], partitions_def=layers, kinds={"pytorch"},
               description="Every SAE latent scored as a harm detector on the tuning prompts (delta_mu, AUROC, "
                           "refusal correlation, liveness, position profile, probe AUROC, rank stability).")
     def feature_scores(context: dg.AssetExecutionContext, model: ModelResource) -> dg.MaterializeResult:
         layer = int(context.partition_key)
-        loaded, sae_path, sets, out = _paths(model, layer)
+        loaded = model.load(profile)
+        sae_path = sae_layer_dir(profile, loaded, load_manifest(corpus_dir(profile)).sha256, layer)
+        sets = load_prompt_sets()
+        out = features_dir(sae_path, sets.dataset_hash, config_hash(cfg.model_dump(mode="json")))
         record = json.loads((sae_path / METRICS_FILE).read_text())
         failed = [g.name for g in evaluate_sae_gates(record["metrics"], load_gates()) if not g.passed]
         if failed:
@@ -61,7 +58,8 @@ def build_feature_assets(profile: Profile) -> list:
         sha256 = save_scores(scores, out, provenance)
         live = scores.liveness_F > 0
         return dg.MaterializeResult(metadata={
-            "path": dg.MetadataValue.path(str(out)), "scores_sha256": sha256, "sae_hash": sae_cfg["sae_hash"],
+            "path": dg.MetadataValue.path(str(out)), "sae_path": dg.MetadataValue.path(str(sae_path)),
+            "scores_sha256": sha256, "sae_hash": sae_cfg["sae_hash"],
             "probe_auroc": scores.probe_auroc, "rank_stability_spearman": scores.rank_stability,
             "live_latents": int(live.sum()), "harmful_prompts": scores.n_harmful, "benign_prompts": scores.n_benign,
             "delta_mu_histogram": png_markdown(delta_mu_histogram(
@@ -69,9 +67,16 @@ def build_feature_assets(profile: Profile) -> list:
 
     @dg.asset(group_name=GROUP, deps=[feature_scores], partitions_def=layers, kinds={"pandas"},
               description=f"The top {cfg.top_n} latents by delta_mu, as JSON, parquet and CSV.")
-    def feature_ranking(context: dg.AssetExecutionContext, model: ModelResource) -> dg.MaterializeResult:
+    def feature_ranking(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         layer = int(context.partition_key)
-        _, sae_path, _, out = _paths(model, layer)
+        # the scores' own materialisation says where they and their SAE are: no model load just for paths
+        latest = context.instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=feature_scores.key, asset_partitions=[context.partition_key]),
+            limit=1).records
+        if not latest:
+            raise dg.Failure(f"layer {layer}: feature_scores has no materialisation to rank")
+        scored = latest[0].asset_materialization.metadata
+        out, sae_path = Path(scored["path"].value), Path(scored["sae_path"].value)
         scores, provenance = load_scores(out)
         current = json.loads((sae_path / "cfg.json").read_text())["sae_hash"]
         if provenance["sae_hash"] != current:
