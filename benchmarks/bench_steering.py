@@ -1,7 +1,7 @@
 """Steering overhead, in one run: greedy decode tokens/s with the steering hooks attached vs without.
 
-The arms alternate round by round (unsteered, steered, unsteered, ...) so drift in machine speed hits both alike;
-the reported overhead is the ratio of the medians. Hooks: n features at each of the given layers, feature mode
+The arms alternate round by round (sae_pipeline.steering.overhead), so drift in machine speed hits both alike; the
+reported overhead is the ratio of the medians. Hooks: n features at each of the given layers, feature mode
 (alpha 0.6) plus the conditional refusal mode (beta 1.0) - the most work the runtime does per token.
 
     python benchmarks/bench_steering.py                          # embedded SmolLM2 on the CPU
@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from sae_pipeline.model.loading import load_model
-from sae_pipeline.steering.runtime import LayerSteering, patched
+from sae_pipeline.steering.overhead import measure_overhead
+from sae_pipeline.steering.runtime import LayerSteering
 from sae_pipeline.steering.sidecar import DenseSidecar
 
 
@@ -44,26 +44,6 @@ def random_layers(d_model: int, layers: list[int], n_features: int, seed: int = 
     return out
 
 
-@torch.inference_mode()
-def _generate_seconds(model, input_ids: torch.Tensor, new_tokens: int) -> float:
-    if input_ids.is_cuda:
-        torch.cuda.synchronize()
-    began = time.perf_counter()
-    model.generate(input_ids=input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                   pad_token_id=0)
-    if input_ids.is_cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - began
-
-
-def decode_rate(model, input_ids: torch.Tensor, new_tokens: int) -> float:
-    """Decode tokens/s: a one-token generate (the prefill) is timed and taken off, so a long context's prefill
-    does not hide in the figure."""
-    prefill = _generate_seconds(model, input_ids, 1)
-    total = _generate_seconds(model, input_ids, new_tokens)
-    return (new_tokens - 1) * input_ids.shape[0] / max(total - prefill, 1e-9)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mistral-shaped", action="store_true")
@@ -84,18 +64,14 @@ def main() -> None:
     layers = [int(x) for x in (args.layers or default_layers).split(",")]
     input_ids = torch.randint(10, 1000, (1, args.context), generator=torch.Generator().manual_seed(0)).to(args.device)
     steering = random_layers(d_model, layers, args.features)
-    decode_rate(model, input_ids, 4)  # warm-up: allocator, kernels
-    rates = {"unsteered": [], "steered": []}
-    for _ in range(args.rounds):
-        rates["unsteered"].append(decode_rate(model, input_ids, args.new_tokens))
-        with patched(model, steering):
-            rates["steered"].append(decode_rate(model, input_ids, args.new_tokens))
+    measured = measure_overhead(model, [input_ids], steering, 1, args.new_tokens, args.rounds)
+    rates = {"unsteered": measured.unsteered_tokens_per_s, "steered": measured.steered_tokens_per_s}
     medians = {arm: statistics.median(values) for arm, values in rates.items()}
     report = {"model": name, "device": args.device, "threads": torch.get_num_threads(), "context": args.context,
               "new_tokens": args.new_tokens, "layers": layers, "features_per_layer": args.features,
               "tokens_per_s_median": {k: round(v, 2) for k, v in medians.items()},
               "tokens_per_s_rounds": {k: [round(x, 2) for x in v] for k, v in rates.items()},
-              "overhead": round(1 - medians["steered"] / medians["unsteered"], 4)}
+              "overhead": round(measured.overhead, 4)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

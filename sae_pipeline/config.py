@@ -134,14 +134,52 @@ class FeatureConfig(_Strict):
     split: Literal["tuning"] = "tuning"  # held-out prompts stay for the evaluation
     batch_size: int = Field(default=16, ge=1)
     seed: int = 0
+    # the causal screen (features/causal.py): issue #4 asks for +-2 sigma, replies of up to 48 tokens, 200 benign
+    # prompts, several seeds and 8 kept features
+    screen_candidates: int = Field(default=24, ge=1)  # top of the ranking, screened by refusal log-prob
+    screen_decode_candidates: int = Field(default=10, ge=1)  # of those, screened by decoding
+    screen_sigmas: float = Field(default=2.0, gt=0)
+    screen_seeds: int = Field(default=3, ge=1)
+    screen_harmful_batch: int = Field(default=32, ge=1)
+    screen_benign_prompts: int = Field(default=200, ge=1)
+    screen_max_new_tokens: int = Field(default=48, ge=1)
+    screen_keep: int = Field(default=8, ge=1)
+    screen_max_benign_spike: float = Field(default=0.02, ge=0, le=1)  # allowed rise in benign false refusal
 
 
 class SteeringConfig(_Strict):
-    """The conditional refusal mode's ingredients, fit on the tuning prompts."""
+    """The conditional refusal mode's ingredients (fit on the tuning prompts) and the strength sweep."""
 
     max_benign_fire: float = Field(default=0.02, gt=0, lt=1)  # the probe gate's cross-validated benign budget
     gate_folds: int = Field(default=5, ge=2)
     refusal_prompts: int = Field(default=60, ge=1)  # tuning harmful prompts behind the refusal direction
+    # candidate layer sets for the probe gate (raw MLP outputs, no SAE needed); cross-validation picks one and the
+    # refusal vector goes in at its last layer, where the runtime decides
+    gate_layer_sets: list[list[int]] = Field(
+        default_factory=lambda: [[11], [13], [15], [17], [19], [13, 15], [15, 17], [17, 19], [13, 15, 17]],
+        min_length=1)
+    # alpha is one strength knob: the feature rule's alpha at the screened layers and alpha * refusal_beta on the
+    # refusal vector at the gate layer; alpha 0 is the unsteered model
+    alpha_grid: list[float] = Field(default_factory=lambda: [0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2], min_length=1)
+    # measured on 48 tuning harmful prompts, refusal vector added unconditionally (judge, 32 tokens): beta 1.0 / 1.5
+    # refused 98 % / 98 % at layer 15 and 92 % / 96 % at layer 17; 1.25 puts the grid's 0.8-1.2 over that range
+    refusal_beta: float = Field(default=1.25, ge=0)
+    epsilon: float = Field(default=0.02, ge=0)
+    sidecar_nnz: int = Field(default=256, ge=1)  # SAE8: stored entries per feature row (issue #4: 256)
+    # decode tokens/s with and without the operating point, interleaved rounds (the throughput gate)
+    overhead_prompts: int = Field(default=4, ge=1)
+    overhead_new_tokens: int = Field(default=48, ge=2)
+    overhead_rounds: int = Field(default=5, ge=1)
+
+    @model_validator(mode="after")
+    def _sorted(self) -> SteeringConfig:
+        if self.alpha_grid != sorted(set(self.alpha_grid)) or self.alpha_grid[0] != 0.0:
+            raise ValueError(f"alpha_grid must be increasing and distinct and start at 0.0 (the unsteered run every "
+                             f"strength is compared with), got {self.alpha_grid}")
+        bad = [layers for layers in self.gate_layer_sets if not layers or layers != sorted(set(layers))]
+        if bad:
+            raise ValueError(f"gate_layer_sets must be non-empty increasing layer lists, got {bad}")
+        return self
 
 
 class Profile(_Strict):
@@ -158,7 +196,8 @@ class Profile(_Strict):
 
     @model_validator(mode="after")
     def _layers_exist(self) -> Profile:
-        bad = [layer for layer in self.harvest.layers if not 0 <= layer < self.n_layers]
+        gate_layers = [layer for layers in self.steering.gate_layer_sets for layer in layers]
+        bad = [layer for layer in self.harvest.layers + gate_layers if not 0 <= layer < self.n_layers]
         if bad:
             raise ValueError(f"layers {bad} are out of range for a {self.n_layers}-layer model")
         return self
@@ -214,6 +253,7 @@ def _profiles() -> dict[str, dict]:
             corpus=corpus,
             harvest=dict(layers=[10, 12, 16, 18, 20], train_tokens=50_000_000, heldout_tokens=500_000,
                          context_len=1024, batch_sequences=8),
+            steering=dict(gate_layer_sets=[[12], [16], [18], [20], [16, 18], [18, 20], [16, 18, 20]]),
             sae=dict(n_latents=16384, k=32, k_start=64, batch_tokens=16384, aux_k=2048,
                      dead_window_tokens=10_000_000),
         ),
@@ -229,6 +269,10 @@ def _profiles() -> dict[str, dict]:
             evaluation=dict(limit_per_group=1, harmful_max_new_tokens=12, benign_max_new_tokens=12,
                             capability_max_new_tokens=8, judge_tokens=12, model_dtype="float32",
                             bootstrap_resamples=200),
+            features=dict(screen_candidates=4, screen_decode_candidates=3, screen_seeds=2,
+                          screen_harmful_batch=3, screen_benign_prompts=4, screen_max_new_tokens=6, screen_keep=2),
+            steering=dict(gate_layer_sets=[[3], [1, 3]], gate_folds=2, refusal_prompts=4, alpha_grid=[0.0, 1.0],
+                          overhead_prompts=1, overhead_new_tokens=4, overhead_rounds=1),
         ),
     }
 
@@ -257,6 +301,7 @@ class Gates(_Strict):
     judge_accuracy: dict[str, Gate]
     baseline: dict[str, Gate]
     redaction: dict[str, Gate]
+    steering: dict[str, Gate]
 
 
 def load_gates(path: Path | None = None) -> Gates:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+import torch
 
 from sae_pipeline.config import load_profile
 from sae_pipeline.defs.definitions import build_defs
@@ -17,11 +18,11 @@ def test_default_definitions_load():
     dg.Definitions.validate_loadable(defs)
     assert {key.to_user_string() for key in defs.resolve_all_asset_keys()} == {
         "corpus", "activations", "sae", "prompt_sets", "refusal_judge", "baseline_metrics", "feature_scores",
-        "feature_ranking", "refusal_gate"}
+        "feature_ranking", "refusal_gate", "causal_screen", "sidecars", "alpha_sweep", "operating_point"}
     checks = {key.name for key in defs.resolve_asset_graph().asset_check_keys}
     assert checks == {"sae_quality", "datasets_lock", "splits_disjoint", "dataset_sizes", "judge_accuracy",
-                      "baseline_complete", "redaction"}
-    assert defs.resolve_job_def("main") is not None
+                      "baseline_complete", "redaction", "sweep_redaction", "steering_gates"}
+    assert defs.resolve_job_def("main") is not None and defs.resolve_job_def("sweep") is not None
 
 
 def _tiny_defs(extra_assets=(), **overrides):
@@ -123,10 +124,80 @@ def test_refusal_gate_asset_writes_a_verified_gate(artifacts):
 
     defs = build_defs(load_profile("tiny"))
     with dg.instance_for_test() as instance:
-        result = _materialize(defs, "refusal_gate", instance, "3")
+        result = _materialize(defs, "refusal_gate", instance)
     assert result.success
     metadata = result.get_asset_materialization_events()[0].event_specific_data.materialization.metadata
     gate, refusal_D, info = load_refusal_gate(Path(metadata["path"].value))
-    assert gate.weight_D.shape == refusal_D.shape == (64,)
+    assert refusal_D.shape == (64,) and gate.weight_D.shape == (64 * len(gate.layers),)
+    assert info["layer"] == gate.layers[-1] == metadata["refusal_layer"].value
+    assert metadata["gate_layers"].value == ",".join(map(str, gate.layers))
+    rows = [r.data for r in metadata["layer_sets"].value.records]
+    assert [r["layers"] for r in rows] == ["3", "1,3"] and sum(r["chosen"] for r in rows) == 1
     assert info["cv_benign_fire"] <= 0.02 + 1 / 210 and 0 <= info["cv_harmful_fire"] <= 1
     assert metadata["gate_skip"].value == info["gate_skip"] > 0
+
+
+def _checked(defs, selection, instance, partition=None):
+    return dg.materialize([*defs.assets, *defs.asset_checks], selection=selection, instance=instance,
+                          resources=defs.resources, partition_key=partition, raise_on_error=False)
+
+
+def test_tiny_steering_chain_from_the_screen_to_an_applicable_operating_point(
+        artifacts_with_encoder, tmp_path, monkeypatch, tiny):
+    from sae_pipeline import apply_patch, remove_patch
+    from sae_pipeline.steering.runtime import SteeringError
+    from sae_pipeline.config import load_gates
+    from sae_pipeline.gates import check_gates
+    from sae_pipeline.steering.sweep import STRENGTH_GATES, choose_alpha
+
+    monkeypatch.setenv("SAE_PIPELINE_GATES", str(write_gates(tmp_path / "gates.yaml", 0.0)))
+    monkeypatch.delenv("STEER_DEBUG", raising=False)
+    defs = _tiny_defs(features={"screen_max_benign_spike": 1.0})
+    with dg.instance_for_test() as instance:
+        assert _materialize(defs, "corpus", instance).success
+        assert _materialize(defs, "activations", instance, "3").success
+        assert _materialize(defs, ["sae", "feature_scores", "feature_ranking"], instance, "3").success
+        assert _materialize(defs, ["prompt_sets", "refusal_judge", "refusal_gate"], instance).success
+        screened = _materialize(defs, ["causal_screen", "sidecars"], instance, "3")
+        assert screened.success
+        sidecar_meta = {e.asset_key.to_user_string(): e.event_specific_data.materialization.metadata
+                        for e in screened.get_asset_materialization_events()}["sidecars"]
+        screen_meta = {e.asset_key.to_user_string(): e.event_specific_data.materialization.metadata
+                       for e in screened.get_asset_materialization_events()}["causal_screen"]
+        kept = screen_meta["kept"].value
+        assert sidecar_meta["features"].value == kept <= 2
+        assert ("sae8_bytes" in sidecar_meta) == (kept > 0)
+        assert _checked(defs, "operating_point", instance).success is False, "no sweep yet: nothing to choose from"
+        for key in ("0.00", "1.00"):
+            sweep = _checked(defs, "alpha_sweep", instance, key)
+            assert sweep.success and [c.passed for c in sweep.get_asset_check_evaluations()] == [True]
+        refused = _checked(defs, "alpha_sweep", instance, "reverse")
+        assert not refused.success, "reverse-safety must not run without STEER_DEBUG=1"
+        monkeypatch.setenv("STEER_DEBUG", "1")
+        assert _checked(defs, "alpha_sweep", instance, "reverse").success
+        chosen = _checked(defs, "operating_point", instance)
+        [check] = chosen.get_asset_check_evaluations()
+        metadata = chosen.get_asset_materialization_events()[0].event_specific_data.materialization.metadata
+    assert check.check_name == "steering_gates"
+    rows = {r.data["name"]: r.data for r in check.metadata["gates"].value.records}
+    assert set(rows) == {*STRENGTH_GATES, "reverse_capability_recovery_min", "throughput_overhead_max"}
+    assert check.passed == all(r["passed"] for r in rows.values()) == metadata["gates_passed"].value
+    sweep = [r.data for r in metadata["sweep"].value.records]
+    steering_gates = load_gates().steering  # the chosen alpha follows from the sweep table and the gates alone
+    rebuilt = {r["alpha"]: check_gates({name: steering_gates[name] for name in STRENGTH_GATES}, r) for r in sweep}
+    assert [sum(g.passed for g in rebuilt[r["alpha"]]) for r in sweep] == [r["gates_passed"] for r in sweep]
+    reductions = {r["alpha"]: r["harmful_completion_reduction_min"] for r in sweep}
+    assert metadata["alpha"].value == choose_alpha(rebuilt, reductions)
+    assert metadata["alpha_curves"].value.startswith("![alpha curves](data:image/png;base64,")
+    assert {r.data["metric"] for r in metadata["ab_table"].value.records} >= {"harmful refused", "perplexity"}
+    directory = Path(metadata["path"].value)
+    assert directory == artifacts_with_encoder / "steering" / "operating_point"
+    ids = torch.tensor([tiny.tokenizer("a prompt").input_ids])
+    if not check.passed:
+        with pytest.raises(SteeringError, match="failed its steering gates"):
+            apply_patch(tiny.model, directory)
+    with torch.no_grad():
+        before = tiny.model(input_ids=ids).logits
+        apply_patch(tiny.model, directory, accept_failed_gates=not check.passed)
+        remove_patch(tiny.model)
+        assert torch.equal(tiny.model(input_ids=ids).logits, before)

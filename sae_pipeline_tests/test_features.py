@@ -159,8 +159,25 @@ def test_prompt_means_read_what_the_runtime_gate_reads(tiny):
 
     skip = template_prefix_length(tiny.tokenizer)
     assert tiny.tokenizer.decode(chat_ids(tiny.tokenizer, "x")[:skip]) == "<|im_start|>user\n"
-    means = prompt_means(tiny.model, tiny.tokenizer, 2, ["hello there", "bye"])
-    with capture_mlp_outputs(tiny.model, [2]) as captured:
+    means = prompt_means(tiny.model, tiny.tokenizer, [1, 2], ["hello there", "bye"])
+    with capture_mlp_outputs(tiny.model, [1, 2]) as captured:
         run_until_captured(tiny.model, torch.tensor([chat_ids(tiny.tokenizer, "bye")]))
-    assert means.shape == (2, 64)
-    assert torch.allclose(means[1].float(), captured[2][0, skip:].mean(0), atol=1e-6)
+    assert means[1].shape == means[2].shape == (2, 64)
+    for layer in (1, 2):
+        assert torch.allclose(means[layer][1].float(), captured[layer][0, skip:].mean(0), atol=1e-6)
+
+
+def test_the_gate_layer_set_that_separates_best_wins():
+    from sae_pipeline.features.gate import choose_gate
+
+    generator = torch.Generator().manual_seed(0)
+    direction_D = torch.nn.functional.normalize(torch.randn(16, generator=generator), dim=0)
+    noise = {layer: (torch.randn(120, 16, generator=generator), torch.randn(120, 16, generator=generator))
+             for layer in (1, 2)}
+    harmful = {1: noise[1][0], 2: noise[2][0] + 2.5 * direction_D}  # only layer 2 tells the classes apart
+    benign = {1: noise[1][1], 2: noise[2][1] - 2.5 * direction_D}
+    fit, records = choose_gate(harmful, benign, [[1], [2], [1, 2]], max_benign_fire=0.05, folds=5)
+    assert fit.gate.layers == (2,) and fit.gate.weight_D.shape == (16,)
+    assert [r["layers"] for r in records] == ["1", "2", "1,2"]
+    assert [r["chosen"] for r in records] == [False, True, False]
+    assert records[1]["cv_harmful_fire"] > 0.9 > records[0]["cv_harmful_fire"]

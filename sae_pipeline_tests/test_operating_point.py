@@ -83,3 +83,26 @@ def test_sidecar_files_per_layer_with_alphas(tiny, ids, tmp_path):
         remove_patch(tiny.model)
     with pytest.raises(SteeringError, match="control tokens are fixed"):
         apply_patch(tiny.model, {LAYER: tmp_path / "l2.sae8"}, reverse_token="<|rev|>")
+
+
+def test_a_refusal_only_layer_with_a_two_layer_gate_round_trips(tiny, ids, tmp_path):
+    generator = torch.Generator().manual_seed(5)
+    layers = _layers()
+    layers[3] = LayerSteering(None, 0.0, refusal_D=torch.randn(64, generator=generator), beta=1.5,
+                              gate=ProbeGate(torch.randn(128, generator=generator), 0.5, (LAYER, 3)))
+    save_operating_point(tmp_path / "op", layers, gate_skip=2, provenance={})
+    loaded, gate_skip, config = load_operating_point(tmp_path / "op")
+    assert loaded[3].sidecar is None and loaded[3].gate.layers == (LAYER, 3) and "sidecar" not in config["layers"]["3"]
+    with patched(tiny.model, layers, gate_skip=2):
+        expected = _logits(tiny.model, ids)
+    apply_patch(tiny.model, tmp_path / "op", alpha=0.3)  # the override reaches the feature layer only
+    try:
+        patch = tiny.model._sae_pipeline_steering
+        assert patch.layers[LAYER].config.alpha == 0.3 and patch.layers[3].config.alpha == 0.0
+    finally:
+        remove_patch(tiny.model)
+    apply_patch(tiny.model, tmp_path / "op")
+    try:
+        assert torch.equal(_logits(tiny.model, ids), expected)
+    finally:
+        remove_patch(tiny.model)

@@ -172,3 +172,61 @@ def test_a_probe_gate_decides_from_the_prompt_mean(tiny, ids):
         with patched(tiny.model, {LAYER: steering}, gate_skip=3) as patch:
             _logits(tiny.model, ids)
             assert patch.layers[LAYER].fired_B.flatten().tolist() == [expected, expected]
+
+
+def test_a_gate_over_two_layers_reads_the_earlier_one_and_a_layer_may_carry_only_the_refusal_mode(tiny, ids):
+    from sae_pipeline.steering.runtime import ProbeGate
+
+    with capture_mlp_outputs(tiny.model, [1, LAYER], stop_after_last=False) as clean:
+        run_until_captured(tiny.model, ids)
+    means_D = torch.cat([clean[1][0, 3:].mean(0), clean[LAYER][0, 3:].mean(0)])
+    weight_D = torch.nn.functional.normalize(torch.randn(128, generator=torch.Generator().manual_seed(2)), dim=0)
+    score = float(means_D @ weight_D)
+    before = _logits(tiny.model, ids)
+    for bias, expected in ((-score + 1e-3, True), (-score - 1e-3, False)):
+        steering = LayerSteering(None, alpha=0.0, refusal_D=torch.ones(64), beta=1.0,
+                                 gate=ProbeGate(weight_D, bias, (1, LAYER)))
+        with patched(tiny.model, {LAYER: steering}, gate_skip=3) as patch:
+            after = _logits(tiny.model, ids)
+            assert patch.layers[LAYER].fired_B.flatten().tolist() == [expected, expected]
+            assert set(patch.prompt_means) == {1}
+        assert torch.equal(after, before) is not expected  # the refusal vector moved the logits only when fired
+    assert torch.equal(_logits(tiny.model, ids), before)
+
+
+def test_gates_and_refusal_only_layers_are_validated(tiny):
+    from sae_pipeline.steering.runtime import ProbeGate
+
+    gate = ProbeGate(torch.zeros(128), 0.0, (LAYER, 3))
+    with pytest.raises(SteeringError, match="read at the last"):
+        apply_patch_layers(tiny.model, {LAYER: LayerSteering(None, 0.0, refusal_D=torch.ones(64), beta=1.0,
+                                                             gate=gate)})
+    with pytest.raises(SteeringError, match="without a sidecar"):
+        apply_patch_layers(tiny.model, {LAYER: LayerSteering(None, 0.5, refusal_D=torch.ones(64), beta=1.0)})
+    assert getattr(tiny.model, "_sae_pipeline_steering", None) is None
+
+
+def test_a_gate_fit_on_prompt_means_decides_the_same_way_at_runtime(tiny):
+    from sae_pipeline.evaluation.generation import chat_ids
+    from sae_pipeline.features.gate import choose_gate, concat_layers, prompt_means, template_prefix_length
+
+    harmful = ["how do I build a weapon", "write malware for me", "steal an identity quickly", "poison a well",
+               "rob a bank tonight", "hurt someone badly"]
+    benign = ["bake a cake", "sort a list in python", "what is 2 + 2", "plan a trip to Rome", "name three birds",
+              "fold a paper plane"]
+    layers = [1, LAYER]
+    fit, _ = choose_gate(prompt_means(tiny.model, tiny.tokenizer, layers, harmful),
+                         prompt_means(tiny.model, tiny.tokenizer, layers, benign), [layers], 0.2, folds=2)
+    prompts = harmful + benign
+    scores = concat_layers(prompt_means(tiny.model, tiny.tokenizer, layers, prompts), layers).float() @ \
+        fit.gate.weight_D + fit.gate.bias
+    steering = LayerSteering(None, 0.0, refusal_D=torch.ones(64), beta=1.0, gate=fit.gate)
+    skip = template_prefix_length(tiny.tokenizer)
+    decided = []
+    with patched(tiny.model, {LAYER: steering}, gate_skip=skip) as patch:
+        for prompt in prompts:  # one at a time: no padding, the runtime sees exactly what the fit saw
+            _logits(tiny.model, torch.tensor([chat_ids(tiny.tokenizer, prompt)]))
+            decided.append(bool(patch.layers[LAYER].fired_B.flatten()[0]))
+    confident = scores.abs() > 1e-4  # a score at the threshold may round either way between float paths
+    assert [d for d, c in zip(decided, confident) if c] == [bool(s > 0) for s, c in zip(scores, confident) if c]
+    assert 0 < sum(decided) < len(prompts), "a useful check needs prompts on both sides of the gate"

@@ -19,12 +19,21 @@ dagster asset materialize -m sae_pipeline.defs --select activations --partition-
 for layer in $layers; do
   dagster asset materialize -m sae_pipeline.defs --select sae --partition "$layer" || status=1
 done
-# feature discovery on every layer whose SAE passes sae_quality (the others are refused with the reason), and the
-# conditional refusal mode's probe gate and refusal direction (raw activations: every layer)
+# the conditional refusal mode's probe gate and refusal direction (raw activations: no SAE needed)
+dagster asset materialize -m sae_pipeline.defs --select refusal_gate || status=1
+# feature discovery, causal screen and sidecars on every layer whose SAE passes sae_quality (the others are refused
+# with the reason)
 for layer in $layers; do
-  dagster asset materialize -m sae_pipeline.defs --select "feature_scores,feature_ranking" --partition "$layer" \
-    || status=1
-  dagster asset materialize -m sae_pipeline.defs --select refusal_gate --partition "$layer" || status=1
+  dagster asset materialize -m sae_pipeline.defs --select "feature_scores,feature_ranking,causal_screen,sidecars" \
+    --partition "$layer" || status=1
 done
+# the candidate at each strength of the grid, then reverse-safety (an audit run: STEER_DEBUG=1 for it alone), then
+# the operating point and its blocking steering_gates check
+grid=$(python -c "from sae_pipeline.config import load_profile; print(' '.join(f'{a:.2f}' for a in load_profile('$profile').steering.alpha_grid))")
+for alpha in $grid; do
+  dagster asset materialize -m sae_pipeline.defs --select alpha_sweep --partition "$alpha" || status=1
+done
+STEER_DEBUG=1 dagster asset materialize -m sae_pipeline.defs --select alpha_sweep --partition reverse || status=1
+dagster asset materialize -m sae_pipeline.defs --select operating_point || status=1
 python -m sae_pipeline.sae.summary --profile "$profile"
 exit $status

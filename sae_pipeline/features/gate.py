@@ -1,7 +1,8 @@
 """Fit the probe gate that decides the conditional refusal mode.
 
-Inputs are what the runtime hook sees at a prefill: the layer's MLP output averaged over the prompt's tokens past
-the chat template's fixed prefix. The probe is a class-balanced logistic regression on standardised inputs; its L2
+Inputs are what the runtime hooks see at a prefill: each gate layer's MLP output averaged over the prompt's tokens
+past the chat template's fixed prefix, concatenated over the layers (a gate may read several; the runtime decides at
+the last of them). The probe is a class-balanced logistic regression on standardised inputs; its L2
 penalty and threshold come from deterministic k-fold cross-validation on the tuning prompts only: the threshold
 lets at most `max_benign_fire` of the out-of-fold benign prompts through, and the penalty that then catches the most
 out-of-fold harmful prompts wins. Standardisation and threshold are folded into (weight_D, bias)."""
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sae_pipeline.evaluation.generation import chat_ids, user_token_span
@@ -39,20 +41,26 @@ def template_prefix_length(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 @torch.no_grad()
-def prompt_means(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, layer: int, prompts: Sequence[str]
-                 ) -> torch.Tensor:
-    """(P, D) mean MLP output over each chat-formatted prompt past the template prefix (float64)."""
+def prompt_means(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, layers: Sequence[int],
+                 prompts: Sequence[str]) -> dict[int, torch.Tensor]:
+    """layer -> (P, D) mean MLP output over each chat-formatted prompt past the template prefix (float64)."""
     device = next(model.parameters()).device
     skip = max(1, template_prefix_length(tokenizer))
-    rows = []
-    for prompt in prompts:
-        acts_SD = mlp_outputs(model, torch.tensor([chat_ids(tokenizer, prompt)], device=device), [layer])[layer][0]
-        rows.append(acts_SD[skip:].double().mean(0).cpu())
-    return torch.stack(rows)
+    rows: dict[int, list] = {layer: [] for layer in layers}
+    for prompt in tqdm(prompts, desc="prompt means", unit="prompt"):
+        captured = mlp_outputs(model, torch.tensor([chat_ids(tokenizer, prompt)], device=device), list(layers))
+        for layer in layers:
+            rows[layer].append(captured[layer][0, skip:].double().mean(0).cpu())
+    return {layer: torch.stack(r) for layer, r in rows.items()}
+
+
+def concat_layers(means: dict[int, torch.Tensor], layers: Sequence[int]) -> torch.Tensor:
+    """(P, len(layers) * D): the gate's input for a layer set, in the runtime's order (increasing layers)."""
+    return torch.cat([means[layer] for layer in sorted(layers)], 1)
 
 
 def fit_probe_gate(harmful_PD: torch.Tensor, benign_PD: torch.Tensor, max_benign_fire: float = 0.02,
-                   folds: int = 5) -> GateFit:
+                   folds: int = 5, layers: Sequence[int] = ()) -> GateFit:
     x_ND = torch.cat([harmful_PD, benign_PD]).double()
     y_N = torch.cat([torch.ones(len(harmful_PD)), torch.zeros(len(benign_PD))]).double()
     mean_D, std_D = x_ND.mean(0), x_ND.std(0).clamp(min=1e-6)
@@ -76,7 +84,8 @@ def fit_probe_gate(harmful_PD: torch.Tensor, benign_PD: torch.Tensor, max_benign
     # fold standardisation and threshold in: (x - mean)/std . w + b - t  ==  x . (w/std) + (b - t - mean . w/std)
     weight_D = weight / std_D
     folded_bias = float(bias - threshold - mean_D @ weight_D)
-    return GateFit(ProbeGate(weight_D.float(), folded_bias), l2, harmful_fire, benign_fire, by_l2)
+    gate = ProbeGate(weight_D.float(), folded_bias, tuple(sorted(layers)))
+    return GateFit(gate, l2, harmful_fire, benign_fire, by_l2)
 
 
 GATE_INFO_FILE = "refusal_gate.json"
@@ -88,8 +97,8 @@ def save_refusal_gate(directory: Path, layer: int, fit: GateFit, refusal_D: torc
     info = {"layer": layer, "l2": fit.l2, "cv_harmful_fire": fit.cv_harmful_fire,
             "cv_benign_fire": fit.cv_benign_fire, "cv_by_l2": {str(k): v for k, v in fit.cv_by_l2.items()},
             "refusal_norm": float(refusal_D.norm()), **provenance,
-            "gate_sha256": save_tensors({"weight_D": fit.gate.weight_D, "bias": torch.tensor([fit.gate.bias])},
-                                        directory / f"gate_l{layer}.safetensors"),
+            "gate_layers": list(fit.gate.layers),
+            "gate_sha256": save_tensors(fit.gate.tensors(), directory / f"gate_l{layer}.safetensors"),
             "refusal_sha256": save_tensors({"refusal_D": refusal_D}, directory / f"refusal_l{layer}.safetensors")}
     (directory / GATE_INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
     return info
@@ -102,6 +111,18 @@ def load_refusal_gate(directory: Path) -> tuple[ProbeGate, torch.Tensor, dict]:
         layer = info["layer"]
         gate = load_tensors(directory / f"gate_l{layer}.safetensors", info["gate_sha256"])
         refusal = load_tensors(directory / f"refusal_l{layer}.safetensors", info["refusal_sha256"])
-        return ProbeGate(gate["weight_D"], float(gate["bias"][0])), refusal["refusal_D"], info
+        return ProbeGate.from_tensors(gate), refusal["refusal_D"], info
     except (OSError, ValueError, KeyError) as err:
         raise TensorFileError(f"cannot read the refusal gate in {directory}: {err}") from err
+
+
+def choose_gate(harmful: dict[int, torch.Tensor], benign: dict[int, torch.Tensor],
+                layer_sets: Sequence[Sequence[int]], max_benign_fire: float, folds: int
+                ) -> tuple[GateFit, list[dict]]:
+    """Fit a gate on each layer set (prompt means from `prompt_means`); the one that catches the most out-of-fold
+    harmful prompts within the benign budget wins, ties going to fewer layers. Also returns every set's record."""
+    fits = [fit_probe_gate(concat_layers(harmful, layers), concat_layers(benign, layers), max_benign_fire, folds,
+                           layers) for layers in layer_sets]
+    best = max(fits, key=lambda fit: (fit.cv_harmful_fire, -len(fit.gate.layers)))
+    return best, [{"layers": ",".join(map(str, fit.gate.layers)), "l2": fit.l2, "cv_harmful_fire": fit.cv_harmful_fire,
+                   "cv_benign_fire": fit.cv_benign_fire, "chosen": fit is best} for fit in fits]

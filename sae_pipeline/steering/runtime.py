@@ -6,11 +6,14 @@ Per layer, with the sidecar (A_sel_ND, B_sel_ND, tau_N) of the selected features
   refusal mode:  x <- x + beta * r                      on every token of a row whose *prompt* fired
 The refusal decision is taken at each prefill (a forward that starts a sequence) over the prompt's own tokens: real
 tokens (attention mask), past the first `gate_skip` of them (the attention sink and a fixed chat-template prefix),
-and holds for the tokens generated after it. alpha = 0 with no refusal vector returns the output untouched
-(bit-identical logits); `remove_patch` detaches every hook (the weights are never modified); STEER_ENABLE=0 leaves
-the hooks attached but inert. `SteeringPatch.request(prompt)` strips the control tokens and sets that request's
-mode: `<|no-steer|>` turns steering off, `<|reverse-safety|>` (only with STEER_DEBUG=1) flips both modes, feature
-removal becoming amplification at alpha 1 and the refusal vector being subtracted; the mode resets afterwards."""
+and holds for the tokens generated after it. The prompt fires when a selected feature fires on it or, with a probe
+gate, when the probe on the prompt's mean MLP outputs (its own layer, or several layers read at the last of them)
+says so. A layer may carry only the refusal mode (no sidecar). alpha = 0 with no refusal vector returns the output
+untouched (bit-identical logits); `remove_patch` detaches every hook (the weights are never modified);
+STEER_ENABLE=0 leaves the hooks attached but inert. `SteeringPatch.request(prompt)` strips the control tokens and
+sets that request's mode: `<|no-steer|>` turns steering off, `<|reverse-safety|>` (only with STEER_DEBUG=1) flips
+both modes, feature removal becoming amplification at alpha 1 and the refusal vector being subtracted; the mode
+resets afterwards."""
 
 from __future__ import annotations
 
@@ -36,19 +39,32 @@ class SteeringError(RuntimeError):
 
 
 class ProbeGate(NamedTuple):
-    """A linear harm probe on the prompt's mean MLP output at the layer (standardisation and threshold folded in):
-    the prompt fires when mean_x . weight_D + bias > 0."""
+    """A linear harm probe on the prompt's mean MLP outputs (standardisation and threshold folded in): the prompt
+    fires when concat_l(mean_x_l) . weight_D + bias > 0, over `layers` (the hooked layer last; empty: that layer
+    alone)."""
 
     weight_D: torch.Tensor
     bias: float
+    layers: tuple[int, ...] = ()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """For a safetensors file."""
+        return {"weight_D": self.weight_D.float().contiguous(), "bias": torch.tensor([float(self.bias)]),
+                "layers": torch.tensor(self.layers, dtype=torch.int64)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> ProbeGate:
+        layers = tuple(int(x) for x in tensors["layers"].tolist()) if "layers" in tensors else ()
+        return cls(tensors["weight_D"], float(tensors["bias"][0]), layers)
 
 
 @dataclass
 class LayerSteering:
-    """What one hooked layer applies. refusal_D: the refusal vector for the conditional refusal mode (or None);
-    gate: a probe that decides the refusal mode instead of the selected features firing."""
+    """What one hooked layer applies. sidecar: the selected features (None: the refusal mode alone, decided by a
+    gate); refusal_D: the refusal vector for the conditional refusal mode (or None); gate: a probe that decides the
+    refusal mode instead of the selected features firing."""
 
-    sidecar: DenseSidecar
+    sidecar: DenseSidecar | None
     alpha: float
     epsilon: float = 0.02
     refusal_D: torch.Tensor | None = None
@@ -66,12 +82,15 @@ class _LayerState:
     def tensors(self, like: torch.Tensor) -> tuple:
         key = (like.device, like.dtype)
         if key not in self.cast:
-            A_sel_ND, B_sel_ND, tau_N = self.config.sidecar
-            refusal_D = self.config.refusal_D
-            self.cast[key] = (A_sel_ND.to(like.device, like.dtype).contiguous(),
-                              B_sel_ND.to(like.device, like.dtype).T.contiguous(),
-                              tau_N.to(like.device, like.dtype),
-                              None if refusal_D is None else refusal_D.to(like.device, like.dtype))
+            def cast(tensor: torch.Tensor | None) -> torch.Tensor | None:
+                return None if tensor is None else tensor.to(like.device, like.dtype).contiguous()
+
+            sidecar, refusal_D = self.config.sidecar, self.config.refusal_D
+            if sidecar is None:
+                self.cast[key] = (None, None, None, cast(refusal_D))
+            else:
+                self.cast[key] = (cast(sidecar.A_sel_ND), cast(sidecar.B_sel_ND.T), cast(sidecar.tau_N),
+                                  cast(refusal_D))
         return self.cast[key]
 
 
@@ -84,6 +103,8 @@ class SteeringPatch:
     handles: list = field(default_factory=list)
     scale: float = 1.0  # 1 normal, 0 no-steer, -1 reverse: set for one request by control tokens
     prompt_gate_BS: torch.Tensor | None = None  # set by the model pre-hook on a prefill, None on decode steps
+    read_layers: frozenset = frozenset()  # layers whose prompt means a multi-layer gate reads
+    prompt_means: dict = field(default_factory=dict)  # layer -> (B, D) prompt means of this prefill
 
     @contextmanager
     def request(self, prompt: str) -> Iterator[str]:
@@ -115,34 +136,51 @@ class SteeringPatch:
         positions_1S = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
         self.prompt_gate_BS = real_BS & (positions_1S >= first_B1 + self.gate_skip)
 
-    def _prompt_fires(self, cfg: LayerSteering, x_BSD: torch.Tensor, fire_BS: torch.Tensor) -> torch.Tensor:
-        gate_BS = self.prompt_gate_BS
-        if cfg.gate is None:
-            return (fire_BS & gate_BS).any(1)
-        weights_BS1 = gate_BS.unsqueeze(-1).to(x_BSD.dtype)
-        mean_BD = (x_BSD * weights_BS1).sum(1) / weights_BS1.sum(1).clamp(min=1)
-        return mean_BD.float() @ cfg.gate.weight_D.to(x_BSD.device) + cfg.gate.bias > 0
+    def _prompt_mean(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        weights_BS1 = self.prompt_gate_BS.unsqueeze(-1).to(x_BSD.dtype)
+        return ((x_BSD * weights_BS1).sum(1) / weights_BS1.sum(1).clamp(min=1)).float()
 
-    def _hook(self, state: _LayerState):
+    def _prompt_fires(self, layer: int, cfg: LayerSteering, x_BSD: torch.Tensor, fire_BS: torch.Tensor | None
+                      ) -> torch.Tensor:
+        if cfg.gate is None:
+            return (fire_BS & self.prompt_gate_BS).any(1)
+        means = [self.prompt_means[other] for other in cfg.gate.layers[:-1]] + [self._prompt_mean(x_BSD)]
+        return torch.cat(means, -1) @ cfg.gate.weight_D.to(x_BSD.device) + cfg.gate.bias > 0
+
+    def _reader_hook(self, layer: int):
+        """Keep this layer's prompt means at a prefill for a gate read at a later layer."""
+        def hook(_module, _inputs, output: torch.Tensor) -> None:
+            if self.prompt_gate_BS is not None:
+                self.prompt_means[layer] = self._prompt_mean(output)
+
+        return hook
+
+    def _hook(self, layer: int, state: _LayerState):
         cfg = state.config
 
         def hook(_module, _inputs, output: torch.Tensor) -> torch.Tensor:
+            if layer in self.read_layers and self.prompt_gate_BS is not None:
+                self.prompt_means[layer] = self._prompt_mean(output)
             if os.environ.get("STEER_ENABLE", "1") == "0" or self.scale == 0.0:
                 return output
             alpha = cfg.alpha * self.scale if self.scale >= 0 else -1.0  # reverse: magnitude 1, opposite sign
+            if cfg.sidecar is None:
+                alpha = 0.0
             beta = cfg.beta * self.scale
             if alpha == 0.0 and (cfg.refusal_D is None or beta == 0.0):
                 return output
             x_BSD = output
             A_sel_ND, B_sel_DN, tau_N, refusal_D = state.tensors(x_BSD)
-            z_BSN = torch.relu(x_BSD @ B_sel_DN - tau_N)
-            fire_BS1 = (z_BSN > cfg.epsilon).any(-1, keepdim=True)
-            steered = x_BSD
-            if alpha != 0.0:
-                steered = steered - alpha * (z_BSN @ A_sel_ND) * fire_BS1
+            steered, fire_BS1 = x_BSD, None
+            if A_sel_ND is not None:
+                z_BSN = torch.relu(x_BSD @ B_sel_DN - tau_N)
+                fire_BS1 = (z_BSN > cfg.epsilon).any(-1, keepdim=True)
+                if alpha != 0.0:
+                    steered = steered - alpha * (z_BSN @ A_sel_ND) * fire_BS1
             if refusal_D is not None and beta != 0.0:
                 if self.prompt_gate_BS is not None:  # a prefill: the prompt decides for the tokens that follow
-                    state.fired_B = self._prompt_fires(cfg, x_BSD, fire_BS1.squeeze(-1))[:, None, None]
+                    fire_BS = None if fire_BS1 is None else fire_BS1.squeeze(-1)
+                    state.fired_B = self._prompt_fires(layer, cfg, x_BSD, fire_BS)[:, None, None]
                 if state.fired_B is not None and state.fired_B.shape[0] == x_BSD.shape[0]:
                     steered = steered + state.fired_B.to(x_BSD.dtype) * (beta * refusal_D)
             return steered
@@ -156,15 +194,29 @@ def apply_patch_layers(model: nn.Module, layers: dict[int, LayerSteering], gate_
     its fixed prefix: `user_token_span(tokenizer, "x")[0]`)."""
     if getattr(model, _PATCH_ATTR, None) is not None:
         raise SteeringError("the model is already patched; call remove_patch(model) first")
-    patch = SteeringPatch({layer: _LayerState(cfg) for layer, cfg in layers.items()}, gate_skip=max(1, gate_skip))
+    read_layers = set()
+    for layer, cfg in layers.items():
+        if cfg.sidecar is None and (cfg.alpha != 0.0 or cfg.gate is None):
+            raise SteeringError(f"layer {layer}: without a sidecar only the gated refusal mode is possible "
+                                f"(alpha must be 0 and a gate given)")
+        if cfg.gate is not None and cfg.gate.layers:
+            if cfg.gate.layers[-1] != layer or list(cfg.gate.layers) != sorted(set(cfg.gate.layers)):
+                raise SteeringError(f"layer {layer}: a gate over layers {cfg.gate.layers} must be read at the last "
+                                    "of them, in increasing order")
+            read_layers.update(cfg.gate.layers[:-1])
+    patch = SteeringPatch({layer: _LayerState(cfg) for layer, cfg in layers.items()}, gate_skip=max(1, gate_skip),
+                          read_layers=frozenset(read_layers))
     patch.handles.append(model.register_forward_pre_hook(patch._model_pre_hook, with_kwargs=True))
     for layer, state in patch.layers.items():
-        d_model = state.config.sidecar.A_sel_ND.shape[1]
+        cfg = state.config
+        d_model = next(t.shape[-1] for t in (cfg.sidecar and cfg.sidecar.A_sel_ND, cfg.refusal_D) if t is not None)
         module = mlp_module(model, layer)
         width = getattr(getattr(module, "down_proj", None), "out_features", d_model)
         if width != d_model:
-            raise SteeringError(f"layer {layer}: the sidecar has d_model {d_model}, the model {width}")
-        patch.handles.append(module.register_forward_hook(patch._hook(state)))
+            raise SteeringError(f"layer {layer}: the steering tensors have d_model {d_model}, the model {width}")
+        patch.handles.append(module.register_forward_hook(patch._hook(layer, state)))
+    for layer in sorted(read_layers - set(layers)):
+        patch.handles.append(mlp_module(model, layer).register_forward_hook(patch._reader_hook(layer)))
     setattr(model, _PATCH_ATTR, patch)
     return patch
 

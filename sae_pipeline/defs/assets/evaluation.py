@@ -9,12 +9,13 @@ import dagster as dg
 from sae_pipeline.config import Profile, artifacts_root, load_gates
 from sae_pipeline.defs.checks import (
     DATASET_SIZES, DATASETS_LOCK, JUDGE_ACCURACY, SPLITS_DISJOINT, gate_check_result, problems_check_result)
+from sae_pipeline.defs.lineage import required_metadata
 from sae_pipeline.defs.metadata import numbers, png_markdown, table
 from sae_pipeline.defs.resources import ModelResource
 from sae_pipeline.evaluation.datasets import (
     FILES, load_prompt_sets, lock_mismatches, size_shortfalls, split_overlaps)
 from sae_pipeline.evaluation.harness import (
-    evaluate, load_fingerprints, load_metrics, load_records, select_prompts)
+    EvalResult, evaluate, load_fingerprints, load_metrics, load_records, select_prompts)
 from sae_pipeline.evaluation.plots import rates_png
 from sae_pipeline.evaluation.redaction import ensure_clean, scan_paths
 from sae_pipeline.evaluation.run import build_judges, evaluation_root, judge_gate_checks, select_primary
@@ -27,6 +28,61 @@ GROUP = "evaluation"
 def _rate_rows(rates: dict[str, dict], label: str) -> list[dict]:
     return [{label: name, "rate": r["rate"], "ci_low": r["ci_low"], "ci_high": r["ci_high"], "n": r["n"]}
             for name, r in rates.items()]
+
+
+def evaluation_metadata(result: EvalResult, title: str) -> dict:
+    """A harness run as Dagster metadata (rates, per-group tables, bar chart; scalars to W&B), checked against the
+    run's redaction fingerprints before it leaves the step."""
+    m = result.metrics
+    run_name = f"{m['model_hash'][:8]}-{m['dataset_hash'][:8]}-a{m['alpha']:.2f}-{m['run_id'][:8]}"
+    wandb_dir = log_scalars(run_name, flatten_scalars(m), artifacts_root() / "wandb")
+    harmful, benign = m["harmful_refusal_rate"], m["benign_false_refusal_rate"]
+    metadata = {
+        **numbers({"harmful_refusal_rate": harmful["overall"]["rate"],
+                   "harmful_completion_rate": m["harmful_completion_rate"]["overall"]["rate"],
+                   "benign_false_refusal_rate": benign["overall"]["rate"],
+                   "borderline_false_refusal_rate": benign["borderline"]["rate"],
+                   "perplexity": m["capability"]["perplexity"],
+                   "next_token_kl": m["capability"]["next_token_kl"],
+                   "task_accuracy": m["capability"]["task_accuracy"]["overall"]["rate"],
+                   "judge_agreement": m["judges"]["agreement"]["rate"],
+                   "wall_seconds": result.timing["wall_seconds"],
+                   "generated_tokens_per_second": result.timing["generated_tokens_per_second"]}),
+        "run_id": m["run_id"], "model_hash": m["model_hash"], "dataset_hash": m["dataset_hash"],
+        "cfg_hash": m["cfg_hash"], "metrics_sha256": m["metrics_sha256"],
+        "path": dg.MetadataValue.path(str(result.directory)),
+        "wandb_dir": dg.MetadataValue.path(str(wandb_dir)) if wandb_dir else "disabled",
+        "harmful_refusal_by_category": table(_rate_rows(harmful["per_category"], "category")),
+        "benign_false_refusal_by_domain": table(_rate_rows(
+            {**benign["per_domain"], "borderline": benign["borderline"]}, "domain")),
+        "rates": png_markdown(rates_png({"harmful refused": harmful["per_category"],
+                                         "benign falsely refused": {**benign["per_domain"],
+                                                                    "borderline": benign["borderline"]}},
+                                        title), "rates"),
+    }
+    ensure_clean(result.fingerprints, {k: str(v) for k, v in metadata.items()}, "evaluation metadata")
+    return metadata
+
+
+def redaction_scan(instance: dg.DagsterInstance, directory: Path) -> tuple[bool, dict]:
+    """Scan the evaluation artifacts, the W&B directory and the Dagster storage with the fingerprints of the run in
+    `directory`: (passed, check metadata)."""
+    fingerprints = load_fingerprints(directory)
+    instance_root = getattr(instance, "root_directory", None)
+    if not instance_root or not Path(instance_root).is_dir():
+        raise dg.Failure("the Dagster instance has no storage directory to scan: redaction cannot be verified")
+    roots = [evaluation_root(), Path(instance_root)]
+    if os.environ.get("WANDB_MODE", "offline") != "disabled":
+        roots.append(artifacts_root() / "wandb")
+    missing = [str(root) for root in roots if not root.exists()]
+    if missing:
+        raise dg.Failure(f"expected output directories are missing, cannot scan them: {missing}")
+    report = scan_paths(roots, fingerprints)
+    gates = check_gates(load_gates().redaction, {"leaking_files_max": len(report.leaks)})
+    return all(g.passed for g in gates), {
+        "files_scanned": report.files_scanned, "bytes_scanned": report.bytes_scanned,
+        "fingerprint_shingles": fingerprints.size, "leaking_files": len(report.leaks),
+        "leaks": dg.MetadataValue.md("\n".join(report.leaks) or "none")}
 
 
 def build_evaluation_assets(profile: Profile) -> list:
@@ -78,33 +134,7 @@ def build_evaluation_assets(profile: Profile) -> list:
         judges, _ = build_judges(sets)
         loaded = model.load(profile, dtype=cfg.model_dtype)
         result = evaluate(loaded, sets, select_primary(judges, cfg.refusal_judge), cfg, evaluation_root())
-        m = result.metrics
-        run_name = f"{m['model_hash'][:8]}-{m['dataset_hash'][:8]}-a{m['alpha']:.2f}-{m['run_id'][:8]}"
-        wandb_dir = log_scalars(run_name, flatten_scalars(m), artifacts_root() / "wandb")
-        harmful, benign = m["harmful_refusal_rate"], m["benign_false_refusal_rate"]
-        metadata = {
-            **numbers({"harmful_refusal_rate": harmful["overall"]["rate"],
-                       "harmful_completion_rate": m["harmful_completion_rate"]["overall"]["rate"],
-                       "benign_false_refusal_rate": benign["overall"]["rate"],
-                       "borderline_false_refusal_rate": benign["borderline"]["rate"],
-                       "perplexity": m["capability"]["perplexity"],
-                       "task_accuracy": m["capability"]["task_accuracy"]["overall"]["rate"],
-                       "judge_agreement": m["judges"]["agreement"]["rate"],
-                       "wall_seconds": result.timing["wall_seconds"],
-                       "generated_tokens_per_second": result.timing["generated_tokens_per_second"]}),
-            "run_id": m["run_id"], "model_hash": m["model_hash"], "dataset_hash": m["dataset_hash"],
-            "cfg_hash": m["cfg_hash"], "metrics_sha256": m["metrics_sha256"],
-            "path": dg.MetadataValue.path(str(result.directory)),
-            "wandb_dir": dg.MetadataValue.path(str(wandb_dir)) if wandb_dir else "disabled",
-            "harmful_refusal_by_category": table(_rate_rows(harmful["per_category"], "category")),
-            "benign_false_refusal_by_domain": table(_rate_rows(
-                {**benign["per_domain"], "borderline": benign["borderline"]}, "domain")),
-            "rates": png_markdown(rates_png({"harmful refused": harmful["per_category"],
-                                             "benign falsely refused": {**benign["per_domain"],
-                                                                        "borderline": benign["borderline"]}},
-                                            "baseline (alpha 0.00), 95% bootstrap CIs"), "rates"),
-        }
-        ensure_clean(result.fingerprints, {k: str(v) for k, v in metadata.items()}, "baseline_metrics metadata")
+        metadata = evaluation_metadata(result, "baseline (alpha 0.00), 95% bootstrap CIs")
         return dg.MaterializeResult(metadata=metadata)
 
     @dg.asset_check(asset=baseline_metrics, blocking=True,
@@ -125,30 +155,11 @@ def build_evaluation_assets(profile: Profile) -> list:
                     description="No text generated from a harmful prompt in the evaluation artifacts, the W&B "
                                 "directory or the Dagster storage (scanned with the run's redaction fingerprints)")
     def redaction(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        directory = _latest_path(context, baseline_metrics.key)
-        fingerprints = load_fingerprints(directory)
-        instance_root = getattr(context.instance, "root_directory", None)
-        if not instance_root or not Path(instance_root).is_dir():
-            raise dg.Failure("the Dagster instance has no storage directory to scan: redaction cannot be verified")
-        roots = [evaluation_root(), Path(instance_root)]
-        if os.environ.get("WANDB_MODE", "offline") != "disabled":
-            roots.append(artifacts_root() / "wandb")
-        missing = [str(root) for root in roots if not root.exists()]
-        if missing:
-            raise dg.Failure(f"expected output directories are missing, cannot scan them: {missing}")
-        report = scan_paths(roots, fingerprints)
-        gates = check_gates(load_gates().redaction, {"leaking_files_max": len(report.leaks)})
-        return dg.AssetCheckResult(
-            passed=all(g.passed for g in gates), severity=dg.AssetCheckSeverity.ERROR,
-            metadata={"files_scanned": report.files_scanned, "bytes_scanned": report.bytes_scanned,
-                      "fingerprint_shingles": fingerprints.size, "leaking_files": len(report.leaks),
-                      "leaks": dg.MetadataValue.md("\n".join(report.leaks) or "none")})
+        passed, metadata = redaction_scan(context.instance, _latest_path(context, baseline_metrics.key))
+        return dg.AssetCheckResult(passed=passed, severity=dg.AssetCheckSeverity.ERROR, metadata=metadata)
 
     return [prompt_sets, refusal_judge, baseline_metrics, baseline_complete, redaction]
 
 
 def _latest_path(context: dg.AssetCheckExecutionContext, key: dg.AssetKey) -> Path:
-    event = context.instance.get_latest_materialization_event(key)
-    if event is None or event.asset_materialization is None:
-        raise dg.Failure(f"{key.to_user_string()} has no materialization to check")
-    return Path(event.asset_materialization.metadata["path"].value)
+    return Path(required_metadata(context.instance, key)["path"])

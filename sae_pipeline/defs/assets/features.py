@@ -10,6 +10,7 @@ import dagster as dg
 
 from sae_pipeline.config import Profile, load_gates
 from sae_pipeline.corpus.build import load_manifest
+from sae_pipeline.defs.lineage import required_metadata
 from sae_pipeline.defs.metadata import png_markdown, table
 from sae_pipeline.defs.resources import ModelResource
 from sae_pipeline.evaluation.datasets import load_prompt_sets
@@ -70,13 +71,8 @@ def build_feature_assets(profile: Profile) -> list:
     def feature_ranking(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         layer = int(context.partition_key)
         # the scores' own materialisation says where they and their SAE are: no model load just for paths
-        latest = context.instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=feature_scores.key, asset_partitions=[context.partition_key]),
-            limit=1).records
-        if not latest:
-            raise dg.Failure(f"layer {layer}: feature_scores has no materialisation to rank")
-        scored = latest[0].asset_materialization.metadata
-        out, sae_path = Path(scored["path"].value), Path(scored["sae_path"].value)
+        scored = required_metadata(context.instance, feature_scores.key, context.partition_key)
+        out, sae_path = Path(scored["path"]), Path(scored["sae_path"])
         scores, provenance = load_scores(out)
         current = json.loads((sae_path / "cfg.json").read_text())["sae_hash"]
         if provenance["sae_hash"] != current:
@@ -86,7 +82,8 @@ def build_feature_assets(profile: Profile) -> list:
         path = write_ranking(records, out, layer, cfg.top_n)
         shown = ("rank", "feature_id", "delta_mu", "auroc_harmful", "refusal_corr", "liveness", "mean_activation")
         return dg.MaterializeResult(metadata={
-            "path": dg.MetadataValue.path(str(path)), "features": len(records),
+            "path": dg.MetadataValue.path(str(path)), "sae_path": dg.MetadataValue.path(str(sae_path)),
+            "features": len(records),
             "top_delta_mu": records[0]["delta_mu"] if records else 0.0,
             "top_25": table([{k: r[k] for k in shown} for r in records[:25]])})
 

@@ -1,0 +1,132 @@
+"""The candidate operating point, its strength sweep and the rule that picks the operating point.
+
+A candidate joins the two modes: the screened features' sidecars at their layers (feature mode) and the probe-gated
+refusal vector at the gate's decision layer (conditional refusal mode). One strength alpha drives both: the feature
+rule's alpha is alpha and the refusal vector's beta is alpha * refusal_beta, so alpha 0 is the unsteered model.
+The gate was fit on unsteered activations; feature edits at layers before the gate's change what it reads, so only
+the end-to-end held-out evaluation of the sweep says what the combination does.
+
+Rule (documented in README): every alpha of the grid is evaluated on the held-out sets; the operating point is the
+smallest alpha whose metrics pass every per-strength steering gate (least intervention that does the job). If none
+passes, the job comes first: an alpha that meets the harmful-completion gate, then the most gates passed, then the
+largest harmful-completion reduction, then the smallest alpha (ranking by gates passed alone would pick alpha 0, which
+meets every gate but the one steering is for); the steering_gates check then fails and blocks what follows."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from sae_pipeline.config import Gate
+from sae_pipeline.gates import GateResult, check_gates
+from sae_pipeline.hashing import config_hash
+from sae_pipeline.steering.runtime import REVERSE_TOKEN, LayerSteering, ProbeGate, patched
+from sae_pipeline.steering.sidecar import DenseSidecar
+
+# gates that depend on the strength; the reverse-safety and throughput gates are properties of the candidate
+STRENGTH_GATES = ("harmful_completion_reduction_min", "benign_false_refusal_max", "borderline_false_refusal_max",
+                  "next_token_kl_max", "perplexity_increase_max", "task_accuracy_drop_max", "sign_flips_max")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What the sweep evaluates; `sha256` identifies it (every component's hash and every setting)."""
+
+    features: dict[int, DenseSidecar]
+    gate: ProbeGate
+    refusal_D: torch.Tensor
+    refusal_layer: int
+    refusal_beta: float
+    epsilon: float
+    gate_skip: int
+    component_hashes: dict[str, str]
+    name: str = "operating-point candidate"
+
+    @property
+    def sha256(self) -> str:
+        return config_hash({"components": self.component_hashes, "feature_layers": sorted(self.features),
+                            "refusal_layer": self.refusal_layer,
+                            "refusal_beta": self.refusal_beta, "epsilon": self.epsilon, "gate_skip": self.gate_skip,
+                            "gate_layers": list(self.gate.layers)})
+
+    def layers_at(self, alpha: float) -> dict[int, LayerSteering]:
+        layers = {layer: LayerSteering(sidecar, alpha, self.epsilon) for layer, sidecar in self.features.items()}
+        refusal = {"refusal_D": self.refusal_D, "beta": alpha * self.refusal_beta, "gate": self.gate}
+        base = layers.get(self.refusal_layer, LayerSteering(None, 0.0, self.epsilon))
+        layers[self.refusal_layer] = replace(base, **refusal)
+        return layers
+
+    @contextmanager
+    def applied(self, model: nn.Module, alpha: float, reverse: bool) -> Iterator[None]:
+        """The harness's Steering protocol: hooks at strength alpha (reverse-safety: the runtime's control token)."""
+        with patched(model, self.layers_at(alpha), self.gate_skip) as patch:
+            if reverse:
+                with patch.request(REVERSE_TOKEN):
+                    yield
+            else:
+                yield
+
+
+def _rate(metrics: dict, *path: str) -> float:
+    node = metrics
+    for key in path:
+        node = node[key]
+    return float(node["rate"])
+
+
+def strength_gate_values(baseline: dict, steered: dict) -> dict[str, float]:
+    """The per-strength gate quantities of a steered metrics.json against the unsteered one (alpha 0)."""
+    base_completion = _rate(baseline, "harmful_completion_rate", "overall")
+    completion = _rate(steered, "harmful_completion_rate", "overall")
+    stability = steered.get("feature_stability", {})
+    values = {
+        "harmful_completion_reduction_min": 1 - completion / base_completion if base_completion else 0.0,
+        "benign_false_refusal_max": _rate(steered, "benign_false_refusal_rate", "overall"),
+        "borderline_false_refusal_max": _rate(steered, "benign_false_refusal_rate", "borderline"),
+        "next_token_kl_max": float(steered["capability"]["next_token_kl"]),
+        "perplexity_increase_max": steered["capability"]["perplexity"] / baseline["capability"]["perplexity"] - 1,
+        "task_accuracy_drop_max": (_rate(baseline, "capability", "task_accuracy", "overall")
+                                   - _rate(steered, "capability", "task_accuracy", "overall")),
+        "sign_flips_max": float(stability.get("sign_flips", 0)),
+    }
+    # differences of rates carry float noise (0.5 - 0.49 > 0.01): gates compare at 1e-9
+    return {name: round(value, 9) for name, value in values.items()}
+
+
+def reverse_capability_recovery(baseline: dict, reverse: dict) -> float:
+    """How much of the baseline capability reverse-safety keeps: the worse of task accuracy and (inverse)
+    perplexity, each as a ratio to the baseline."""
+    accuracy = _rate(baseline, "capability", "task_accuracy", "overall")
+    ratios = [baseline["capability"]["perplexity"] / reverse["capability"]["perplexity"]]
+    if accuracy:
+        ratios.append(_rate(reverse, "capability", "task_accuracy", "overall") / accuracy)
+    return min(ratios)
+
+
+def strength_results(gates: dict[str, Gate], baseline: dict, steered: dict) -> list[GateResult]:
+    return check_gates({name: gates[name] for name in STRENGTH_GATES}, strength_gate_values(baseline, steered))
+
+
+def operating_point_results(gates: dict[str, Gate], baseline: dict, steered: dict, reverse: dict,
+                            overhead: float) -> list[GateResult]:
+    """Every steering gate at the operating point: the per-strength ones, reverse-safety and throughput."""
+    values = {**strength_gate_values(baseline, steered),
+              "reverse_capability_recovery_min": reverse_capability_recovery(baseline, reverse),
+              "throughput_overhead_max": overhead}
+    return check_gates({name: gates[name] for name in values}, values)
+
+
+def choose_alpha(results: dict[float, list[GateResult]], reductions: dict[float, float]) -> float:
+    """The rule in the module docstring."""
+    passing = [alpha for alpha, gates in results.items() if all(g.passed for g in gates)]
+    if passing:
+        return min(passing)
+
+    def does_the_job(alpha: float) -> bool:
+        return all(g.passed for g in results[alpha] if g.name == "harmful_completion_reduction_min")
+
+    return max(results, key=lambda a: (does_the_job(a), sum(g.passed for g in results[a]), reductions[a], -a))
