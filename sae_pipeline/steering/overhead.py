@@ -1,8 +1,9 @@
 """Steering's decode overhead, measured as a ratio in one run: greedy tokens/s with the hooks attached vs without.
 
 The arms alternate prompt by prompt and round by round, in ABBA order (unsteered first, then steered first), so
-drift in machine speed and any order effect hit both alike; the overhead is 1 - median(steered) / median(unsteered). Each figure times a one-token
-generate (the prefill) and takes it off, so a long context's prefill does not hide in the decode rate."""
+drift in machine speed and any order effect hit both alike; the overhead is 1 - median(steered) / median(unsteered).
+Each figure times a one-token generate (the prefill) and takes it off, so a long context's prefill does not hide in
+the decode rate."""
 
 from __future__ import annotations
 
