@@ -186,8 +186,7 @@ def test_tiny_steering_chain_from_the_screen_to_an_applicable_operating_point(
     steering_gates = load_gates().steering  # the chosen alpha follows from the sweep table and the gates alone
     rebuilt = {r["alpha"]: check_gates({name: steering_gates[name] for name in STRENGTH_GATES}, r) for r in sweep}
     assert [sum(g.passed for g in rebuilt[r["alpha"]]) for r in sweep] == [r["gates_passed"] for r in sweep]
-    reductions = {r["alpha"]: r["harmful_completion_reduction_min"] for r in sweep}
-    assert metadata["alpha"].value == choose_alpha(rebuilt, reductions)
+    assert metadata["alpha"].value == choose_alpha(rebuilt)
     assert metadata["alpha_curves"].value.startswith("![alpha curves](data:image/png;base64,")
     assert {r.data["metric"] for r in metadata["ab_table"].value.records} >= {"harmful refused", "perplexity"}
     directory = Path(metadata["path"].value)

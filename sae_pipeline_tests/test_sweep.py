@@ -45,22 +45,24 @@ def test_reverse_recovery_is_the_worse_of_accuracy_and_perplexity():
     assert reverse_capability_recovery(BASELINE, _metrics(0.9, 0.0, 0.0, 20.0, 0.45)) == pytest.approx(0.9)
 
 
-def _gates(job, *others):
-    """The harmful-completion gate first, then others."""
-    return [GateResult("harmful_completion_reduction_min", 0.0, 0.0, job, "test"),
+REDUCTIONS = {0.0: 0.0, 0.4: 0.5, 0.8: 0.93, 1.2: 0.97}
+
+
+def _gates(alpha, job, *others):
+    """The harmful-completion gate (its value: the alpha's reduction) first, then others."""
+    return [GateResult("harmful_completion_reduction_min", REDUCTIONS[alpha], 0.92, job, "test"),
             *(GateResult(f"g{i}", 0.0, 0.0, p, "test") for i, p in enumerate(others))]
 
 
 def test_the_smallest_passing_alpha_wins_else_the_job_comes_first():
-    reductions = {0.0: 0.0, 0.4: 0.5, 0.8: 0.93, 1.2: 0.97}
-    assert choose_alpha({0.0: _gates(False, True, True), 0.4: _gates(True, True, True),
-                         0.8: _gates(True, True, True), 1.2: _gates(True, False, True)}, reductions) == 0.4
+    assert choose_alpha({0.0: _gates(0.0, False, True, True), 0.4: _gates(0.4, True, True, True),
+                         0.8: _gates(0.8, True, True, True), 1.2: _gates(1.2, True, False, True)}) == 0.4
     # alpha 0 passes every gate but the harmful one: it never wins over an alpha that does the job
-    assert choose_alpha({0.0: _gates(False, True, True), 0.4: _gates(False, True, True),
-                         0.8: _gates(True, False, False), 1.2: _gates(True, False, True)}, reductions) == 1.2
+    assert choose_alpha({0.0: _gates(0.0, False, True, True), 0.4: _gates(0.4, False, True, True),
+                         0.8: _gates(0.8, True, False, False), 1.2: _gates(1.2, True, False, True)}) == 1.2
     # nobody does the job: most gates, then the largest reduction
-    assert choose_alpha({0.0: _gates(False, True, True), 0.4: _gates(False, True, True),
-                         0.8: _gates(False, True, False), 1.2: _gates(False, False, False)}, reductions) == 0.4
+    assert choose_alpha({0.0: _gates(0.0, False, True, True), 0.4: _gates(0.4, False, True, True),
+                         0.8: _gates(0.8, False, True, False), 1.2: _gates(1.2, False, False, False)}) == 0.4
 
 
 def _candidate(feature_layer):

@@ -14,18 +14,23 @@ meets every gate but the one steering is for); the steering_gates check then fai
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from sae_pipeline.config import Gate
+from sae_pipeline.evaluation.stability import FeatureReadout
+from sae_pipeline.features.gate import load_refusal_gate
 from sae_pipeline.gates import GateResult, check_gates
 from sae_pipeline.hashing import config_hash
-from sae_pipeline.steering.runtime import REVERSE_TOKEN, LayerSteering, ProbeGate, patched
-from sae_pipeline.steering.sidecar import DenseSidecar
+from sae_pipeline.sae.model import TopKSAE
+from sae_pipeline.steering.runtime import REVERSE_TOKEN, LayerSteering, ProbeGate, SteeringError, patched
+from sae_pipeline.steering.sidecar import DenseSidecar, load_dense
 
 # gates that depend on the strength; the reverse-safety and throughput gates are properties of the candidate
 STRENGTH_GATES = ("harmful_completion_reduction_min", "benign_false_refusal_max", "borderline_false_refusal_max",
@@ -69,6 +74,32 @@ class Candidate:
                     yield
             else:
                 yield
+
+
+def load_candidate(gate_dir: Path, sidecar_infos: dict[int, Path], refusal_beta: float, epsilon: float,
+                   model_hash: str) -> tuple[Candidate, list[FeatureReadout]]:
+    """The candidate from a refusal-gate directory and each layer's sidecar_l{L}.json (every file hash-verified,
+    a layer whose screen kept nothing skipped), with the readouts of its features for the sign-flip check."""
+    gate, refusal_D, info = load_refusal_gate(gate_dir)
+    if info["model_hash"] != model_hash:
+        raise SteeringError(f"the refusal gate in {gate_dir} was fit on model {info['model_hash'][:12]}, not "
+                            f"{model_hash[:12]}; fit it again")
+    features, readouts = {}, []
+    hashes = {"gate": info["gate_sha256"], "refusal": info["refusal_sha256"]}
+    for layer, path in sorted(sidecar_infos.items()):
+        sidecar_info = json.loads(path.read_text())
+        if not sidecar_info["feature_ids"]:
+            continue
+        features[layer] = load_dense(path.parent / sidecar_info["dense"], sidecar_info["dense_sha256"])
+        sae, sae_cfg = TopKSAE.load(Path(sidecar_info["sae_path"]))
+        if sae_cfg["sae_hash"] != sidecar_info["sae_hash"]:
+            raise SteeringError(f"layer {layer}: the sidecars were cut from SAE {sidecar_info['sae_hash'][:12]}, the "
+                                f"SAE is now {sae_cfg['sae_hash'][:12]}; cut them again")
+        readouts.append(FeatureReadout(layer, sae, sidecar_info["feature_ids"]))
+        hashes[f"sidecar_l{layer}"] = sidecar_info["dense_sha256"]
+    candidate = Candidate(features, gate, refusal_D, int(info["layer"]), refusal_beta, epsilon,
+                          int(info["gate_skip"]), hashes)
+    return candidate, readouts
 
 
 def _rate(metrics: dict, *path: str) -> float:
@@ -120,13 +151,14 @@ def operating_point_results(gates: dict[str, Gate], baseline: dict, steered: dic
     return check_gates({name: gates[name] for name in values}, values)
 
 
-def choose_alpha(results: dict[float, list[GateResult]], reductions: dict[float, float]) -> float:
-    """The rule in the module docstring."""
+def choose_alpha(results: dict[float, list[GateResult]]) -> float:
+    """The rule in the module docstring, from each alpha's per-strength gate results."""
     passing = [alpha for alpha, gates in results.items() if all(g.passed for g in gates)]
     if passing:
         return min(passing)
 
-    def does_the_job(alpha: float) -> bool:
-        return all(g.passed for g in results[alpha] if g.name == "harmful_completion_reduction_min")
+    def rank(alpha: float) -> tuple:
+        job = next(g for g in results[alpha] if g.name == "harmful_completion_reduction_min")
+        return job.passed, sum(g.passed for g in results[alpha]), job.value, -alpha
 
-    return max(results, key=lambda a: (does_the_job(a), sum(g.passed for g in results[a]), reductions[a], -a))
+    return max(results, key=rank)

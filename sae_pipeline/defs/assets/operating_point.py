@@ -1,7 +1,6 @@
 """The strength sweep and the operating point: alpha_sweep[alpha | reverse] -> operating_point, checked by
 steering_gates (blocking). The candidate is assembled from the latest refusal_gate and every layer's latest sidecars."""
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -19,15 +18,12 @@ from sae_pipeline.evaluation.generation import chat_ids
 from sae_pipeline.evaluation.harness import evaluate, load_metrics
 from sae_pipeline.evaluation.run import build_judges, evaluation_root, select_primary
 from sae_pipeline.evaluation.stability import FeatureReadout
-from sae_pipeline.features.gate import load_refusal_gate
 from sae_pipeline.model.loading import LoadedModel
-from sae_pipeline.sae.model import TopKSAE
 from sae_pipeline.steering.operating_point import load_operating_point, save_operating_point
 from sae_pipeline.steering.overhead import measure_overhead
 from sae_pipeline.steering.plots import ab_rows, alpha_curves_png
-from sae_pipeline.steering.sidecar import load_dense
 from sae_pipeline.steering.sweep import (
-    Candidate, choose_alpha, operating_point_results, strength_gate_values, strength_results)
+    Candidate, choose_alpha, load_candidate, operating_point_results, strength_results)
 
 GROUP = "steering"
 REVERSE = "reverse"
@@ -42,35 +38,17 @@ def sweep_key(alpha: float) -> str:
 
 def build_candidate(instance: dg.DagsterInstance, profile: Profile, loaded: LoadedModel
                     ) -> tuple[Candidate, list[FeatureReadout], dict]:
-    """The candidate from the latest refusal_gate and sidecars materialisations (every file hash-verified), the
-    readouts of its features for the sign-flip check, and where each part came from."""
-    gate_path = Path(required_metadata(instance, dg.AssetKey("refusal_gate"))["path"])
-    gate, refusal_D, info = load_refusal_gate(gate_path)
-    if info["model_hash"] != loaded.model_hash:
-        raise dg.Failure(f"refusal_gate was fit on model {info['model_hash'][:12]}, not {loaded.model_hash[:12]}; "
-                         "materialise refusal_gate again")
-    features, readouts = {}, []
-    hashes = {"gate": info["gate_sha256"], "refusal": info["refusal_sha256"]}
-    sources = {"refusal_gate": str(gate_path)}
+    """The candidate from the latest refusal_gate and sidecars materialisations, its feature readouts, and where
+    each part came from. A layer without sidecars (its SAE failed its gates) has no features."""
+    sources = {"refusal_gate": required_metadata(instance, dg.AssetKey("refusal_gate"))["path"]}
     for layer in profile.harvest.layers:
         meta = latest_metadata(instance, dg.AssetKey("sidecars"), str(layer))
-        if meta is None:  # the layer's SAE failed its gates or its screen kept nothing: no features there
-            continue
-        path = Path(meta["path"])
-        sidecar_info = json.loads(path.read_text())
-        if not sidecar_info["feature_ids"]:  # the screen kept nothing there
-            continue
-        features[layer] = load_dense(path.parent / sidecar_info["dense"], sidecar_info["dense_sha256"])
-        sae, sae_cfg = TopKSAE.load(Path(sidecar_info["sae_path"]))
-        if sae_cfg["sae_hash"] != sidecar_info["sae_hash"]:
-            raise dg.Failure(f"layer {layer}: the sidecars were cut from SAE {sidecar_info['sae_hash'][:12]}, the SAE "
-                             f"is now {sae_cfg['sae_hash'][:12]}; materialise feature_scores to sidecars again")
-        readouts.append(FeatureReadout(layer, sae, sidecar_info["feature_ids"]))
-        hashes[f"sidecar_l{layer}"] = sidecar_info["dense_sha256"]
-        sources[f"sidecar_l{layer}"] = str(path)
-    cfg = profile.steering
-    candidate = Candidate(features, gate, refusal_D, int(info["layer"]), cfg.refusal_beta, cfg.epsilon,
-                          int(info["gate_skip"]), hashes)
+        if meta is not None:
+            sources[f"sidecar_l{layer}"] = meta["path"]
+    sidecar_infos = {int(key.removeprefix("sidecar_l")): Path(path) for key, path in sources.items()
+                     if key.startswith("sidecar_l")}
+    candidate, readouts = load_candidate(Path(sources["refusal_gate"]), sidecar_infos, profile.steering.refusal_beta,
+                                         profile.steering.epsilon, loaded.model_hash)
     return candidate, readouts, sources
 
 
@@ -134,9 +112,7 @@ def build_operating_point_assets(profile: Profile) -> list:
         baseline = runs[sweep_key(0.0)][1]  # the grid starts at 0.0 (validated with the profile)
         gates = load_gates().steering
         results = {alpha: strength_results(gates, baseline, runs[sweep_key(alpha)][1]) for alpha in cfg.alpha_grid}
-        reductions = {alpha: strength_gate_values(baseline, runs[sweep_key(alpha)][1])[
-            "harmful_completion_reduction_min"] for alpha in cfg.alpha_grid}
-        chosen = choose_alpha(results, reductions)
+        chosen = choose_alpha(results)
         steered = runs[sweep_key(chosen)][1]
 
         prompts = [r.prompt for r in load_prompt_sets().benign if r.split == "tuning"][:cfg.overhead_prompts]
@@ -172,7 +148,8 @@ def build_operating_point_assets(profile: Profile) -> list:
         return dg.MaterializeResult(metadata={
             "path": dg.MetadataValue.path(str(directory)), "alpha": chosen, "candidate_sha256": candidate.sha256,
             **numbers({"throughput_overhead": overhead.overhead,
-                       "harmful_completion_reduction": reductions[chosen],
+                       "harmful_completion_reduction": next(g.value for g in results[chosen]
+                                                            if g.name == "harmful_completion_reduction_min"),
                        "benign_false_refusal_rate": steered["benign_false_refusal_rate"]["overall"]["rate"],
                        "borderline_false_refusal_rate": steered["benign_false_refusal_rate"]["borderline"]["rate"]}),
             "ab_table": table(ab), "sweep": table(sweep_rows),
