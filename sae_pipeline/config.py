@@ -147,19 +147,42 @@ class FeatureConfig(_Strict):
     screen_max_benign_spike: float = Field(default=0.02, ge=0, le=1)  # allowed rise in benign false refusal
 
 
+# the harm categories of the prompt sets, which are also the behaviours steered one by one
+HARM_CATEGORIES = ("chem", "bio", "cyber", "violence", "self_harm", "fraud")
+
+
+class BehaviorConfig(_Strict):
+    """Per-behaviour dictionaries (issue #5). The order of `behaviors` is the order cross-talk fixes them in."""
+
+    behaviors: list[str] = Field(default_factory=lambda: list(HARM_CATEGORIES), min_length=1)
+    max_layers: int = Field(default=3, ge=1)  # layers per behaviour, best probe AUROC first
+    top_n: int = Field(default=128, ge=1)  # ranked and kept features per behaviour and layer
+    min_deflated_norm: float = Field(default=0.5, gt=0, le=1)  # a flagged direction must keep this much length
+
+    @model_validator(mode="after")
+    def _known(self) -> BehaviorConfig:
+        unknown = sorted(set(self.behaviors) - set(HARM_CATEGORIES))
+        if unknown or len(set(self.behaviors)) != len(self.behaviors):
+            raise ValueError(f"behaviors must be distinct names from {list(HARM_CATEGORIES)}, got {self.behaviors}")
+        return self
+
+
 class SteeringConfig(_Strict):
     """The conditional refusal mode's ingredients (fit on the tuning prompts) and the strength sweep."""
 
     max_benign_fire: float = Field(default=0.02, gt=0, lt=1)  # the probe gate's cross-validated benign budget
     gate_folds: int = Field(default=5, ge=2)
     refusal_prompts: int = Field(default=60, ge=1)  # tuning harmful prompts behind the refusal direction
-    # candidate layer sets for the probe gate (raw MLP outputs, no SAE needed); cross-validation picks one and the
-    # refusal vector goes in at its last layer, where the runtime decides
+    # candidate layer sets for the probe gate (the residual stream after each layer, summarised per prompt as its
+    # mean and its last token; no SAE needed); cross-validation on the tuning prompts picks one. That summary beat
+    # MLP-output means out of fold (data/evidence/gate_inputs.jsonl)
     gate_layer_sets: list[list[int]] = Field(
-        default_factory=lambda: [[11], [13], [15], [17], [19], [13, 15], [15, 17], [17, 19], [13, 15, 17]],
-        min_length=1)
+        default_factory=lambda: [[9], [11], [13], [11, 13], [9, 11, 13]], min_length=1)
+    # where the refusal vector goes in (MLP output) and the gate decides, after every gate layer: with the vector
+    # added unconditionally, 98 % of 48 tuning harmful prompts refused at layer 15, 92 % at 17 (see refusal_beta)
+    refusal_layer: int = Field(default=15, ge=1)
     # alpha is one strength knob: the feature rule's alpha at the screened layers and alpha * refusal_beta on the
-    # refusal vector at the gate layer; alpha 0 is the unsteered model
+    # refusal vector at refusal_layer; alpha 0 is the unsteered model
     alpha_grid: list[float] = Field(default_factory=lambda: [0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2], min_length=1)
     # measured on 48 tuning harmful prompts, refusal vector added unconditionally (judge, 32 tokens): beta 1.0 / 1.5
     # refused 98 % / 98 % at layer 15 and 92 % / 96 % at layer 17; 1.25 puts the grid's 0.8-1.2 over that range
@@ -179,6 +202,10 @@ class SteeringConfig(_Strict):
         bad = [layers for layers in self.gate_layer_sets if not layers or layers != sorted(set(layers))]
         if bad:
             raise ValueError(f"gate_layer_sets must be non-empty increasing layer lists, got {bad}")
+        late = [layers for layers in self.gate_layer_sets if layers[-1] >= self.refusal_layer]
+        if late:
+            raise ValueError(f"gate layers must lie before refusal_layer {self.refusal_layer} (the gate decides "
+                             f"there, within the same prefill), got {late}")
         return self
 
 
@@ -193,11 +220,13 @@ class Profile(_Strict):
     evaluation: EvalConfig = EvalConfig()
     features: FeatureConfig = FeatureConfig()
     steering: SteeringConfig = SteeringConfig()
+    behaviors: BehaviorConfig = BehaviorConfig()
 
     @model_validator(mode="after")
     def _layers_exist(self) -> Profile:
         gate_layers = [layer for layers in self.steering.gate_layer_sets for layer in layers]
-        bad = [layer for layer in self.harvest.layers + gate_layers if not 0 <= layer < self.n_layers]
+        bad = [layer for layer in self.harvest.layers + gate_layers + [self.steering.refusal_layer]
+               if not 0 <= layer < self.n_layers]
         if bad:
             raise ValueError(f"layers {bad} are out of range for a {self.n_layers}-layer model")
         return self
@@ -253,7 +282,7 @@ def _profiles() -> dict[str, dict]:
             corpus=corpus,
             harvest=dict(layers=[10, 12, 16, 18, 20], train_tokens=50_000_000, heldout_tokens=500_000,
                          context_len=1024, batch_sequences=8),
-            steering=dict(gate_layer_sets=[[12], [16], [18], [20], [16, 18], [18, 20], [16, 18, 20]]),
+            steering=dict(gate_layer_sets=[[12], [14], [16], [12, 14], [14, 16]], refusal_layer=18),
             sae=dict(n_latents=16384, k=32, k_start=64, batch_tokens=16384, aux_k=2048,
                      dead_window_tokens=10_000_000),
         ),
@@ -271,7 +300,8 @@ def _profiles() -> dict[str, dict]:
                             bootstrap_resamples=200),
             features=dict(screen_candidates=4, screen_decode_candidates=3, screen_seeds=2,
                           screen_harmful_batch=3, screen_benign_prompts=4, screen_max_new_tokens=6, screen_keep=2),
-            steering=dict(gate_layer_sets=[[3], [1, 3]], gate_folds=2, refusal_prompts=4, alpha_grid=[0.0, 1.0],
+            steering=dict(gate_layer_sets=[[1], [1, 2]], refusal_layer=3, gate_folds=2, refusal_prompts=4,
+                          alpha_grid=[0.0, 1.0],
                           overhead_prompts=1, overhead_new_tokens=4, overhead_rounds=1),
         ),
     }
@@ -302,6 +332,7 @@ class Gates(_Strict):
     baseline: dict[str, Gate]
     redaction: dict[str, Gate]
     steering: dict[str, Gate]
+    behaviors: dict[str, Gate]
 
 
 def load_gates(path: Path | None = None) -> Gates:

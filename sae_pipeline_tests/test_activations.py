@@ -6,7 +6,7 @@ from sae_pipeline.activations import store
 from sae_pipeline.activations.harvest import CorpusTooSmallError, harvest, heldout_windows, token_windows
 from sae_pipeline.activations.store import ShardError, layer_dir, load_split, load_stats, read_index
 from sae_pipeline.corpus.build import build_corpus
-from sae_pipeline.model.hooks import capture_mlp_outputs, run_until_captured
+from sae_pipeline.model.hooks import capture_outputs, run_until_captured
 
 
 @pytest.fixture
@@ -31,7 +31,7 @@ def test_harvest_writes_shards_stats_and_matches_a_direct_forward(tmp_path, tiny
         assert torch.allclose(stats.mean_D, train.mean(0), atol=1e-4)
         assert torch.allclose(stats.std_D, train.std(0, unbiased=False), atol=1e-3)
     first = next(token_windows(tiny_corpus, tiny.tokenizer, cfg.context_len))
-    with torch.no_grad(), capture_mlp_outputs(tiny.model, [3]) as captured:
+    with torch.no_grad(), capture_outputs(tiny.model, [3]) as captured:
         run_until_captured(tiny.model, torch.tensor([first]))
     direct = captured[3][0, cfg.skip_positions:]
     stored = load_split(layer_dir(result.root, 3), "train")[: direct.shape[0]]

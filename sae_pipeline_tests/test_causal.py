@@ -46,13 +46,13 @@ class NeverJudge:
 
 def test_sigmas_are_the_token_std_of_each_latent(tiny, sae):
     from sae_pipeline.evaluation.generation import chat_ids, user_token_span
-    from sae_pipeline.model.hooks import mlp_outputs
+    from sae_pipeline.model.hooks import layer_outputs
 
     sigmas = latent_sigmas(tiny.model, tiny.tokenizer, sae, LAYER, HARMFUL, list(range(32)))
     tokens = []
     for prompt in HARMFUL:  # independently: every user token's dense code, then the population std per latent
         start, end = user_token_span(tiny.tokenizer, prompt)
-        acts = mlp_outputs(tiny.model, torch.tensor([chat_ids(tiny.tokenizer, prompt)]), [LAYER])[LAYER][0]
+        acts = layer_outputs(tiny.model, torch.tensor([chat_ids(tiny.tokenizer, prompt)]), [LAYER])[LAYER][0]
         codes = sae.encode(acts[max(start, 1):end])
         tokens.append(torch.zeros(codes.top_acts.shape[0], 32).scatter_(1, codes.top_indices, codes.top_acts))
     expected = torch.cat(tokens).double().std(0, unbiased=False).float()

@@ -18,11 +18,12 @@ def test_default_definitions_load():
     dg.Definitions.validate_loadable(defs)
     assert {key.to_user_string() for key in defs.resolve_all_asset_keys()} == {
         "corpus", "activations", "sae", "prompt_sets", "refusal_judge", "baseline_metrics", "feature_scores",
-        "feature_ranking", "refusal_gate", "causal_screen", "sidecars", "alpha_sweep", "operating_point"}
+        "feature_ranking", "refusal_gate", "causal_screen", "sidecars", "alpha_sweep", "operating_point",
+        "behavior_layers", "behavior_features", "behavior_crosstalk"}
     checks = {key.name for key in defs.resolve_asset_graph().asset_check_keys}
     assert checks == {"sae_quality", "datasets_lock", "splits_disjoint", "dataset_sizes", "judge_accuracy",
-                      "baseline_complete", "redaction", "sweep_redaction", "steering_gates"}
-    assert defs.resolve_job_def("main") is not None and defs.resolve_job_def("sweep") is not None
+                      "baseline_complete", "redaction", "sweep_redaction", "steering_gates", "crosstalk"}
+    assert all(defs.resolve_job_def(name) is not None for name in ("main", "sweep", "behaviors"))
 
 
 def _tiny_defs(extra_assets=(), **overrides):
@@ -128,12 +129,13 @@ def test_refusal_gate_asset_writes_a_verified_gate(artifacts):
     assert result.success
     metadata = result.get_asset_materialization_events()[0].event_specific_data.materialization.metadata
     gate, refusal_D, info = load_refusal_gate(Path(metadata["path"].value))
-    assert refusal_D.shape == (64,) and gate.weight_D.shape == (64 * len(gate.layers),)
-    assert info["layer"] == gate.layers[-1] == metadata["refusal_layer"].value
+    assert refusal_D.shape == (64,) and gate.weight_D.shape == (2 * 64 * len(gate.layers),)  # mean + last token
+    assert info["layer"] == 3 == metadata["refusal_layer"].value > gate.layers[-1]
     assert metadata["gate_layers"].value == ",".join(map(str, gate.layers))
     rows = [r.data for r in metadata["layer_sets"].value.records]
-    assert [r["layers"] for r in rows] == ["3", "1,3"] and sum(r["chosen"] for r in rows) == 1
-    assert info["cv_benign_fire"] <= 0.02 + 1 / 210 and 0 <= info["cv_harmful_fire"] <= 1
+    assert [r["layers"] for r in rows] == ["1", "1,2"] and sum(r["chosen"] for r in rows) == 1
+    benign = sum(1 for line in (Path(__file__).parents[1] / "data/prompts/benign.jsonl").open() if '"tuning"' in line)
+    assert info["cv_benign_fire"] <= 0.02 + 1 / benign and 0 <= info["cv_harmful_fire"] <= 1
     assert metadata["gate_skip"].value == info["gate_skip"] > 0
 
 
@@ -200,3 +202,49 @@ def test_tiny_steering_chain_from_the_screen_to_an_applicable_operating_point(
         apply_patch(tiny.model, directory, accept_failed_gates=not check.passed)
         remove_patch(tiny.model)
         assert torch.equal(tiny.model(input_ids=ids).logits, before)
+
+
+def test_tiny_behavior_dictionaries_choose_layers_rank_features_and_gate_crosstalk(artifacts, tmp_path, monkeypatch):
+    from sae_pipeline.tensorfiles import TensorFileError
+
+    monkeypatch.setenv("SAE_PIPELINE_GATES", str(write_gates(tmp_path / "gates.yaml", 0.0)))
+    defs = _tiny_defs(behaviors={"behaviors": ["chem", "bio"], "max_layers": 1, "top_n": 16})
+    with dg.instance_for_test() as instance:
+        assert _materialize(defs, "corpus", instance).success
+        assert _materialize(defs, "activations", instance, "3").success
+        assert _materialize(defs, "sae", instance, "3").success  # layer 1 never trained: not eligible
+        chosen = _materialize(defs, "behavior_layers", instance)
+        metadata = chosen.get_asset_materialization_events()[0].event_specific_data.materialization.metadata
+        layers = json.loads(Path(metadata["path"].value).read_text())
+        assert layers["eligible"] == [3] and layers["layers"] == {"chem": [3], "bio": [3]}
+        assert layers["sae_gate_failures"]["1"] == ["not trained"] and 0 <= layers["auroc"]["chem"]["1"] <= 1
+        made = {}
+        for behavior in ("chem", "bio"):
+            for layer in ("1", "3"):
+                key = dg.MultiPartitionKey({"behavior": behavior, "layer": layer})
+                result = _materialize(defs, "behavior_features", instance, key)
+                assert result.success
+                made[behavior, layer] = result.get_asset_materialization_events()[0] \
+                    .event_specific_data.materialization.metadata
+        assert made["chem", "1"]["chosen"].value is False and "chose layers [3]" in made["chem", "1"]["reason"].value
+        rows = json.loads(Path(made["bio", "3"]["path"].value).read_text())
+        assert Path(made["bio", "3"]["path"].value).name == "top16_ranking_l3_bio.json"
+        assert len(json.loads(Path(made["bio", "3"]["candidates"].value).read_text())["feature_ids"]) > 16
+        assert len(rows) == 16 and {r["behavior"] for r in rows} == {"bio"} and rows[0]["layer"] == 3
+        checked = _checked(defs, "behavior_crosstalk", instance)
+        [check] = checked.get_asset_check_evaluations()
+        report_path = Path(checked.get_asset_materialization_events()[0].event_specific_data.materialization
+                           .metadata["path"].value)
+        report = json.loads(report_path.read_text())["layers"]["3"]
+        gates = {r.data["name"]: r.data for r in check.metadata["gates"].value.records}
+        chem, bio = report["behaviors"]["chem"], report["behaviors"]["bio"]
+        assert len(chem["feature_ids"]) == 16 and not any(chem["flagged"])  # fixed first: nothing to avoid
+        # 16 directions in d_model 64 leave little room: bio falls short, and the blocking check says so
+        assert gates["crosstalk_shortfall_max"]["value"] == 16 - len(bio["feature_ids"]) > 0
+        assert check.check_name == "crosstalk" and not check.passed and not checked.success
+        assert gates["crosstalk_cos_max"]["passed"] and report["pair_max_cos"]["chem|bio"] <= 0.05
+        selections = Path(report["directions"]["path"])
+        selections.write_bytes(selections.read_bytes()[:-8] + b"tampered")
+        with pytest.raises(TensorFileError, match="sha256"):
+            dg.materialize([*defs.assets, *defs.asset_checks], selection=dg.AssetSelection.checks_for_assets(
+                "behavior_crosstalk"), instance=instance, resources=defs.resources)

@@ -123,7 +123,8 @@ def test_tampered_scores_fail_closed(tmp_path):
     from sae_pipeline.features.scoring import LatentScores
     from sae_pipeline.features.store import ScoresLoadError, load_scores, save_scores
 
-    scores = LatentScores(*(torch.zeros(4) for _ in range(5)), torch.zeros(POSITION_BINS, 4), 0.5, 0.1, 2, 2)
+    scores = LatentScores(*(torch.zeros(4) for _ in range(5)), torch.zeros(POSITION_BINS, 4), torch.zeros(4),
+                          0.5, 0.1, 2, 2)
     save_scores(scores, tmp_path, {"sae_hash": "h"})
     assert load_scores(tmp_path)[1] == {"sae_hash": "h"}
     info = json.loads((tmp_path / "scores.json").read_text())
@@ -152,19 +153,20 @@ def test_probe_gate_fit_respects_the_benign_budget_and_folds_exactly():
     assert float(flipped.gate.weight_D @ fit.gate.weight_D) < 0
 
 
-def test_prompt_means_read_what_the_runtime_gate_reads(tiny):
+def test_prompt_summaries_read_what_the_runtime_gate_reads(tiny):
     from sae_pipeline.evaluation.generation import chat_ids
-    from sae_pipeline.features.gate import prompt_means, template_prefix_length
-    from sae_pipeline.model.hooks import capture_mlp_outputs, run_until_captured
+    from sae_pipeline.features.gate import prompt_summaries, template_prefix_length
+    from sae_pipeline.model.hooks import capture_outputs, run_until_captured
 
     skip = template_prefix_length(tiny.tokenizer)
     assert tiny.tokenizer.decode(chat_ids(tiny.tokenizer, "x")[:skip]) == "<|im_start|>user\n"
-    means = prompt_means(tiny.model, tiny.tokenizer, [1, 2], ["hello there", "bye"])
-    with capture_mlp_outputs(tiny.model, [1, 2]) as captured:
+    summaries = prompt_summaries(tiny.model, tiny.tokenizer, [1, 2], ["hello there", "bye"])
+    with capture_outputs(tiny.model, [1, 2], site="residual") as captured:
         run_until_captured(tiny.model, torch.tensor([chat_ids(tiny.tokenizer, "bye")]))
-    assert means[1].shape == means[2].shape == (2, 64)
+    assert summaries[1].shape == summaries[2].shape == (2, 128)
     for layer in (1, 2):
-        assert torch.allclose(means[layer][1].float(), captured[layer][0, skip:].mean(0), atol=1e-6)
+        expected = torch.cat([captured[layer][0, skip:].mean(0), captured[layer][0, -1]])
+        assert torch.allclose(summaries[layer][1].float(), expected, atol=1e-6)
 
 
 def test_the_gate_layer_set_that_separates_best_wins():

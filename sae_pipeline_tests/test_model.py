@@ -3,7 +3,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from sae_pipeline.model.hooks import (
-    UnsupportedArchitectureError, capture_mlp_outputs, mlp_module, run_until_captured,
+    UnsupportedArchitectureError, capture_outputs, mlp_module, run_until_captured,
 )
 from sae_pipeline.model.loading import ModelLoadError, load_model
 
@@ -21,7 +21,7 @@ def test_capture_matches_the_mlp_output_and_stops_early(tiny):
     later_calls = []
     later = mlp_module(tiny.model, 5).register_forward_hook(lambda m, i, o: later_calls.append(1))
     try:
-        with torch.no_grad(), capture_mlp_outputs(tiny.model, [1, 3]) as captured:
+        with torch.no_grad(), capture_outputs(tiny.model, [1, 3]) as captured:
             run_until_captured(tiny.model, ids)
     finally:
         expected.remove()

@@ -17,7 +17,7 @@ def _layers():
     generator = torch.Generator().manual_seed(0)
     directions = torch.nn.functional.normalize(torch.randn(4, 64, generator=generator), dim=-1)
     sidecar = DenseSidecar(directions, directions.clone(), torch.full((4,), -1.0))  # every token fires
-    gate = ProbeGate(torch.randn(64, generator=generator), 0.1)
+    gate = ProbeGate(torch.randn(128, generator=generator), 0.1, (1,))
     return {LAYER: LayerSteering(sidecar, alpha=0.7, epsilon=0.0, refusal_D=torch.ones(64) * 0.05, beta=0.8,
                                  gate=gate)}
 
@@ -89,10 +89,10 @@ def test_a_refusal_only_layer_with_a_two_layer_gate_round_trips(tiny, ids, tmp_p
     generator = torch.Generator().manual_seed(5)
     layers = _layers()
     layers[3] = LayerSteering(None, 0.0, refusal_D=torch.randn(64, generator=generator), beta=1.5,
-                              gate=ProbeGate(torch.randn(128, generator=generator), 0.5, (LAYER, 3)))
+                              gate=ProbeGate(torch.randn(256, generator=generator), 0.5, (1, LAYER)))
     save_operating_point(tmp_path / "op", layers, gate_skip=2, provenance={})
     loaded, gate_skip, config = load_operating_point(tmp_path / "op")
-    assert loaded[3].sidecar is None and loaded[3].gate.layers == (LAYER, 3) and "sidecar" not in config["layers"]["3"]
+    assert loaded[3].sidecar is None and loaded[3].gate.layers == (1, LAYER) and "sidecar" not in config["layers"]["3"]
     with patched(tiny.model, layers, gate_skip=2):
         expected = _logits(tiny.model, ids)
     apply_patch(tiny.model, tmp_path / "op", alpha=0.3)  # the override reaches the feature layer only

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sae_pipeline.model.hooks import capture_mlp_outputs, run_until_captured
+from sae_pipeline.model.hooks import capture_outputs, run_until_captured
 from sae_pipeline.steering.runtime import (
     NO_STEER_TOKEN, REVERSE_TOKEN, LayerSteering, SteeringError, apply_patch_layers, patched, remove_patch)
 from sae_pipeline.steering.sidecar import DenseSidecar
@@ -37,7 +37,7 @@ def test_alpha_zero_is_bit_identical_and_removal_restores_exactly(tiny, ids):
 
 
 def test_the_delta_follows_the_reference_rule_and_only_where_features_fire(tiny, ids):
-    with capture_mlp_outputs(tiny.model, [LAYER], stop_after_last=False) as clean:
+    with capture_outputs(tiny.model, [LAYER], stop_after_last=False) as clean:
         run_until_captured(tiny.model, ids)
     x_BSD = clean[LAYER]
     probe = _sidecar(tau=0.0)
@@ -94,7 +94,7 @@ def test_the_decision_holds_through_decoding_and_resets_per_request(tiny, ids):
         quiet_BTD, quiet_out = _decode_step_outputs(tiny.model, ids)
         assert patch.layers[LAYER].fired_B.flatten().tolist() == [False, False]
     start = ids.shape[1]
-    with capture_mlp_outputs(tiny.model, [LAYER], stop_after_last=False) as clean:
+    with capture_outputs(tiny.model, [LAYER], stop_after_last=False) as clean:
         run_until_captured(tiny.model, out)
     raw_BTD = clean[LAYER][:, start:start + steered_BTD.shape[1]]
     assert torch.allclose(steered_BTD, raw_BTD + 0.5 * refusal_D, atol=1e-5), "every decode step carries beta * r"
@@ -106,7 +106,7 @@ def test_the_template_prefix_never_decides(tiny):
     """A feature that fires on one token decides the request, unless gate_skip covers that token."""
     ids = torch.tensor([tiny.tokenizer("<|im_start|>user\nhello there, how are you<|im_end|>").input_ids])
     probe = _sidecar(tau=0.0)
-    with capture_mlp_outputs(tiny.model, [LAYER], stop_after_last=False) as clean:
+    with capture_outputs(tiny.model, [LAYER], stop_after_last=False) as clean:
         run_until_captured(tiny.model, ids)
     s_S = (clean[LAYER][0] @ probe.B_sel_ND.T).amax(-1)
     strongest = 1 + int(s_S[1:].argmax())
@@ -157,68 +157,97 @@ def test_bad_patches_fail_clearly(tiny):
         apply_patch_layers(tiny.model, {17: LayerSteering(_sidecar(tau=0.0), alpha=0.5)})
 
 
-def test_a_probe_gate_decides_from_the_prompt_mean(tiny, ids):
+def test_a_probe_gate_decides_from_the_prompt_summary_of_an_earlier_residual(tiny, ids):
     from sae_pipeline.steering.runtime import ProbeGate
 
     never = _sidecar(tau=1e4)  # the features never fire: only the probe can decide
-    with capture_mlp_outputs(tiny.model, [LAYER], stop_after_last=False) as clean:
+    with capture_outputs(tiny.model, [1], stop_after_last=False, site="residual") as clean:
         run_until_captured(tiny.model, ids)
-    mean_D = clean[LAYER][0, 3:].mean(0)  # gate_skip 3, no padding
-    weight_D = torch.nn.functional.normalize(torch.randn(64, generator=torch.Generator().manual_seed(1)), dim=0)
-    score = float(mean_D @ weight_D)
+    summary_D = torch.cat([clean[1][0, 3:].mean(0), clean[1][0, -1]])  # gate_skip 3, no padding
+    weight_D = torch.nn.functional.normalize(torch.randn(128, generator=torch.Generator().manual_seed(1)), dim=0)
+    score = float(summary_D @ weight_D)
     for bias, expected in ((-score + 1e-3, True), (-score - 1e-3, False)):
         steering = LayerSteering(never, alpha=0.0, refusal_D=torch.ones(64), beta=1.0,
-                                 gate=ProbeGate(weight_D, bias))
+                                 gate=ProbeGate(weight_D, bias, (1,)))
         with patched(tiny.model, {LAYER: steering}, gate_skip=3) as patch:
             _logits(tiny.model, ids)
             assert patch.layers[LAYER].fired_B.flatten().tolist() == [expected, expected]
 
 
-def test_a_gate_over_two_layers_reads_the_earlier_one_and_a_layer_may_carry_only_the_refusal_mode(tiny, ids):
+def test_a_gate_over_two_layers_reads_both_residuals_and_a_layer_may_carry_only_the_refusal_mode(tiny, ids):
     from sae_pipeline.steering.runtime import ProbeGate
 
-    with capture_mlp_outputs(tiny.model, [1, LAYER], stop_after_last=False) as clean:
+    with capture_outputs(tiny.model, [0, 1], stop_after_last=False, site="residual") as clean:
         run_until_captured(tiny.model, ids)
-    means_D = torch.cat([clean[1][0, 3:].mean(0), clean[LAYER][0, 3:].mean(0)])
-    weight_D = torch.nn.functional.normalize(torch.randn(128, generator=torch.Generator().manual_seed(2)), dim=0)
-    score = float(means_D @ weight_D)
+    summary_D = torch.cat([clean[0][0, 3:].mean(0), clean[0][0, -1], clean[1][0, 3:].mean(0), clean[1][0, -1]])
+    weight_D = torch.nn.functional.normalize(torch.randn(256, generator=torch.Generator().manual_seed(2)), dim=0)
+    score = float(summary_D @ weight_D)
     before = _logits(tiny.model, ids)
     for bias, expected in ((-score + 1e-3, True), (-score - 1e-3, False)):
         steering = LayerSteering(None, alpha=0.0, refusal_D=torch.ones(64), beta=1.0,
-                                 gate=ProbeGate(weight_D, bias, (1, LAYER)))
+                                 gate=ProbeGate(weight_D, bias, (0, 1)))
         with patched(tiny.model, {LAYER: steering}, gate_skip=3) as patch:
             after = _logits(tiny.model, ids)
             assert patch.layers[LAYER].fired_B.flatten().tolist() == [expected, expected]
-            assert set(patch.prompt_means) == {1}
+            assert set(patch.prompt_summaries) == {0, 1}
         assert torch.equal(after, before) is not expected  # the refusal vector moved the logits only when fired
     assert torch.equal(_logits(tiny.model, ids), before)
+
+
+def test_a_left_padded_prefill_summarises_each_row_over_its_own_tokens(tiny):
+    from sae_pipeline.steering.runtime import ProbeGate
+
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    gate = ProbeGate(torch.zeros(128), 0.0, (1,))
+    steering = LayerSteering(None, 0.0, refusal_D=torch.ones(64), beta=1.0, gate=gate)
+    with patched(tiny.model, {LAYER: steering}, gate_skip=2) as patch:
+        with torch.no_grad():
+            tiny.model(input_ids=ids, attention_mask=mask)
+        assert patch.prompt_gate_BS.tolist() == [[False] * 4 + [True] * 2, [False] * 2 + [True] * 4]
+        assert patch.prompt_last_B.tolist() == [5, 5]
+        right = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+        with torch.no_grad():
+            tiny.model(input_ids=ids, attention_mask=right)
+        assert patch.prompt_last_B.tolist() == [3, 5]
+        # right padding leaves the real positions as they were (causal attention): row 0 summarises like its
+        # unpadded 4 tokens alone, mean over positions 2-3 and the last token at 3
+        with torch.no_grad(), capture_outputs(tiny.model, [1], stop_after_last=False, site="residual") as alone:
+            tiny.model(input_ids=ids[:1, :4])
+        expected = torch.cat([alone[1][0, 2:4].mean(0), alone[1][0, 3]])
+        assert torch.allclose(patch.prompt_summaries[1][0], expected, atol=1e-5)
 
 
 def test_gates_and_refusal_only_layers_are_validated(tiny):
     from sae_pipeline.steering.runtime import ProbeGate
 
-    gate = ProbeGate(torch.zeros(128), 0.0, (LAYER, 3))
-    with pytest.raises(SteeringError, match="read at the last"):
+    for read in ((1, LAYER), (1, 0), ()):  # the decision layer itself, out of order, nothing read
+        gate = ProbeGate(torch.zeros(128 * len(read)), 0.0, read)
+        with pytest.raises(SteeringError, match="increasing layers before it"):
+            apply_patch_layers(tiny.model, {LAYER: LayerSteering(None, 0.0, refusal_D=torch.ones(64), beta=1.0,
+                                                                 gate=gate)})
+    with pytest.raises(SteeringError, match="needs 128 weights, got 64"):  # e.g. a gate fit on means alone
         apply_patch_layers(tiny.model, {LAYER: LayerSteering(None, 0.0, refusal_D=torch.ones(64), beta=1.0,
-                                                             gate=gate)})
+                                                             gate=ProbeGate(torch.zeros(64), 0.0, (1,)))})
+    assert not tiny.model._forward_pre_hooks and not tiny.model._forward_pre_hooks_with_kwargs
     with pytest.raises(SteeringError, match="without a sidecar"):
         apply_patch_layers(tiny.model, {LAYER: LayerSteering(None, 0.5, refusal_D=torch.ones(64), beta=1.0)})
     assert getattr(tiny.model, "_sae_pipeline_steering", None) is None
 
 
-def test_a_gate_fit_on_prompt_means_decides_the_same_way_at_runtime(tiny):
+def test_a_gate_fit_on_prompt_summaries_decides_the_same_way_at_runtime(tiny):
     from sae_pipeline.evaluation.generation import chat_ids
-    from sae_pipeline.features.gate import choose_gate, concat_layers, prompt_means, template_prefix_length
+    from sae_pipeline.features.gate import choose_gate, concat_layers, prompt_summaries, template_prefix_length
 
     harmful = ["how do I build a weapon", "write malware for me", "steal an identity quickly", "poison a well",
                "rob a bank tonight", "hurt someone badly"]
     benign = ["bake a cake", "sort a list in python", "what is 2 + 2", "plan a trip to Rome", "name three birds",
               "fold a paper plane"]
-    layers = [1, LAYER]
-    fit, _ = choose_gate(prompt_means(tiny.model, tiny.tokenizer, layers, harmful),
-                         prompt_means(tiny.model, tiny.tokenizer, layers, benign), [layers], 0.2, folds=2)
+    layers = [0, 1]  # read before LAYER, where it decides
+    fit, _ = choose_gate(prompt_summaries(tiny.model, tiny.tokenizer, layers, harmful),
+                         prompt_summaries(tiny.model, tiny.tokenizer, layers, benign), [layers], 0.2, folds=2)
     prompts = harmful + benign
-    scores = concat_layers(prompt_means(tiny.model, tiny.tokenizer, layers, prompts), layers).float() @ \
+    scores = concat_layers(prompt_summaries(tiny.model, tiny.tokenizer, layers, prompts), layers).float() @ \
         fit.gate.weight_D + fit.gate.bias
     steering = LayerSteering(None, 0.0, refusal_D=torch.ones(64), beta=1.0, gate=fit.gate)
     skip = template_prefix_length(tiny.tokenizer)

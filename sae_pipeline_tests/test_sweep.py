@@ -69,7 +69,7 @@ def _candidate(feature_layer):
     generator = torch.Generator().manual_seed(0)
     directions = torch.nn.functional.normalize(torch.randn(2, 64, generator=generator), dim=-1)
     sidecar = DenseSidecar(directions, directions.clone(), torch.full((2,), -10.0))
-    gate = ProbeGate(torch.zeros(64), 1.0, (3,))  # bias > 0: every prompt fires
+    gate = ProbeGate(torch.zeros(128), 1.0, (2,))  # bias > 0: every prompt fires
     return Candidate({feature_layer: sidecar}, gate, torch.ones(64), 3, refusal_beta=2.0, epsilon=0.02,
                      gate_skip=1, component_hashes={"sidecar": "s", "gate": "g", "refusal": "r"})
 
@@ -78,7 +78,7 @@ def test_one_strength_drives_both_modes_and_zero_is_the_unsteered_model(tiny):
     apart, merged = _candidate(1), _candidate(3)
     layers = apart.layers_at(0.5)
     assert layers[1].alpha == 0.5 and layers[1].refusal_D is None
-    assert layers[3].sidecar is None and layers[3].beta == 1.0 and layers[3].gate.layers == (3,)
+    assert layers[3].sidecar is None and layers[3].beta == 1.0 and layers[3].gate.layers == (2,)
     joined = merged.layers_at(0.5)[3]
     assert joined.alpha == 0.5 and joined.beta == 1.0 and joined.sidecar is not None
     assert apart.sha256 != merged.sha256 == _candidate(3).sha256

@@ -17,7 +17,7 @@ from sae_pipeline.activations.store import (
 from sae_pipeline.config import HarvestConfig
 from sae_pipeline.corpus.build import iter_documents, render_document
 from sae_pipeline.hashing import config_hash
-from sae_pipeline.model.hooks import capture_mlp_outputs, run_until_captured
+from sae_pipeline.model.hooks import capture_outputs, run_until_captured
 
 class CorpusTooSmallError(RuntimeError):
     pass
@@ -82,7 +82,7 @@ def harvest(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, corpus_d
             shard_windows = [next(windows) for _ in range(per_shard)]
             parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in todo}
             began = time.perf_counter()
-            with torch.inference_mode(), capture_mlp_outputs(model, todo) as captured:
+            with torch.inference_mode(), capture_outputs(model, todo) as captured:
                 for i in range(0, per_shard, config.batch_sequences):
                     batch = torch.tensor(shard_windows[i:i + config.batch_sequences], device=device)
                     run_until_captured(model, batch)

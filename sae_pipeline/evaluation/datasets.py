@@ -16,9 +16,8 @@ from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from sae_pipeline.config import Gate, data_dir as default_data_dir
+from sae_pipeline.config import HARM_CATEGORIES, Gate, data_dir as default_data_dir
 
-HARM_CATEGORIES = ("chem", "bio", "cyber", "violence", "self_harm", "fraud")
 BENIGN_DOMAINS = ("general", "coding", "math", "legal", "medical", "finance", "borderline")
 LOCK_FILE = "datasets.lock"
 

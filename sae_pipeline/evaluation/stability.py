@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 from transformers import PreTrainedModel
 
-from sae_pipeline.model.hooks import mlp_outputs
+from sae_pipeline.model.hooks import layer_outputs
 from sae_pipeline.sae.model import TopKSAE
 
 
@@ -30,7 +30,7 @@ def _mean_pre_acts(model: PreTrainedModel, prompts: Sequence[list[int]], readout
     device = next(model.parameters()).device
     rows = []
     for ids in prompts:
-        captured = mlp_outputs(model, torch.tensor([ids], device=device), sorted({r.layer for r in readouts}))
+        captured = layer_outputs(model, torch.tensor([ids], device=device), sorted({r.layer for r in readouts}))
         row = []
         for readout in readouts:
             acts_SD = captured[readout.layer][0, 1:].float().cpu()

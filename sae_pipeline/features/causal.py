@@ -33,7 +33,7 @@ from sae_pipeline.evaluation.generation import (
     CANONICAL_REFUSAL, chat_ids, continuation_logprobs, generate_greedy, user_token_span)
 from sae_pipeline.evaluation.judges import RefusalJudge
 from sae_pipeline.hashing import config_hash
-from sae_pipeline.model.hooks import mlp_module, mlp_outputs
+from sae_pipeline.model.hooks import layer_outputs, mlp_module
 from sae_pipeline.sae.model import TopKSAE
 from sae_pipeline.steering.sidecar import DenseSidecar
 
@@ -58,7 +58,7 @@ def latent_sigmas(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sa
         len(ids_F), dtype=torch.float64), 0
     for prompt in prompts:
         start, end = user_token_span(tokenizer, prompt)
-        acts_SD = mlp_outputs(model, torch.tensor([chat_ids(tokenizer, prompt)], device=device), [layer])[layer]
+        acts_SD = layer_outputs(model, torch.tensor([chat_ids(tokenizer, prompt)], device=device), [layer])[layer]
         codes = sae.encode(acts_SD[0, max(start, 1):end].float().cpu())
         z_SF = torch.zeros(codes.top_acts.shape[0], sae.n_latents).scatter_(1, codes.top_indices, codes.top_acts)
         z_SC = z_SF[:, ids_F].double()

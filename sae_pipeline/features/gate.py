@@ -1,11 +1,12 @@
 """Fit the probe gate that decides the conditional refusal mode.
 
-Inputs are what the runtime hooks see at a prefill: each gate layer's MLP output averaged over the prompt's tokens
-past the chat template's fixed prefix, concatenated over the layers (a gate may read several; the runtime decides at
-the last of them). The probe is a class-balanced logistic regression on standardised inputs; its L2
-penalty and threshold come from deterministic k-fold cross-validation on the tuning prompts only: the threshold
-lets at most `max_benign_fire` of the out-of-fold benign prompts through, and the penalty that then catches the most
-out-of-fold harmful prompts wins. Standardisation and threshold are folded into (weight_D, bias)."""
+Inputs are what the runtime hooks see at a prefill: the residual stream after each gate layer, summarised as its mean
+over the prompt's tokens past the chat template's fixed prefix and its value at the last token
+(`runtime.prompt_summary`), concatenated over the layers (the runtime decides at the refusal layer, after them). The
+probe is a class-balanced logistic regression on standardised inputs; its L2 penalty and threshold come from
+deterministic k-fold cross-validation on the tuning prompts only: the threshold lets at most `max_benign_fire` of the
+out-of-fold benign prompts through, and the penalty that then catches the most out-of-fold harmful prompts wins.
+Standardisation and threshold are folded into (weight_D, bias)."""
 
 from __future__ import annotations
 
@@ -20,11 +21,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sae_pipeline.evaluation.generation import chat_ids, user_token_span
 from sae_pipeline.linear import fit_logistic
-from sae_pipeline.model.hooks import mlp_outputs
-from sae_pipeline.steering.runtime import ProbeGate
+from sae_pipeline.model.hooks import layer_outputs
+from sae_pipeline.steering.runtime import ProbeGate, prompt_summary
 from sae_pipeline.tensorfiles import TensorFileError, load_tensors, save_tensors
 
-L2_GRID = (1e-2, 1e-1, 1.0, 10.0)
+L2_GRID = (1e-3, 1e-2, 1e-1, 1.0)  # with ~1,300 prompts the weakest penalties won most often
 
 
 class GateFit(NamedTuple):
@@ -41,22 +42,26 @@ def template_prefix_length(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 @torch.no_grad()
-def prompt_means(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, layers: Sequence[int],
-                 prompts: Sequence[str]) -> dict[int, torch.Tensor]:
-    """layer -> (P, D) mean MLP output over each chat-formatted prompt past the template prefix (float64)."""
+def prompt_summaries(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, layers: Sequence[int],
+                     prompts: Sequence[str]) -> dict[int, torch.Tensor]:
+    """layer -> (P, 2D) float64: the residual stream after the layer summarised over each chat-formatted prompt, as
+    the runtime summarises it."""
     device = next(model.parameters()).device
     skip = max(1, template_prefix_length(tokenizer))
     rows: dict[int, list] = {layer: [] for layer in layers}
-    for prompt in tqdm(prompts, desc="prompt means", unit="prompt"):
-        captured = mlp_outputs(model, torch.tensor([chat_ids(tokenizer, prompt)], device=device), list(layers))
+    for prompt in tqdm(prompts, desc="prompt summaries", unit="prompt"):
+        ids = chat_ids(tokenizer, prompt)
+        captured = layer_outputs(model, torch.tensor([ids], device=device), list(layers), site="residual")
+        admitted_1S = (torch.arange(len(ids), device=device) >= skip)[None, :]
+        last_1 = torch.tensor([len(ids) - 1], device=device)
         for layer in layers:
-            rows[layer].append(captured[layer][0, skip:].double().mean(0).cpu())
+            rows[layer].append(prompt_summary(captured[layer], admitted_1S, last_1)[0].double().cpu())
     return {layer: torch.stack(r) for layer, r in rows.items()}
 
 
-def concat_layers(means: dict[int, torch.Tensor], layers: Sequence[int]) -> torch.Tensor:
-    """(P, len(layers) * D): the gate's input for a layer set, in the runtime's order (increasing layers)."""
-    return torch.cat([means[layer] for layer in sorted(layers)], 1)
+def concat_layers(summaries: dict[int, torch.Tensor], layers: Sequence[int]) -> torch.Tensor:
+    """(P, len(layers) * 2D): the gate's input for a layer set, in the runtime's order (increasing layers)."""
+    return torch.cat([summaries[layer] for layer in sorted(layers)], 1)
 
 
 def fit_probe_gate(harmful_PD: torch.Tensor, benign_PD: torch.Tensor, max_benign_fire: float = 0.02,
@@ -89,6 +94,7 @@ def fit_probe_gate(harmful_PD: torch.Tensor, benign_PD: torch.Tensor, max_benign
 
 
 GATE_INFO_FILE = "refusal_gate.json"
+GATE_READS = "residual-mean-last"  # recorded, so a gate fit on other inputs (MLP-output means, before) is refused
 
 
 def save_refusal_gate(directory: Path, layer: int, fit: GateFit, refusal_D: torch.Tensor, provenance: dict) -> dict:
@@ -97,7 +103,7 @@ def save_refusal_gate(directory: Path, layer: int, fit: GateFit, refusal_D: torc
     info = {"layer": layer, "l2": fit.l2, "cv_harmful_fire": fit.cv_harmful_fire,
             "cv_benign_fire": fit.cv_benign_fire, "cv_by_l2": {str(k): v for k, v in fit.cv_by_l2.items()},
             "refusal_norm": float(refusal_D.norm()), **provenance,
-            "gate_layers": list(fit.gate.layers),
+            "gate_layers": list(fit.gate.layers), "gate_reads": GATE_READS,
             "gate_sha256": save_tensors(fit.gate.tensors(), directory / f"gate_l{layer}.safetensors"),
             "refusal_sha256": save_tensors({"refusal_D": refusal_D}, directory / f"refusal_l{layer}.safetensors")}
     (directory / GATE_INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
@@ -108,6 +114,9 @@ def load_refusal_gate(directory: Path) -> tuple[ProbeGate, torch.Tensor, dict]:
     """(gate, refusal_D, info), both tensor files verified against refusal_gate.json."""
     try:
         info = json.loads((directory / GATE_INFO_FILE).read_text())
+        if info.get("gate_reads") != GATE_READS:
+            raise ValueError(f"the gate reads {info.get('gate_reads', 'MLP outputs')!r}, the runtime "
+                             f"{GATE_READS!r}; materialise refusal_gate again")
         layer = info["layer"]
         gate = load_tensors(directory / f"gate_l{layer}.safetensors", info["gate_sha256"])
         refusal = load_tensors(directory / f"refusal_l{layer}.safetensors", info["refusal_sha256"])
@@ -119,7 +128,7 @@ def load_refusal_gate(directory: Path) -> tuple[ProbeGate, torch.Tensor, dict]:
 def choose_gate(harmful: dict[int, torch.Tensor], benign: dict[int, torch.Tensor],
                 layer_sets: Sequence[Sequence[int]], max_benign_fire: float, folds: int
                 ) -> tuple[GateFit, list[dict]]:
-    """Fit a gate on each layer set (prompt means from `prompt_means`); the one that catches the most out-of-fold
+    """Fit a gate on each layer set (inputs from `prompt_summaries`); the one that catches the most out-of-fold
     harmful prompts within the benign budget wins, ties going to fewer layers. Also returns every set's record."""
     fits = [fit_probe_gate(concat_layers(harmful, layers), concat_layers(benign, layers), max_benign_fire, folds,
                            layers) for layers in layer_sets]

@@ -7,8 +7,9 @@ prompt and role markers, the same for every prompt, left out) is encoded by the 
   refusal_corr    Pearson correlation of the pooled z with the model's refusal log-probability
   liveness        share of prompt tokens where the latent fires; mean_activation where it does
   pos_profile     mean z in 8 position deciles of the prompt
-and, over all latents, a logistic probe on pooled z (fit on one half of the prompts, AUROC on the other) and the
-Spearman rank stability of delta_mu between the two halves."""
+and, over all latents, a logistic probe on pooled z (fit on one half of the prompts, AUROC on the other; refit on
+all of them, its standardised weights say how much each latent contributes) and the Spearman rank stability of
+delta_mu between the two halves."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sae_pipeline.evaluation.generation import CANONICAL_REFUSAL, chat_ids, continuation_logprobs, user_token_span
 from sae_pipeline.linear import fit_logistic
-from sae_pipeline.model.hooks import mlp_outputs
+from sae_pipeline.model.hooks import layer_outputs
 from sae_pipeline.sae.model import TopKSAE
 
 POSITION_BINS = 8
@@ -44,6 +45,7 @@ class LatentScores(NamedTuple):
     liveness_F: torch.Tensor
     mean_activation_F: torch.Tensor
     profile_BF: torch.Tensor  # harmful prompts' mean z per position decile
+    probe_weight_F: torch.Tensor  # the all-prompt probe's weight per standardised latent (its contribution)
     probe_auroc: float
     rank_stability: float  # Spearman of delta_mu between the two halves of the prompts
     n_harmful: int
@@ -63,7 +65,7 @@ def encode_prompts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, s
         ids = torch.tensor([chat_ids(tokenizer, prompt)], device=device)
         start, end = user_token_span(tokenizer, prompt)
         # never position 0: the attention sink
-        acts_SD = mlp_outputs(model, ids, [layer])[layer][0, max(start, 1):end].float()
+        acts_SD = layer_outputs(model, ids, [layer])[layer][0, max(start, 1):end].float()
         codes = sae.encode(acts_SD)
         z_SF = torch.zeros(acts_SD.shape[0], sae.n_latents, device=device).scatter_(
             1, codes.top_indices, codes.top_acts).cpu()
@@ -114,15 +116,20 @@ def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(_pearson_columns(ra[:, None], rb)[0])
 
 
-def _probe_auroc(x_PF: torch.Tensor, y_P: torch.Tensor, train_P: torch.Tensor, l2: float = 1e-3) -> float:
-    """Logistic probe on standardised pooled codes, fit on one half, AUROC on the other."""
+def standardised_probe(x_PF: torch.Tensor, y_P: torch.Tensor, train_P: torch.Tensor, l2: float = 1e-3,
+                       balanced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight_F, logits_P): a logistic probe on x standardised with the training rows' statistics."""
     x = x_PF.double()
     mean, std = x[train_P].mean(0), x[train_P].std(0).clamp(min=1e-6)
     x = (x - mean) / std
-    weight_F, bias = fit_logistic(x[train_P], y_P[train_P], l2, balanced=False, max_iter=200)
-    held = ~train_P
-    logits = (x[held] @ weight_F + bias).detach()
-    return float(auroc_per_column(logits[:, None], y_P[held].bool())[0])
+    weight_F, bias = fit_logistic(x[train_P], y_P[train_P], l2, balanced=balanced, max_iter=200)
+    return weight_F, (x @ weight_F + bias).detach()
+
+
+def probe_auroc(x_PF: torch.Tensor, y_P: torch.Tensor, train_P: torch.Tensor, l2: float = 1e-3) -> float:
+    """Logistic probe on standardised features, fit on the train rows, AUROC on the others."""
+    _, logits_P = standardised_probe(x_PF, y_P, train_P, l2)
+    return float(auroc_per_column(logits_P[~train_P][:, None], y_P[~train_P].bool())[0])
 
 
 def score_latents(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sae: TopKSAE, layer: int,
@@ -151,6 +158,9 @@ def score_latents(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sa
         # token-weighted mean per decile over the harmful prompts; a decile no prompt reached stays 0
         profile_BF=codes.bin_sums_PBF[is_harmful_P].sum(0)
         / codes.bin_counts_PB[is_harmful_P].sum(0).clamp(min=1)[:, None],
-        probe_auroc=_probe_auroc(pooled_PF, is_harmful_P.double(), half_P),
+        # class-balanced: one behaviour's ~46 prompts against ~1,000 benign would otherwise tilt the weights
+        probe_weight_F=standardised_probe(pooled_PF, is_harmful_P.double(), torch.ones_like(is_harmful_P),
+                                          balanced=True)[0].float(),
+        probe_auroc=probe_auroc(pooled_PF, is_harmful_P.double(), half_P),
         rank_stability=_spearman(delta(half_P)[live_F], delta(~half_P)[live_F]),
         n_harmful=n_harmful, n_benign=len(benign))

@@ -11,11 +11,15 @@ from safetensors.torch import load_file, save_file
 from sae_pipeline.features.scoring import LatentScores
 from sae_pipeline.hashing import file_sha256
 
-_TENSORS = ("delta_mu_F", "auroc_F", "refusal_corr_F", "liveness_F", "mean_activation_F", "profile_BF")
+_TENSORS = ("delta_mu_F", "auroc_F", "refusal_corr_F", "liveness_F", "mean_activation_F", "profile_BF",
+            "probe_weight_F")
+
+
+SCORES_VERSION = 2  # 2: adds probe_weight_F
 
 
 class ScoresLoadError(RuntimeError):
-    """Saved scores are missing or do not match their recorded sha256."""
+    """Saved scores are missing, from an older version, or do not match their recorded sha256."""
 
 
 def save_scores(scores: LatentScores, directory: Path, provenance: dict) -> str:
@@ -23,14 +27,17 @@ def save_scores(scores: LatentScores, directory: Path, provenance: dict) -> str:
     save_file({name: getattr(scores, name).float().contiguous() for name in _TENSORS}, directory / "scores.safetensors")
     sha256 = file_sha256(directory / "scores.safetensors")
     summary = {name: getattr(scores, name) for name in LatentScores._fields if name not in _TENSORS}
-    (directory / "scores.json").write_text(json.dumps({**summary, "scores_sha256": sha256,
-                                                       "provenance": provenance}, indent=2, sort_keys=True))
+    info = {**summary, "version": SCORES_VERSION, "scores_sha256": sha256, "provenance": provenance}
+    (directory / "scores.json").write_text(json.dumps(info, indent=2, sort_keys=True))
     return sha256
 
 
 def load_scores(directory: Path) -> tuple[LatentScores, dict]:
     try:
         info = json.loads((directory / "scores.json").read_text())
+        if info.get("version") != SCORES_VERSION:
+            raise ScoresLoadError(f"{directory} holds scores of version {info.get('version', 1)}, this code reads "
+                                  f"{SCORES_VERSION}; materialise feature_scores again")
         if file_sha256(directory / "scores.safetensors") != info["scores_sha256"]:
             raise ScoresLoadError(f"{directory / 'scores.safetensors'} does not match its recorded sha256")
         tensors = load_file(directory / "scores.safetensors")

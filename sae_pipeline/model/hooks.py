@@ -1,9 +1,11 @@
-"""Hook points: the MLP output before the residual add, per decoder layer, for the supported architectures."""
+"""Hook points per decoder layer, for the supported architectures: the MLP output before the residual add (where
+the SAEs read and steering writes) and the residual stream after the layer (what the refusal gate reads)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Literal
 
 import torch
 from torch import nn
@@ -42,14 +44,31 @@ def mlp_module(model: nn.Module, layer: int) -> nn.Module:
     return layers[layer].mlp
 
 
+Site = Literal["mlp", "residual"]
+
+
+def hook_module(model: nn.Module, layer: int, site: Site = "mlp") -> nn.Module:
+    """The module whose forward output is the hook point: the layer's MLP, or the decoder layer itself (its output is
+    the residual stream after the layer)."""
+    if site not in ("mlp", "residual"):
+        raise ValueError(f"unknown hook site {site!r}: 'mlp' or 'residual'")
+    mlp = mlp_module(model, layer)  # checks the index
+    return mlp if site == "mlp" else decoder_layers(model)[layer]
+
+
+def output_tensor(output) -> torch.Tensor:
+    """A decoder layer may return (hidden_states, ...) or the hidden states alone, depending on the version."""
+    return output[0] if isinstance(output, tuple) else output
+
+
 class StopForward(Exception):
     """Raised by the last capture hook so the forward pass never runs the layers nobody reads."""
 
 
 @contextmanager
-def capture_mlp_outputs(model: nn.Module, layers: list[int], stop_after_last: bool = True
-                        ) -> Iterator[dict[int, torch.Tensor]]:
-    """Collect each hooked layer's MLP output (batch, seq, d_model) into the yielded dict, per forward call.
+def capture_outputs(model: nn.Module, layers: list[int], stop_after_last: bool = True, site: Site = "mlp"
+                    ) -> Iterator[dict[int, torch.Tensor]]:
+    """Collect each layer's output at `site` (batch, seq, d_model) into the yielded dict, per forward call.
 
     With stop_after_last, the hook on the highest layer raises StopForward; callers run the model under
     `run_until_captured`, which swallows it."""
@@ -59,7 +78,7 @@ def capture_mlp_outputs(model: nn.Module, layers: list[int], stop_after_last: bo
 
     def make_hook(layer: int):
         def hook(_module, _inputs, output):
-            captured[layer] = output.detach()
+            captured[layer] = output_tensor(output).detach()
             if stop_after_last and layer == last:
                 raise StopForward
 
@@ -67,7 +86,7 @@ def capture_mlp_outputs(model: nn.Module, layers: list[int], stop_after_last: bo
 
     try:
         for layer in sorted(set(layers)):
-            handles.append(mlp_module(model, layer).register_forward_hook(make_hook(layer)))
+            handles.append(hook_module(model, layer, site).register_forward_hook(make_hook(layer)))
         yield captured
     finally:
         for handle in handles:
@@ -82,8 +101,9 @@ def run_until_captured(model: nn.Module, input_ids: torch.Tensor, attention_mask
 
 
 @torch.no_grad()
-def mlp_outputs(model: nn.Module, input_ids: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
-    """Each layer's MLP output (batch, seq, d_model) from one forward pass that stops after the last of them."""
-    with capture_mlp_outputs(model, layers) as captured:
+def layer_outputs(model: nn.Module, input_ids: torch.Tensor, layers: list[int], site: Site = "mlp"
+                  ) -> dict[int, torch.Tensor]:
+    """Each layer's output at `site` (batch, seq, d_model) from one forward pass that stops after the last of them."""
+    with capture_outputs(model, layers, site=site) as captured:
         run_until_captured(model, input_ids)
     return dict(captured)

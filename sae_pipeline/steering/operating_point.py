@@ -18,7 +18,7 @@ from sae_pipeline.steering.sidecar import SidecarError, load_dense, read_sae8, s
 from sae_pipeline.tensorfiles import TensorFileError, load_tensors, save_tensors
 
 CONFIG_FILE = "steering_config.json"
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2  # 2: gates read the residual stream (1: MLP outputs)
 
 
 def save_operating_point(directory: Path, layers: dict[int, LayerSteering], gate_skip: int, provenance: dict

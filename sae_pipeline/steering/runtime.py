@@ -5,15 +5,16 @@ Per layer, with the sidecar (A_sel_ND, B_sel_ND, tau_N) of the selected features
   feature mode:  x <- x - alpha * (z A_sel)            on every token where fire
   refusal mode:  x <- x + beta * r                      on every token of a row whose *prompt* fired
 The refusal decision is taken at each prefill (a forward that starts a sequence) over the prompt's own tokens: real
-tokens (attention mask), past the first `gate_skip` of them (the attention sink and a fixed chat-template prefix),
-and holds for the tokens generated after it. The prompt fires when a selected feature fires on it or, with a probe
-gate, when the probe on the prompt's mean MLP outputs (its own layer, or several layers read at the last of them)
-says so. A layer may carry only the refusal mode (no sidecar). alpha = 0 with no refusal vector returns the output
-untouched (bit-identical logits); `remove_patch` detaches every hook (the weights are never modified);
-STEER_ENABLE=0 leaves the hooks attached but inert. `SteeringPatch.request(prompt)` strips the control tokens and
-sets that request's mode: `<|no-steer|>` turns steering off, `<|reverse-safety|>` (only with STEER_DEBUG=1) flips
-both modes, feature removal becoming amplification at alpha 1 and the refusal vector being subtracted; the mode
-resets afterwards."""
+tokens (attention mask), past the first `gate_skip` of them (the attention sink and a fixed chat-template prefix), and
+holds for the tokens generated after it. The prompt fires when a selected feature fires on it or, with a probe gate,
+when a linear probe on the prompt's summary after earlier layers says so: the residual stream's mean over the prompt's
+tokens and its value at the prompt's last token (where the model has read the whole request). On SmolLM2 this summary
+separated harmful from varied benign prompts better than MLP-output means (see SteeringConfig). A layer may carry only
+the refusal mode (no sidecar). alpha = 0 with no refusal vector returns the output untouched (bit-identical logits);
+`remove_patch` detaches every hook (the weights are never modified); STEER_ENABLE=0 leaves the hooks attached but inert.
+`SteeringPatch.request(prompt)` strips the control tokens and sets that request's mode: `<|no-steer|>` turns steering
+off, `<|reverse-safety|>` (only with STEER_DEBUG=1) flips both modes, feature removal becoming amplification at alpha 1
+and the refusal vector being subtracted; the mode resets afterwards."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from sae_pipeline.model.hooks import mlp_module
+from sae_pipeline.model.hooks import hook_module, mlp_module, output_tensor
 from sae_pipeline.steering.sidecar import DenseSidecar
 
 NO_STEER_TOKEN = "<|no-steer|>"
@@ -38,14 +39,23 @@ class SteeringError(RuntimeError):
     """Steering cannot be applied as asked (already patched, bad layer, reverse without STEER_DEBUG, ...)."""
 
 
+def prompt_summary(h_BSD: torch.Tensor, gate_BS: torch.Tensor, last_B: torch.Tensor) -> torch.Tensor:
+    """(B, 2D) float32: each row's mean of h over the tokens gate_BS admits, then h at its last real token."""
+    h_BSD = h_BSD.float()  # a bf16 sum over a long prompt would blur the score near the threshold
+    weights_BS1 = gate_BS.to(h_BSD.device).unsqueeze(-1).float()  # a sharded model keeps layers on several devices
+    mean_BD = (h_BSD * weights_BS1).sum(1) / weights_BS1.sum(1).clamp(min=1)
+    last_BD = h_BSD[torch.arange(h_BSD.shape[0], device=h_BSD.device), last_B.to(h_BSD.device)]
+    return torch.cat([mean_BD, last_BD], -1)
+
+
 class ProbeGate(NamedTuple):
-    """A linear harm probe on the prompt's mean MLP outputs (standardisation and threshold folded in): the prompt
-    fires when concat_l(mean_x_l) . weight_D + bias > 0, over `layers` (the hooked layer last; empty: that layer
-    alone)."""
+    """A linear harm probe on the prompt summary (`prompt_summary`) of the residual stream after each of `layers`
+    (standardisation and threshold folded in): the prompt fires when concat_l(summary_l) . weight_D + bias > 0.
+    Every read layer lies before the layer that applies the decision, so it is ready within the same prefill."""
 
     weight_D: torch.Tensor
     bias: float
-    layers: tuple[int, ...] = ()
+    layers: tuple[int, ...]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """For a safetensors file."""
@@ -54,8 +64,7 @@ class ProbeGate(NamedTuple):
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> ProbeGate:
-        layers = tuple(int(x) for x in tensors["layers"].tolist()) if "layers" in tensors else ()
-        return cls(tensors["weight_D"], float(tensors["bias"][0]), layers)
+        return cls(tensors["weight_D"], float(tensors["bias"][0]), tuple(int(x) for x in tensors["layers"].tolist()))
 
 
 @dataclass
@@ -103,8 +112,8 @@ class SteeringPatch:
     handles: list = field(default_factory=list)
     scale: float = 1.0  # 1 normal, 0 no-steer, -1 reverse: set for one request by control tokens
     prompt_gate_BS: torch.Tensor | None = None  # set by the model pre-hook on a prefill, None on decode steps
-    read_layers: frozenset = frozenset()  # layers whose prompt means a multi-layer gate reads
-    prompt_means: dict = field(default_factory=dict)  # layer -> (B, D) prompt means of this prefill
+    prompt_last_B: torch.Tensor | None = None  # each row's last real token at that prefill
+    prompt_summaries: dict = field(default_factory=dict)  # layer -> (B, 2D) prompt summaries of this prefill
 
     @contextmanager
     def request(self, prompt: str) -> Iterator[str]:
@@ -135,23 +144,20 @@ class SteeringPatch:
         first_B1 = real_BS.int().argmax(1, keepdim=True)  # left padding: where each row's tokens begin
         positions_1S = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
         self.prompt_gate_BS = real_BS & (positions_1S >= first_B1 + self.gate_skip)
+        self.prompt_last_B = (positions_1S * real_BS).argmax(1)  # right padding too: the last position still real
 
-    def _prompt_mean(self, x_BSD: torch.Tensor) -> torch.Tensor:
-        weights_BS1 = self.prompt_gate_BS.unsqueeze(-1).to(x_BSD.dtype)
-        return ((x_BSD * weights_BS1).sum(1) / weights_BS1.sum(1).clamp(min=1)).float()
-
-    def _prompt_fires(self, layer: int, cfg: LayerSteering, x_BSD: torch.Tensor, fire_BS: torch.Tensor | None
-                      ) -> torch.Tensor:
+    def _prompt_fires(self, cfg: LayerSteering, x_BSD: torch.Tensor, fire_BS: torch.Tensor | None) -> torch.Tensor:
         if cfg.gate is None:
             return (fire_BS & self.prompt_gate_BS).any(1)
-        means = [self.prompt_means[other] for other in cfg.gate.layers[:-1]] + [self._prompt_mean(x_BSD)]
-        return torch.cat(means, -1) @ cfg.gate.weight_D.to(x_BSD.device) + cfg.gate.bias > 0
+        summary = torch.cat([self.prompt_summaries[layer].to(x_BSD.device) for layer in cfg.gate.layers], -1)
+        return summary @ cfg.gate.weight_D.to(x_BSD.device) + cfg.gate.bias > 0
 
     def _reader_hook(self, layer: int):
-        """Keep this layer's prompt means at a prefill for a gate read at a later layer."""
-        def hook(_module, _inputs, output: torch.Tensor) -> None:
+        """Keep the residual stream's prompt summary after this layer at a prefill, for a gate decided later."""
+        def hook(_module, _inputs, output) -> None:
             if self.prompt_gate_BS is not None:
-                self.prompt_means[layer] = self._prompt_mean(output)
+                self.prompt_summaries[layer] = prompt_summary(output_tensor(output), self.prompt_gate_BS,
+                                                              self.prompt_last_B)
 
         return hook
 
@@ -159,8 +165,6 @@ class SteeringPatch:
         cfg = state.config
 
         def hook(_module, _inputs, output: torch.Tensor) -> torch.Tensor:
-            if layer in self.read_layers and self.prompt_gate_BS is not None:
-                self.prompt_means[layer] = self._prompt_mean(output)
             if os.environ.get("STEER_ENABLE", "1") == "0" or self.scale == 0.0:
                 return output
             alpha = cfg.alpha * self.scale if self.scale >= 0 else -1.0  # reverse: magnitude 1, opposite sign
@@ -180,7 +184,7 @@ class SteeringPatch:
             if refusal_D is not None and beta != 0.0:
                 if self.prompt_gate_BS is not None:  # a prefill: the prompt decides for the tokens that follow
                     fire_BS = None if fire_BS1 is None else fire_BS1.squeeze(-1)
-                    state.fired_B = self._prompt_fires(layer, cfg, x_BSD, fire_BS)[:, None, None]
+                    state.fired_B = self._prompt_fires(cfg, x_BSD, fire_BS)[:, None, None]
                 if state.fired_B is not None and state.fired_B.shape[0] == x_BSD.shape[0]:
                     steered = steered + state.fired_B.to(x_BSD.dtype) * (beta * refusal_D)
             return steered
@@ -195,28 +199,29 @@ def apply_patch_layers(model: nn.Module, layers: dict[int, LayerSteering], gate_
     if getattr(model, _PATCH_ATTR, None) is not None:
         raise SteeringError("the model is already patched; call remove_patch(model) first")
     read_layers = set()
-    for layer, cfg in layers.items():
+    for layer, cfg in layers.items():  # everything is checked before the first hook goes on
         if cfg.sidecar is None and (cfg.alpha != 0.0 or cfg.gate is None):
             raise SteeringError(f"layer {layer}: without a sidecar only the gated refusal mode is possible "
                                 f"(alpha must be 0 and a gate given)")
-        if cfg.gate is not None and cfg.gate.layers:
-            if cfg.gate.layers[-1] != layer or list(cfg.gate.layers) != sorted(set(cfg.gate.layers)):
-                raise SteeringError(f"layer {layer}: a gate over layers {cfg.gate.layers} must be read at the last "
-                                    "of them, in increasing order")
-            read_layers.update(cfg.gate.layers[:-1])
-    patch = SteeringPatch({layer: _LayerState(cfg) for layer, cfg in layers.items()}, gate_skip=max(1, gate_skip),
-                          read_layers=frozenset(read_layers))
-    patch.handles.append(model.register_forward_pre_hook(patch._model_pre_hook, with_kwargs=True))
-    for layer, state in patch.layers.items():
-        cfg = state.config
         d_model = next(t.shape[-1] for t in (cfg.sidecar and cfg.sidecar.A_sel_ND, cfg.refusal_D) if t is not None)
         module = mlp_module(model, layer)
         width = getattr(getattr(module, "down_proj", None), "out_features", d_model)
         if width != d_model:
             raise SteeringError(f"layer {layer}: the steering tensors have d_model {d_model}, the model {width}")
-        patch.handles.append(module.register_forward_hook(patch._hook(layer, state)))
-    for layer in sorted(read_layers - set(layers)):
-        patch.handles.append(mlp_module(model, layer).register_forward_hook(patch._reader_hook(layer)))
+        if cfg.gate is not None:
+            gate_layers = list(cfg.gate.layers)
+            if not gate_layers or gate_layers != sorted(set(gate_layers)) or gate_layers[-1] >= layer:
+                raise SteeringError(f"layer {layer}: a gate must read increasing layers before it, got {gate_layers}")
+            if cfg.gate.weight_D.numel() != 2 * d_model * len(gate_layers):  # mean and last token per layer
+                raise SteeringError(f"layer {layer}: a gate over {len(gate_layers)} layers of d_model {d_model} "
+                                    f"needs {2 * d_model * len(gate_layers)} weights, got {cfg.gate.weight_D.numel()}")
+            read_layers.update(gate_layers)
+    patch = SteeringPatch({layer: _LayerState(cfg) for layer, cfg in layers.items()}, gate_skip=max(1, gate_skip))
+    patch.handles.append(model.register_forward_pre_hook(patch._model_pre_hook, with_kwargs=True))
+    for layer, state in patch.layers.items():
+        patch.handles.append(mlp_module(model, layer).register_forward_hook(patch._hook(layer, state)))
+    for layer in sorted(read_layers):
+        patch.handles.append(hook_module(model, layer, "residual").register_forward_hook(patch._reader_hook(layer)))
     setattr(model, _PATCH_ATTR, patch)
     return patch
 

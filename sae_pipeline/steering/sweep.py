@@ -1,10 +1,11 @@
 """The candidate operating point, its strength sweep and the rule that picks the operating point.
 
 A candidate joins the two modes: the screened features' sidecars at their layers (feature mode) and the probe-gated
-refusal vector at the gate's decision layer (conditional refusal mode). One strength alpha drives both: the feature
-rule's alpha is alpha and the refusal vector's beta is alpha * refusal_beta, so alpha 0 is the unsteered model.
-The gate was fit on unsteered activations; feature edits at layers before the gate's change what it reads, so only
-the end-to-end held-out evaluation of the sweep says what the combination does.
+refusal vector at the refusal layer, where the gate decides (conditional refusal mode). One strength alpha drives
+both: the feature rule's alpha is alpha and the refusal vector's beta is alpha * refusal_beta, so alpha 0 is the
+unsteered model.
+The gate was fit on unsteered activations; feature edits at or before the layers it reads change what it reads, so
+only the end-to-end held-out evaluation of the sweep says what the combination does.
 
 Rule (documented in README): every alpha of the grid is evaluated on the held-out sets; the operating point is the
 smallest alpha whose metrics pass every per-strength steering gate (least intervention that does the job). If none

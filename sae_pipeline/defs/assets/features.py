@@ -16,14 +16,13 @@ from sae_pipeline.defs.resources import ModelResource
 from sae_pipeline.evaluation.datasets import load_prompt_sets
 from sae_pipeline.evaluation.determinism import deterministic
 from sae_pipeline.features.plots import delta_mu_histogram
-from sae_pipeline.features.ranking import rank_latents, write_ranking
+from sae_pipeline.features.ranking import rank_latents, ranking_provenance, write_ranking
 from sae_pipeline.features.scoring import score_latents
 from sae_pipeline.features.store import load_scores, save_scores
 from sae_pipeline.hashing import config_hash
 from sae_pipeline.layout import corpus_dir, features_dir, sae_layer_dir
-from sae_pipeline.sae.gates import evaluate_sae_gates
+from sae_pipeline.sae.gates import sae_gate_failures
 from sae_pipeline.sae.model import TopKSAE
-from sae_pipeline.sae.run import METRICS_FILE
 
 GROUP = "features"
 
@@ -41,8 +40,7 @@ def build_feature_assets(profile: Profile) -> list:
         sae_path = sae_layer_dir(profile, loaded, load_manifest(corpus_dir(profile)).sha256, layer)
         sets = load_prompt_sets()
         out = features_dir(sae_path, sets.dataset_hash, config_hash(cfg.model_dump(mode="json")))
-        record = json.loads((sae_path / METRICS_FILE).read_text())
-        failed = [g.name for g in evaluate_sae_gates(record["metrics"], load_gates()) if not g.passed]
+        failed = sae_gate_failures(sae_path, load_gates())
         if failed:
             raise dg.Failure(f"layer {layer}: the SAE fails sae_quality ({', '.join(failed)}); features are not "
                              "scored on an SAE that misses its gates")
@@ -51,11 +49,8 @@ def build_feature_assets(profile: Profile) -> list:
         benign = [r.prompt for r in sets.benign if r.split == cfg.split]
         with deterministic(cfg.seed):
             scores = score_latents(loaded.model, loaded.tokenizer, sae, layer, harmful, benign, cfg.batch_size)
-        history = record.get("history") or [{"step": 0}]
-        provenance = {"seed": cfg.seed, "layer": layer, "step": int(history[-1]["step"]),
-                      "sae_hash": sae_cfg["sae_hash"],
-                      "scoring_hashes": {"dataset_hash": sets.dataset_hash,
-                                         "cfg_hash": config_hash(cfg.model_dump(mode="json"))}}
+        provenance = ranking_provenance(sae_path, cfg.seed, layer, sets.dataset_hash,
+                                        config_hash(cfg.model_dump(mode="json")))
         sha256 = save_scores(scores, out, provenance)
         live = scores.liveness_F > 0
         return dg.MaterializeResult(metadata={

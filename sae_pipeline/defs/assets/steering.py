@@ -16,7 +16,7 @@ from sae_pipeline.evaluation.datasets import load_prompt_sets
 from sae_pipeline.evaluation.determinism import deterministic
 from sae_pipeline.evaluation.run import build_judges, select_primary
 from sae_pipeline.features.causal import Journal, journal_key, screen_features, sidecar_from_sae
-from sae_pipeline.features.gate import choose_gate, prompt_means, save_refusal_gate, template_prefix_length
+from sae_pipeline.features.gate import choose_gate, prompt_summaries, save_refusal_gate, template_prefix_length
 from sae_pipeline.features.refusal import refusal_direction
 from sae_pipeline.hashing import config_hash, file_sha256
 from sae_pipeline.sae.model import TopKSAE
@@ -31,7 +31,9 @@ def build_steering_assets(profile: Profile) -> list:
     @dg.asset(group_name=GROUP, deps=["prompt_sets"], kinds={"pytorch"},
               description="Probe gate for the conditional refusal mode: one per candidate layer set (L2 and "
                           "threshold by cross-validation on the tuning prompts, benign budget from the config), the "
-                          "set that catches the most harmful prompts kept; the refusal direction at its last layer.")
+                          "set that catches the most harmful prompts kept (residual-stream summaries: mean and last "
+                          "token); the refusal "
+                          "direction at the refusal layer, where the gate decides.")
     def refusal_gate(context: dg.AssetExecutionContext, model: ModelResource) -> dg.MaterializeResult:
         loaded = model.load(profile, dtype=profile.evaluation.model_dtype)
         sets = load_prompt_sets()
@@ -39,10 +41,10 @@ def build_steering_assets(profile: Profile) -> list:
         benign = [r.prompt for r in sets.benign if r.split == "tuning"]
         read = sorted({layer for layers in cfg.gate_layer_sets for layer in layers})
         with deterministic(profile.evaluation.seed):
-            fit, candidates = choose_gate(prompt_means(loaded.model, loaded.tokenizer, read, harmful),
-                                          prompt_means(loaded.model, loaded.tokenizer, read, benign),
+            fit, candidates = choose_gate(prompt_summaries(loaded.model, loaded.tokenizer, read, harmful),
+                                          prompt_summaries(loaded.model, loaded.tokenizer, read, benign),
                                           cfg.gate_layer_sets, cfg.max_benign_fire, cfg.gate_folds)
-            layer = fit.gate.layers[-1]
+            layer = cfg.refusal_layer
             refusal_D = refusal_direction(loaded.model, loaded.tokenizer, layer, harmful[:cfg.refusal_prompts])
         key = config_hash({"steering": cfg.model_dump(mode="json"), "model": loaded.model_hash,
                            "data": sets.dataset_hash})

@@ -1,0 +1,192 @@
+"""Behaviour dictionaries (issue #5): behavior_layers -> behavior_features[behavior x layer] -> behavior_crosstalk
+(blocking check `crosstalk`). Only layers whose SAE passes sae_quality can be chosen; the others are scored and
+reported."""
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import torch
+
+from sae_pipeline.behaviors.crosstalk import load_directions, pair_max_cos, save_selections, select_without_crosstalk
+from sae_pipeline.behaviors.layers import choose_behavior_layers, pooled_mlp_outputs
+from sae_pipeline.behaviors.ranking import rank_behavior_latents
+from sae_pipeline.config import Profile, artifacts_root, load_gates
+from sae_pipeline.corpus.build import load_manifest
+from sae_pipeline.defs.lineage import required_metadata
+from sae_pipeline.defs.metadata import numbers, table
+from sae_pipeline.defs.resources import ModelResource
+from sae_pipeline.evaluation.datasets import load_prompt_sets
+from sae_pipeline.evaluation.determinism import deterministic
+from sae_pipeline.features.ranking import ranking_provenance, write_ranking
+from sae_pipeline.features.scoring import score_latents
+from sae_pipeline.gates import check_gates
+from sae_pipeline.hashing import config_hash
+from sae_pipeline.layout import corpus_dir, features_dir, sae_layer_dir
+from sae_pipeline.sae.gates import sae_gate_failures
+from sae_pipeline.sae.model import TopKSAE
+
+GROUP = "behaviors"
+CROSSTALK = "crosstalk"
+
+
+def build_behavior_assets(profile: Profile) -> list:
+    cfg = profile.behaviors
+    layers = profile.harvest.layers
+    partitions = dg.MultiPartitionsDefinition({
+        "behavior": dg.StaticPartitionsDefinition(cfg.behaviors),
+        "layer": dg.StaticPartitionsDefinition([str(layer) for layer in layers])})
+
+    def sae_paths(loaded) -> dict[int, Path]:
+        corpus_sha256 = load_manifest(corpus_dir(profile)).sha256
+        return {layer: sae_layer_dir(profile, loaded, corpus_sha256, layer) for layer in layers}
+
+    @dg.asset(group_name=GROUP, deps=["sae", "prompt_sets"], kinds={"pytorch"},
+              description="Per behaviour, a probe (its harmful tuning prompts vs the benign ones, pooled MLP outputs) "
+                          "at every SAE layer, AUROC on the held-back half; each behaviour keeps its best layers "
+                          "among those whose SAE passes its gates.")
+    def behavior_layers(context: dg.AssetExecutionContext, model: ModelResource) -> dg.MaterializeResult:
+        loaded = model.load(profile)
+        gates = load_gates()
+        failures = {layer: sae_gate_failures(path, gates) for layer, path in sae_paths(loaded).items()}
+        eligible = [layer for layer, failed in failures.items() if not failed]
+        sets = load_prompt_sets()
+        tuning = [r for r in sets.harmful if r.split == profile.features.split and r.category in cfg.behaviors]
+        benign = [r.prompt for r in sets.benign if r.split == profile.features.split]
+        with deterministic(profile.features.seed):
+            choice = choose_behavior_layers(
+                pooled_mlp_outputs(loaded.model, loaded.tokenizer, layers, [r.prompt for r in tuning]),
+                [r.category for r in tuning], pooled_mlp_outputs(loaded.model, loaded.tokenizer, layers, benign),
+                cfg.max_layers, eligible)
+        key = config_hash({"behaviors": cfg.model_dump(mode="json"), "model": loaded.model_hash,
+                           "data": sets.dataset_hash, "eligible": eligible, "split": profile.features.split,
+                           "seed": profile.features.seed})
+        directory = artifacts_root() / "behaviors" / key[:16]
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "behavior_layers.json"
+        path.write_text(json.dumps({"layers": choice.layers, "auroc": choice.auroc, "eligible": eligible,
+                                    "sae_gate_failures": {str(k): v for k, v in failures.items()},
+                                    "model_hash": loaded.model_hash, "dataset_hash": sets.dataset_hash},
+                                   indent=2, sort_keys=True))
+        rows = [{"behavior": b, **{f"L{layer}": choice.auroc[b][layer] for layer in layers},
+                 "chosen": ",".join(map(str, choice.layers[b]))} for b in cfg.behaviors]
+        return dg.MaterializeResult(metadata={
+            "path": dg.MetadataValue.path(str(path)), "eligible_layers": ",".join(map(str, eligible)) or "none",
+            "auroc": table(rows)})
+
+    @dg.asset(group_name=GROUP, deps=[behavior_layers, "sae"], partitions_def=partitions, kinds={"pandas"},
+              description=f"At a layer the behaviour chose: every latent scored on that behaviour's harmful tuning "
+                          f"prompts vs the benign ones, and the top {cfg.top_n} by the harmonic mean of the ranks "
+                          "of |delta_mu| and probe contribution. A layer the behaviour did not choose records why.")
+    def behavior_features(context: dg.AssetExecutionContext, model: ModelResource) -> dg.MaterializeResult:
+        keys = context.partition_key.keys_by_dimension
+        behavior, layer = keys["behavior"], int(keys["layer"])
+        chosen = json.loads(Path(required_metadata(context.instance, behavior_layers.key)["path"]).read_text())
+        if layer not in chosen["layers"][behavior]:
+            return dg.MaterializeResult(metadata={"chosen": False, "reason": (
+                f"{behavior} chose layers {chosen['layers'][behavior]} (AUROC "
+                f"{chosen['auroc'][behavior][str(layer)]:.3f} here; eligible: {chosen['eligible']})")})
+        loaded = model.load(profile)
+        sae_path = sae_paths(loaded)[layer]
+        sae, sae_cfg = TopKSAE.load(sae_path)
+        sets = load_prompt_sets()
+        harmful = [r.prompt for r in sets.harmful if r.split == profile.features.split and r.category == behavior]
+        benign = [r.prompt for r in sets.benign if r.split == profile.features.split]
+        with deterministic(profile.features.seed):
+            scores = score_latents(loaded.model, loaded.tokenizer, sae, layer, harmful, benign,
+                                   profile.features.batch_size)
+        cfg_hash = config_hash({"features": profile.features.model_dump(mode="json"),
+                                "behaviors": cfg.model_dump(mode="json")})
+        provenance = ranking_provenance(sae_path, profile.features.seed, layer, sets.dataset_hash, cfg_hash)
+        records, order = rank_behavior_latents(scores, behavior, cfg.top_n, provenance)
+        path = write_ranking(records, features_dir(sae_path, sets.dataset_hash, cfg_hash) / "behaviors", layer,
+                             cfg.top_n, behavior)
+        candidates = path.parent / f"candidates_l{layer}_{behavior}.json"  # every live latent, ranked
+        candidates.write_text(json.dumps({"sae_hash": sae_cfg["sae_hash"], "feature_ids": order}))
+        shown = ("rank", "feature_id", "delta_mu", "probe_weight", "harmonic_rank", "auroc_harmful", "liveness")
+        return dg.MaterializeResult(metadata={
+            "chosen": True, "path": dg.MetadataValue.path(str(path)),
+            "candidates": dg.MetadataValue.path(str(candidates)),
+            "sae_path": dg.MetadataValue.path(str(sae_path)), "sae_hash": sae_cfg["sae_hash"],
+            **numbers({"features": len(records), "probe_auroc": scores.probe_auroc,
+                       "harmful_prompts": scores.n_harmful, "benign_prompts": scores.n_benign}),
+            "top_25": table([{k: r[k] for k in shown} for r in records[:25]])})
+
+    every = dg.AllPartitionMapping()
+
+    @dg.asset(group_name=GROUP, deps=[dg.AssetDep(behavior_features, partition_mapping=every)], kinds={"pytorch"},
+              description="Per layer, each behaviour's ranked features kept only where their decoder directions stay "
+                          "nearly orthogonal to those fixed for the other behaviours (deflated and flagged up to the "
+                          "flagged limit when too few remain); the cross-talk report with every pair's max |cos|.")
+    def behavior_crosstalk(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        section = load_gates().behaviors
+        directory = Path(required_metadata(context.instance, behavior_layers.key)["path"]).parent
+        report, rows = {}, []
+        for layer in layers:
+            ranked, sae_path, sae_hash = {}, None, None
+            for behavior in cfg.behaviors:
+                key = dg.MultiPartitionKey({"behavior": behavior, "layer": str(layer)})
+                made = required_metadata(context.instance, behavior_features.key, key)
+                if made["chosen"]:
+                    candidates = json.loads(Path(made["candidates"]).read_text())
+                    ranked[behavior] = candidates["feature_ids"]
+                    sae_path, sae_hash = Path(made["sae_path"]), candidates["sae_hash"]
+            if not ranked:
+                continue
+            sae, sae_cfg = TopKSAE.load(sae_path)
+            if sae_cfg["sae_hash"] != sae_hash:
+                raise dg.Failure(f"layer {layer}: the rankings were made with SAE {sae_hash[:12]}, the SAE is now "
+                                 f"{sae_cfg['sae_hash'][:12]}; materialise behavior_features again")
+            result = select_without_crosstalk(ranked, sae.W_dec_FD.detach(), cfg.top_n,
+                                              section["crosstalk_cos_max"].value,
+                                              section["crosstalk_flagged_cos_max"].value, cfg.min_deflated_norm)
+            path = directory / f"crosstalk_l{layer}.safetensors"
+            report[str(layer)] = {
+                "sae_path": str(sae_path), "sae_hash": sae_hash, "order": list(ranked),
+                "directions": {"path": str(path), "sha256": save_selections(result, path)},
+                "pair_max_cos": result.pair_max_cos, "shortfall": result.shortfall,
+                "behaviors": {b: {"feature_ids": s.feature_ids, "flagged": s.flagged, "raw_max_cos": s.raw_max_cos}
+                              for b, s in result.selections.items()}}
+            rows += [{"layer": layer, "behavior": b, "kept": len(s.feature_ids), "flagged": sum(s.flagged),
+                      "shortfall": result.shortfall[b], "flagged_raw_max_cos": max(
+                          (c for c, f in zip(s.raw_max_cos, s.flagged) if f), default=0.0)}
+                     for b, s in result.selections.items()]
+        if not report:
+            raise dg.Failure("no behaviour chose any layer (no SAE passes its gates?): nothing to select")
+        path = directory / "crosstalk_report.json"
+        path.write_text(json.dumps({"layers": report, "keep": cfg.top_n}, indent=2, sort_keys=True))
+        pairs = [{"layer": int(layer), "pair": pair, "max_cos": value}
+                 for layer, entry in report.items() for pair, value in entry["pair_max_cos"].items()]
+        return dg.MaterializeResult(metadata={"path": dg.MetadataValue.path(str(path)), "selections": table(rows),
+                                              "pairs": table(pairs) if pairs else "one behaviour per layer"})
+
+    @dg.asset_check(asset=behavior_crosstalk, name=CROSSTALK, blocking=True,
+                    description="Representation cross-talk against data/gates.yaml `behaviors`, recomputed from the "
+                                "saved directions and the SAE (never read from the report): max |cos| between "
+                                "behaviours' final directions, flagged features' |cos| before deflation, and how many "
+                                "features a behaviour fell short of the configured count")
+    def crosstalk(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        report = json.loads(Path(required_metadata(context.instance, behavior_crosstalk.key)["path"]).read_text())
+        measured = {"crosstalk_cos_max": 0.0, "crosstalk_flagged_cos_max": 0.0, "crosstalk_shortfall_max": 0}
+        for layer, entry in report["layers"].items():
+            sae, sae_cfg = TopKSAE.load(Path(entry["sae_path"]))
+            if sae_cfg["sae_hash"] != entry["sae_hash"]:
+                raise dg.Failure(f"layer {layer}: the SAE changed since the selection; materialise it again")
+            directions = load_directions(Path(entry["directions"]["path"]), entry["directions"]["sha256"])
+            final = {b: directions[b][0] for b in entry["order"]}
+            measured["crosstalk_cos_max"] = max(measured["crosstalk_cos_max"], *pair_max_cos(final).values(), 0.0)
+            decoder_FD = torch.nn.functional.normalize(sae.W_dec_FD.detach().double(), dim=-1)
+            for index, behavior in enumerate(entry["order"]):
+                selection = entry["behaviors"][behavior]
+                measured["crosstalk_shortfall_max"] = max(measured["crosstalk_shortfall_max"],
+                                                          report["keep"] - len(selection["feature_ids"]))
+                flagged = [f for f, is_flagged in zip(selection["feature_ids"], selection["flagged"]) if is_flagged]
+                earlier = [final[b] for b in entry["order"][:index]]
+                if flagged and earlier:
+                    raw = (decoder_FD[flagged] @ torch.cat(earlier).T).abs().max()
+                    measured["crosstalk_flagged_cos_max"] = max(measured["crosstalk_flagged_cos_max"], float(raw))
+        results = check_gates(load_gates().behaviors, measured)
+        return dg.AssetCheckResult(passed=all(g.passed for g in results), severity=dg.AssetCheckSeverity.ERROR,
+                                   metadata={"gates": table([g._asdict() for g in results])})
+
+    return [behavior_layers, behavior_features, behavior_crosstalk, crosstalk]

@@ -1,0 +1,57 @@
+"""Behaviour dictionaries: layer choice by probe AUROC, the harmonic-rank ranking and the cross-talk filter."""
+
+import torch
+
+from sae_pipeline.behaviors.crosstalk import select_without_crosstalk
+from sae_pipeline.behaviors.layers import choose_behavior_layers
+from sae_pipeline.behaviors.ranking import rank_behavior_latents
+from sae_pipeline.features.scoring import POSITION_BINS, LatentScores
+
+
+def test_each_behavior_keeps_the_layers_where_a_probe_tells_it_from_benign():
+    generator = torch.Generator().manual_seed(0)
+    direction_D = torch.nn.functional.normalize(torch.randn(8, generator=generator), dim=0)
+    behaviors = ["chem"] * 40 + ["fraud"] * 40
+    harmful = {layer: torch.randn(80, 8, generator=generator) for layer in (1, 2, 3)}
+    benign = {layer: torch.randn(120, 8, generator=generator) for layer in (1, 2, 3)}
+    harmful[2][:40] += 3 * direction_D  # chem stands out at layer 2, fraud at layer 3
+    harmful[3][40:] += 3 * direction_D
+    choice = choose_behavior_layers(harmful, behaviors, benign, max_layers=2)
+    assert choice.layers["chem"][0] == 2 and choice.layers["fraud"][0] == 3
+    assert all(len(layers) == 2 for layers in choice.layers.values())
+    assert choice.auroc["chem"][2] > 0.95 > choice.auroc["chem"][1]
+
+
+def _scores(delta, weight, liveness):
+    n = len(delta)
+    return LatentScores(torch.tensor(delta), torch.full((n,), 0.6), torch.zeros(n), torch.tensor(liveness),
+                        torch.ones(n), torch.zeros(POSITION_BINS, n), torch.tensor(weight), 0.9, 0.5, 10, 10)
+
+
+def test_the_harmonic_rank_leans_on_the_better_rank_and_skips_dead_latents():
+    # |delta| ranks (live): 0 -> 1, 1 -> 2, 4 -> 3, 3 -> 4; |weight| ranks: 3 -> 1, 1 -> 2, 4 -> 3, 0 -> 4; 2 is dead
+    scores = _scores([0.9, 0.5, 0.8, 0.1, 0.45], [0.0, 0.4, 0.9, 0.5, 0.3], [0.1, 0.1, 0.0, 0.1, 0.1])
+    rows, order = rank_behavior_latents(scores, "cyber", 3, {"layer": 11, "sae_hash": "h"})
+    assert [r["feature_id"] for r in rows] == [0, 3, 1]  # harmonic 1.6, 1.6, 2.0; 4 (3.0) is cut, 2 never enters
+    assert order == [0, 3, 1, 4]  # every live latent, for the cross-talk filter to draw on
+    assert [r["harmonic_rank"] for r in rows] == [1.6, 1.6, 2.0]
+    first = rows[0]
+    assert first["behavior"] == "cyber" and first["rank"] == 0 and first["layer"] == 11
+    assert (first["delta_mu_rank"], first["probe_rank"]) == (1, 4)
+    assert {"delta_mu", "refusal_corr", "auroc_harmful", "liveness", "mean_activation", "pos_profile"} <= set(first)
+
+
+def test_crosstalk_keeps_clean_directions_deflates_flagged_ones_and_reports_pairs():
+    eye = torch.eye(16, dtype=torch.float64)
+    near = 0.06 * eye[0] + (1 - 0.06 ** 2) ** 0.5 * eye[5]  # |cos| 0.06 with e0
+    close = torch.nn.functional.normalize(eye[1] + 0.5 * eye[6], dim=0)  # |cos| 0.45 with e1
+    W_dec_FD = torch.stack([eye[0], eye[1], close, eye[2], near, eye[3]])
+    ranked = {"chem": [0, 1], "bio": [2, 3, 4, 5]}
+    result = select_without_crosstalk(ranked, W_dec_FD, keep=3, max_cos=0.05, flagged_max_cos=0.07)
+    bio = result.selections["bio"]
+    assert bio.feature_ids == [3, 4, 5] and bio.flagged == [False, True, False]  # 2 rejected, 4 admitted flagged
+    assert abs(bio.raw_max_cos[1] - 0.06) < 1e-3
+    assert float((bio.directions_ND[1] @ result.selections["chem"].directions_ND.T).abs().max()) < 1e-9
+    assert result.pair_max_cos["chem|bio"] <= 0.05 and result.shortfall == {"chem": 1, "bio": 0}
+    strict = select_without_crosstalk(ranked, W_dec_FD, keep=3, max_cos=0.05, flagged_max_cos=0.05)
+    assert strict.selections["bio"].feature_ids == [3, 5] and strict.shortfall["bio"] == 1

@@ -1,0 +1,42 @@
+"""Evidence beside the cross-talk gates: how many features each behaviour keeps at one layer for several |cos|
+limits and feature counts, from the latest behavior_features candidates (every live latent, ranked) and the layer's
+SAE. Writes data/evidence/crosstalk_frontier.jsonl. Run after behavior_features:
+python scripts/crosstalk_frontier.py FOLDER (the behaviors/ folder holding candidates_l{L}_{behavior}.json)"""
+
+import json
+import sys
+from datetime import date
+from pathlib import Path
+
+from sae_pipeline.behaviors.crosstalk import select_without_crosstalk
+from sae_pipeline.config import artifacts_root, data_dir, load_profile
+from sae_pipeline.sae.model import TopKSAE
+
+LIMITS = [0.05, 0.07, 0.10, 0.15, 0.20]
+KEEP = [16, 32, 64, 128]
+
+
+def main(folder: Path) -> None:
+    profile = load_profile()
+    out = data_dir() / "evidence" / "crosstalk_frontier.jsonl"
+    with out.open("w") as records:
+        for path in sorted(folder.glob("candidates_l*_*.json"))[:1]:
+            layer = int(path.name.split("_")[1][1:])
+            ranked = {b: json.loads((folder / f"candidates_l{layer}_{b}.json").read_text())["feature_ids"]
+                      for b in profile.behaviors.behaviors if (folder / f"candidates_l{layer}_{b}.json").exists()}
+            # features_dir mirrors the SAE's folder: artifacts/features/<sae folder>/<data_cfg>/behaviors
+            root = artifacts_root()
+            sae, _ = TopKSAE.load(root / "sae" / folder.resolve().parent.parent.relative_to(root.resolve() / "features"))
+            for keep in KEEP:
+                for limit in LIMITS:
+                    result = select_without_crosstalk(ranked, sae.W_dec_FD.detach(), keep, limit, limit,
+                                                      profile.behaviors.min_deflated_norm)
+                    record = {"layer": layer, "d_model": sae.d_model, "keep": keep, "cos_limit": limit,
+                              "kept": {b: len(s.feature_ids) for b, s in result.selections.items()},
+                              "date": date.today().isoformat()}
+                    records.write(json.dumps(record) + "\n")
+                    print(record)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
