@@ -18,24 +18,23 @@ KEEP = [16, 32, 64, 128]
 
 def main(folder: Path) -> None:
     profile = load_profile()
-    out = data_dir() / "evidence" / "crosstalk_frontier.jsonl"
-    with out.open("w") as records:
-        for path in sorted(folder.glob("candidates_l*_*.json"))[:1]:
-            layer = int(path.name.split("_")[1][1:])
-            ranked = {b: json.loads((folder / f"candidates_l{layer}_{b}.json").read_text())["feature_ids"]
-                      for b in profile.behaviors.behaviors if (folder / f"candidates_l{layer}_{b}.json").exists()}
-            # features_dir mirrors the SAE's folder: artifacts/features/<sae folder>/<data_cfg>/behaviors
-            root = artifacts_root()
-            sae, _ = TopKSAE.load(root / "sae" / folder.resolve().parent.parent.relative_to(root.resolve() / "features"))
-            for keep in KEEP:
-                for limit in LIMITS:
-                    result = select_without_crosstalk(ranked, sae.W_dec_FD.detach(), keep, limit, limit,
-                                                      profile.behaviors.min_deflated_norm)
-                    record = {"layer": layer, "d_model": sae.d_model, "keep": keep, "cos_limit": limit,
-                              "kept": {b: len(s.feature_ids) for b, s in result.selections.items()},
-                              "date": date.today().isoformat()}
-                    records.write(json.dumps(record) + "\n")
-                    print(record)
+    root = artifacts_root()
+    # features_dir mirrors the SAE's folder: artifacts/features/<sae folder>/<data_cfg>/behaviors
+    sae_dir = root / "sae" / folder.resolve().parent.parent.relative_to(root.resolve() / "features")
+    sae, _ = TopKSAE.load(sae_dir)
+    layer = int(sae_dir.name.removeprefix("layer_"))
+    ranked = {b: json.loads(path.read_text())["feature_ids"] for b in profile.behaviors.behaviors
+              if (path := folder / f"candidates_l{layer}_{b}.json").exists()}
+    with (data_dir() / "evidence" / "crosstalk_frontier.jsonl").open("w") as records:
+        for keep in KEEP:
+            for limit in LIMITS:
+                result = select_without_crosstalk(ranked, sae.W_dec_FD.detach(), keep, limit, limit,
+                                                  profile.behaviors.min_deflated_norm)
+                record = {"layer": layer, "d_model": sae.d_model, "keep": keep, "cos_limit": limit,
+                          "kept": {b: len(s.feature_ids) for b, s in result.selections.items()},
+                          "date": date.today().isoformat()}
+                records.write(json.dumps(record) + "\n")
+                print(record)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sae_pipeline.evaluation.generation import chat_ids, user_token_span
-from sae_pipeline.features.scoring import probe_auroc
-from sae_pipeline.model.hooks import layer_outputs
+from sae_pipeline.features.scoring import probe_auroc, user_token_outputs
 
 
 class BehaviorLayers(NamedTuple):
@@ -25,13 +23,11 @@ class BehaviorLayers(NamedTuple):
 def pooled_mlp_outputs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, layers: Sequence[int],
                        prompts: Sequence[str]) -> dict[int, torch.Tensor]:
     """layer -> (P, D) float64: the MLP output averaged over each prompt's own tokens (as the feature scores pool)."""
-    device = next(model.parameters()).device
     rows: dict[int, list] = {layer: [] for layer in layers}
     for prompt in tqdm(prompts, desc="pooled MLP outputs", unit="prompt"):
-        start, end = user_token_span(tokenizer, prompt)
-        captured = layer_outputs(model, torch.tensor([chat_ids(tokenizer, prompt)], device=device), list(layers))
+        captured = user_token_outputs(model, tokenizer, prompt, layers)
         for layer in layers:
-            rows[layer].append(captured[layer][0, max(start, 1):end].double().mean(0).cpu())
+            rows[layer].append(captured[layer].double().mean(0).cpu())
     return {layer: torch.stack(r) for layer, r in rows.items()}
 
 

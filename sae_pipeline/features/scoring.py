@@ -53,6 +53,17 @@ class LatentScores(NamedTuple):
 
 
 @torch.no_grad()
+def user_token_outputs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str,
+                       layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """layer -> (S, D) MLP output over the prompt's own tokens in its chat turn (never position 0, the attention
+    sink): what the feature scores and the behaviour layer probes pool."""
+    device = next(model.parameters()).device
+    start, end = user_token_span(tokenizer, prompt)
+    captured = layer_outputs(model, torch.tensor([chat_ids(tokenizer, prompt)], device=device), list(layers))
+    return {layer: captured[layer][0, max(start, 1):end] for layer in layers}
+
+
+@torch.no_grad()
 def encode_prompts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sae: TopKSAE, layer: int,
                    prompts: Sequence[str], desc: str) -> PromptCodes:
     device = next(model.parameters()).device
@@ -62,10 +73,7 @@ def encode_prompts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, s
     activation_F = torch.zeros(sae.n_latents, dtype=torch.float64)
     tokens = 0
     for prompt in tqdm(prompts, desc=desc, unit="prompt"):
-        ids = torch.tensor([chat_ids(tokenizer, prompt)], device=device)
-        start, end = user_token_span(tokenizer, prompt)
-        # never position 0: the attention sink
-        acts_SD = layer_outputs(model, ids, [layer])[layer][0, max(start, 1):end].float()
+        acts_SD = user_token_outputs(model, tokenizer, prompt, [layer])[layer].float()
         codes = sae.encode(acts_SD)
         z_SF = torch.zeros(acts_SD.shape[0], sae.n_latents, device=device).scatter_(
             1, codes.top_indices, codes.top_acts).cpu()
