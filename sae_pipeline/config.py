@@ -171,13 +171,19 @@ class SteeringConfig(_Strict):
     """The conditional refusal mode's ingredients (fit on the tuning prompts) and the strength sweep."""
 
     max_benign_fire: float = Field(default=0.02, gt=0, lt=1)  # the probe gate's cross-validated benign budget
+    # the borderline-safe tuning prompts' own budget and fit weight: their held-out gate is 3 % of 26 prompts, so
+    # 2 % leaves room; out of fold at layer 14, weights 3 and 10 both caught 92.0 % of harmful prompts within it,
+    # 10 with fewer borderline fires (1.9 % against 2.6 %; data/evidence/gate_borderline.jsonl)
+    borderline_max_fire: float = Field(default=0.02, gt=0, lt=1)
+    borderline_weight: float = Field(default=10.0, gt=0)
     gate_folds: int = Field(default=5, ge=2)
     refusal_prompts: int = Field(default=60, ge=1)  # tuning harmful prompts behind the refusal direction
     # candidate layer sets for the probe gate (the residual stream after each layer, summarised per prompt as its
     # mean and its last token; no SAE needed); cross-validation on the tuning prompts picks one. That summary beat
-    # MLP-output means out of fold (data/evidence/gate_inputs.jsonl)
+    # MLP-output means out of fold (data/evidence/gate_inputs.jsonl); layer 14 held the borderline budget best
+    # (data/evidence/gate_borderline.jsonl)
     gate_layer_sets: list[list[int]] = Field(
-        default_factory=lambda: [[9], [11], [13], [11, 13], [9, 11, 13]], min_length=1)
+        default_factory=lambda: [[11], [13], [14], [11, 13], [13, 14]], min_length=1)
     # where the refusal vector goes in (MLP output) and the gate decides, after every gate layer: with the vector
     # added unconditionally, 98 % of 48 tuning harmful prompts refused at layer 15, 92 % at 17 (see refusal_beta)
     refusal_layer: int = Field(default=15, ge=1)

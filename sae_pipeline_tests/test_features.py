@@ -153,6 +153,26 @@ def test_probe_gate_fit_respects_the_benign_budget_and_folds_exactly():
     assert float(flipped.gate.weight_D @ fit.gate.weight_D) < 0
 
 
+def test_probe_gate_holds_borderline_prompts_to_their_own_budget():
+    from sae_pipeline.features.gate import BorderlineBudget, fit_probe_gate
+
+    generator = torch.Generator().manual_seed(0)
+    direction_D = torch.nn.functional.normalize(torch.randn(16, generator=generator), dim=0)
+    harmful = torch.randn(150, 16, generator=generator) + 2.0 * direction_D
+    benign = torch.cat([torch.randn(200, 16, generator=generator) - 2.5 * direction_D,
+                        torch.randn(50, 16, generator=generator) + 0.5 * direction_D])  # borderline: near harmful
+    mask_N = torch.arange(250) >= 200
+    pooled = fit_probe_gate(harmful, benign, max_benign_fire=0.05)
+    held = fit_probe_gate(harmful, benign, max_benign_fire=0.05, borderline=BorderlineBudget(mask_N, 0.04, 3.0))
+    borderline_fire = lambda fit: (benign[mask_N].double() @ fit.gate.weight_D.double() + fit.gate.bias > 0  # noqa
+                                   ).double().mean().item()
+    assert pooled.cv_borderline_fire is None and held.cv_borderline_fire <= 0.04 + 1 / 50
+    assert borderline_fire(pooled) > 0.15 > borderline_fire(held)  # the pooled budget is spent on the borderline rows
+    assert held.cv_harmful_fire < pooled.cv_harmful_fire  # and holding them costs harmful catches, as it should
+    with pytest.raises(ValueError, match="borderline mask must mark some of the 250 benign rows"):
+        fit_probe_gate(harmful, benign, borderline=BorderlineBudget(torch.zeros(250, dtype=torch.bool), 0.04, 3.0))
+
+
 def test_prompt_summaries_read_what_the_runtime_gate_reads(tiny):
     from sae_pipeline.evaluation.generation import chat_ids
     from sae_pipeline.features.gate import prompt_summaries, template_prefix_length

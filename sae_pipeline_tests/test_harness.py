@@ -144,3 +144,17 @@ def test_task_answers_must_go_beyond_echoing_the_question():
     assert answer_matches("What is 144 divided by 12?", "144 / 12 = 12", ["12"])
     assert answer_matches("What is the capital of France?", "It is Paris.", ["Paris"])
     assert not answer_matches("What is the capital of France?", "It is Parisian.", ["Paris"])
+
+
+def test_continuation_logprobs_match_an_unpadded_teacher_forced_forward(tiny):
+    from sae_pipeline.evaluation.generation import continuation_logprobs
+
+    contexts = [[5, 9, 13], [7, 8, 21, 3, 11, 2], [4]]  # different lengths: the batch is left padded
+    continuation = [17, 23, 29, 31]
+    batched = continuation_logprobs(tiny.model, tiny.tokenizer, contexts, continuation, batch_size=3)
+    for context, score in zip(contexts, batched):
+        ids = torch.tensor([context + continuation])
+        logprobs_SV = tiny.model(input_ids=ids).logits[0].float().log_softmax(-1)
+        positions = torch.arange(len(context) - 1, len(context) - 1 + len(continuation))
+        expected = logprobs_SV[positions, torch.tensor(continuation)].mean().item()
+        assert abs(score - expected) < 1e-4

@@ -259,3 +259,27 @@ def test_a_gate_fit_on_prompt_summaries_decides_the_same_way_at_runtime(tiny):
     confident = scores.abs() > 1e-4  # a score at the threshold may round either way between float paths
     assert [d for d, c in zip(decided, confident) if c] == [bool(s > 0) for s, c in zip(scores, confident) if c]
     assert 0 < sum(decided) < len(prompts), "a useful check needs prompts on both sides of the gate"
+
+
+def test_a_scored_continuation_never_decides_the_gate(tiny):
+    """Teacher-forced refusal log-probs: the gate decides on the context's prefill alone, as in generation."""
+    from sae_pipeline.evaluation.generation import continuation_logprobs
+    from sae_pipeline.steering.runtime import ProbeGate, prompt_summary
+
+    context, continuation = [5, 9, 13, 40, 41], [17, 23, 29, 31, 37, 43]
+    direction_D = torch.nn.functional.normalize(torch.randn(128, generator=torch.Generator().manual_seed(1)), dim=0)
+
+    def score(ids: list[int]) -> float:
+        with capture_outputs(tiny.model, [1], site="residual") as captured:
+            run_until_captured(tiny.model, torch.tensor([ids]))
+        admitted_1S = (torch.arange(len(ids)) >= 1)[None, :]
+        return float(prompt_summary(captured[1], admitted_1S, torch.tensor([len(ids) - 1]))[0] @ direction_D)
+
+    alone, with_continuation = score(context), score(context + continuation)
+    assert abs(alone - with_continuation) > 1e-3
+    bias = -(alone + with_continuation) / 2  # the two readings fall on opposite sides of the threshold
+    gate = ProbeGate(direction_D, bias, (1,))
+    steering = LayerSteering(None, 0.0, refusal_D=torch.ones(64), beta=1.0, gate=gate)
+    with patched(tiny.model, {LAYER: steering}) as patch:
+        continuation_logprobs(tiny.model, tiny.tokenizer, [context], continuation, batch_size=1)
+        assert bool(patch.layers[LAYER].fired_B.flatten()[0]) == (alone + bias > 0)

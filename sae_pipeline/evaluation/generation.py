@@ -55,6 +55,17 @@ def _stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set
     return ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
 
 
+def _left_padded(sequences: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left padding: every sequence ends where what follows it (generation, a scored continuation) starts."""
+    width = max(len(s) for s in sequences)
+    ids_BS = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask_BS = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids_BS[row, width - len(seq):] = torch.tensor(seq)
+        mask_BS[row, width - len(seq):] = 1
+    return ids_BS, mask_BS
+
+
 @torch.no_grad()
 def generate_greedy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[int]],
                     max_new_tokens: int, batch_size: int, desc: str) -> list[Generation]:
@@ -63,12 +74,8 @@ def generate_greedy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     stop = _stop_ids(model, tokenizer)
     out: list[Generation | None] = [None] * len(prompts)
     for batch in tqdm(_batches([len(p) for p in prompts], batch_size), desc=desc, unit="batch"):
-        width = max(len(prompts[i]) for i in batch)
-        ids_BS = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask_BS = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):  # left padding: every prompt ends where generation starts
-            ids_BS[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask_BS[row, width - len(prompts[i]):] = 1
+        ids_BS, mask_BS = _left_padded([prompts[i] for i in batch], pad_id)
+        width = ids_BS.shape[1]
         generated_BT = model.generate(
             input_ids=ids_BS.to(device), attention_mask=mask_BS.to(device), max_new_tokens=max_new_tokens,
             do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad_id,
@@ -93,17 +100,28 @@ def _right_padded(sequences: Sequence[list[int]], pad_id: int) -> tuple[torch.Te
 @torch.no_grad()
 def continuation_logprobs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                           contexts: Sequence[list[int]], continuation: list[int], batch_size: int) -> list[float]:
-    """Mean per-token log-probability of the same continuation after each context (teacher forced)."""
+    """Mean per-token log-probability of the same continuation after each context (teacher forced). The contexts
+    are a prefill of their own and the continuation follows through the KV cache, as in generation: a steering gate
+    that decides at the prefill reads the prompt, never the continuation it is scored on."""
     pad_id, device = _pad_id(tokenizer), _device(model)
     scores: list[float] = [0.0] * len(contexts)
+    continuation_C = torch.tensor(continuation)
     for batch in _batches([len(c) for c in contexts], batch_size):
-        ids_BS, mask_BS = _right_padded([contexts[i] + continuation for i in batch], pad_id)
-        logprobs_BSV = model(input_ids=ids_BS.to(device), attention_mask=mask_BS.to(device)).logits.float() \
-            .log_softmax(-1).cpu()
+        ids_BS, mask_BS = _left_padded([contexts[i] for i in batch], pad_id)
+        positions_BS = (mask_BS.cumsum(1) - 1).clamp(min=0)
+        prefill = model(input_ids=ids_BS.to(device), attention_mask=mask_BS.to(device),
+                        position_ids=positions_BS.to(device), use_cache=True)
+        follow_BC = continuation_C.expand(len(batch), -1)
+        full_mask = torch.cat([mask_BS, torch.ones_like(follow_BC)], 1)
+        follow_positions = positions_BS[:, -1:] + 1 + torch.arange(len(continuation))[None, :]
+        follow = model(input_ids=follow_BC.to(device), attention_mask=full_mask.to(device),
+                       position_ids=follow_positions.to(device), past_key_values=prefill.past_key_values,
+                       use_cache=True)
+        # the first continuation token is predicted by the context's last position, the rest by the continuation
+        logits_BCV = torch.cat([prefill.logits[:, -1:], follow.logits[:, :-1]], 1).float()
+        logprobs_BC = logits_BCV.log_softmax(-1).gather(-1, follow_BC.to(device)[..., None])[..., 0].cpu()
         for row, i in enumerate(batch):
-            start = len(contexts[i])
-            positions = torch.arange(start - 1, start - 1 + len(continuation))
-            scores[i] = logprobs_BSV[row, positions, torch.tensor(continuation)].mean().item()
+            scores[i] = logprobs_BC[row].mean().item()
     return scores
 
 

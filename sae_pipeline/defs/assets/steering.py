@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import dagster as dg
+import torch
 
 from sae_pipeline.config import Profile, artifacts_root
 from sae_pipeline.defs.lineage import required_metadata
@@ -16,7 +17,8 @@ from sae_pipeline.evaluation.datasets import load_prompt_sets
 from sae_pipeline.evaluation.determinism import deterministic
 from sae_pipeline.evaluation.run import build_judges, select_primary
 from sae_pipeline.features.causal import Journal, journal_key, screen_features, sidecar_from_sae
-from sae_pipeline.features.gate import choose_gate, prompt_summaries, save_refusal_gate, template_prefix_length
+from sae_pipeline.features.gate import (BorderlineBudget, choose_gate, prompt_summaries, save_refusal_gate,
+                                        template_prefix_length)
 from sae_pipeline.features.refusal import refusal_direction
 from sae_pipeline.hashing import config_hash, file_sha256
 from sae_pipeline.sae.model import TopKSAE
@@ -38,12 +40,15 @@ def build_steering_assets(profile: Profile) -> list:
         loaded = model.load(profile, dtype=profile.evaluation.model_dtype)
         sets = load_prompt_sets()
         harmful = [r.prompt for r in sets.harmful if r.split == "tuning"]
-        benign = [r.prompt for r in sets.benign if r.split == "tuning"]
+        benign_rows = [r for r in sets.benign if r.split == "tuning"]
+        benign = [r.prompt for r in benign_rows]
+        borderline = BorderlineBudget(torch.tensor([r.domain == "borderline" for r in benign_rows]),
+                                      cfg.borderline_max_fire, cfg.borderline_weight)
         read = sorted({layer for layers in cfg.gate_layer_sets for layer in layers})
         with deterministic(profile.evaluation.seed):
             fit, candidates = choose_gate(prompt_summaries(loaded.model, loaded.tokenizer, read, harmful),
                                           prompt_summaries(loaded.model, loaded.tokenizer, read, benign),
-                                          cfg.gate_layer_sets, cfg.max_benign_fire, cfg.gate_folds)
+                                          cfg.gate_layer_sets, cfg.max_benign_fire, cfg.gate_folds, borderline)
             layer = cfg.refusal_layer
             refusal_D = refusal_direction(loaded.model, loaded.tokenizer, layer, harmful[:cfg.refusal_prompts])
         key = config_hash({"steering": cfg.model_dump(mode="json"), "model": loaded.model_hash,
@@ -54,9 +59,10 @@ def build_steering_assets(profile: Profile) -> list:
             "gate_skip": template_prefix_length(loaded.tokenizer), "candidates": candidates,
             "config": cfg.model_dump(mode="json")})
         context.log.info(f"gate layers {fit.gate.layers}: out-of-fold harmful fire {fit.cv_harmful_fire:.3f} at "
-                         f"benign {fit.cv_benign_fire:.3f}")
+                         f"benign {fit.cv_benign_fire:.3f} (borderline {fit.cv_borderline_fire:.3f})")
         return dg.MaterializeResult(metadata={
-            **numbers({k: info[k] for k in ("l2", "cv_harmful_fire", "cv_benign_fire", "refusal_norm")}),
+            **numbers({k: info[k] for k in ("l2", "cv_harmful_fire", "cv_benign_fire", "cv_borderline_fire",
+                                             "refusal_norm")}),
             "gate_layers": ",".join(map(str, fit.gate.layers)), "refusal_layer": layer,
             "path": dg.MetadataValue.path(str(directory)), "gate_skip": info["gate_skip"],
             "layer_sets": table(candidates)})
