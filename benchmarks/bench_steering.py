@@ -2,10 +2,13 @@
 
 The arms alternate round by round (sae_pipeline.steering.overhead), so drift in machine speed hits both alike; the
 reported overhead is the ratio of the medians. Hooks: n features at each of the given layers, feature mode
-(alpha 0.6) plus the conditional refusal mode (beta 1.0) - the most work the runtime does per token.
+(alpha 0.6) plus the conditional refusal mode (beta 1.0) - the most work the runtime does per token. With
+--behaviors B, each layer instead holds B behaviours' features as one grouped sidecar (apply_behaviors' runtime:
+each group fires and steers on its own, alpha 0.6 each).
 
     python benchmarks/bench_steering.py                          # embedded SmolLM2 on the CPU
     python benchmarks/bench_steering.py --mistral-shaped --device cuda --context 2048   # needs a GPU
+    python benchmarks/bench_steering.py --behaviors 6 --out artifacts/benchmarks/behaviors.json
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 
 from sae_pipeline.model.loading import load_model
 from sae_pipeline.steering.overhead import measure_overhead
-from sae_pipeline.steering.runtime import LayerSteering
+from sae_pipeline.steering.runtime import FeatureGroups, LayerSteering
 from sae_pipeline.steering.sidecar import DenseSidecar
 
 
@@ -33,14 +36,20 @@ def mistral_shaped(device: str) -> torch.nn.Module:
         return MistralForCausalLM(config).to(torch.bfloat16).eval()
 
 
-def random_layers(d_model: int, layers: list[int], n_features: int, seed: int = 0) -> dict[int, LayerSteering]:
+def random_layers(d_model: int, layers: list[int], n_features: int, behaviors: int = 0, seed: int = 0
+                  ) -> dict[int, LayerSteering]:
     generator = torch.Generator().manual_seed(seed)
     out = {}
     for layer in layers:
-        directions = torch.nn.functional.normalize(torch.randn(n_features, d_model, generator=generator), dim=-1)
-        sidecar = DenseSidecar(directions, directions.clone(), torch.zeros(n_features))
-        out[layer] = LayerSteering(sidecar, alpha=0.6, refusal_D=torch.randn(d_model, generator=generator) * 0.01,
-                                   beta=1.0)
+        rows = n_features * max(behaviors, 1)
+        directions = torch.nn.functional.normalize(torch.randn(rows, d_model, generator=generator), dim=-1)
+        sidecar = DenseSidecar(directions, directions.clone(), torch.zeros(rows))
+        if behaviors:
+            names = {f"behavior_{i}": n_features for i in range(behaviors)}
+            out[layer] = LayerSteering(sidecar, alpha=1.0, groups=FeatureGroups.of(names, dict.fromkeys(names, 0.6)))
+        else:
+            out[layer] = LayerSteering(sidecar, alpha=0.6, beta=1.0,
+                                       refusal_D=torch.randn(d_model, generator=generator) * 0.01)
     return out
 
 
@@ -52,6 +61,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--features", type=int, default=8)
+    parser.add_argument("--behaviors", type=int, default=0, help="grouped behaviours per layer (0: single basis)")
     parser.add_argument("--layers", default=None, help="comma list; default 9,11,15,17,19 (SmolLM2) or "
                                                        "10,12,16,18,20 (Mistral-shaped)")
     parser.add_argument("--out", default="artifacts/benchmarks/steering.json")
@@ -63,12 +73,13 @@ def main() -> None:
         model, d_model, default_layers, name = loaded.model, 576, "9,11,15,17,19", loaded.name
     layers = [int(x) for x in (args.layers or default_layers).split(",")]
     input_ids = torch.randint(10, 1000, (1, args.context), generator=torch.Generator().manual_seed(0)).to(args.device)
-    steering = random_layers(d_model, layers, args.features)
+    steering = random_layers(d_model, layers, args.features, args.behaviors)
     measured = measure_overhead(model, [input_ids], steering, 1, args.new_tokens, args.rounds)
     rates = {"unsteered": measured.unsteered_tokens_per_s, "steered": measured.steered_tokens_per_s}
     medians = {arm: statistics.median(values) for arm, values in rates.items()}
     report = {"model": name, "device": args.device, "threads": torch.get_num_threads(), "context": args.context,
               "new_tokens": args.new_tokens, "layers": layers, "features_per_layer": args.features,
+              "behaviors_per_layer": args.behaviors,
               "tokens_per_s_median": {k: round(v, 2) for k, v in medians.items()},
               "tokens_per_s_rounds": {k: [round(x, 2) for x in v] for k, v in rates.items()},
               "overhead": round(measured.overhead, 4)}

@@ -25,4 +25,17 @@ def remove_patch(model) -> None:
     remove(model)
 
 
-__all__ = ["load_model", "apply_patch", "remove_patch"]
+def apply_behaviors(model, sae_paths_per_behavior, alphas_per_behavior=None, **kwargs):
+    """Attach per-behaviour steering from a behaviour release directory or sidecars per behaviour and layer (see
+    sae_pipeline.steering.behaviors)."""
+    from sae_pipeline.steering.behaviors import apply_behaviors as apply
+
+    return apply(model, sae_paths_per_behavior, alphas_per_behavior, **kwargs)
+
+
+def remove_behaviors(model) -> None:
+    """Detach every behaviour steering hook; the model computes exactly as before."""
+    remove_patch(model)
+
+
+__all__ = ["load_model", "apply_patch", "remove_patch", "apply_behaviors", "remove_behaviors"]

@@ -158,6 +158,10 @@ class BehaviorConfig(_Strict):
     max_layers: int = Field(default=3, ge=1)  # layers per behaviour, best probe AUROC first
     top_n: int = Field(default=128, ge=1)  # ranked and kept features per behaviour and layer
     min_deflated_norm: float = Field(default=0.5, gt=0, le=1)  # a flagged direction must keep this much length
+    # each behaviour sidecar: its best-ranked features that passed the cross-talk filter, as many as the single-basis
+    # causal screen keeps (issue #4: 8), until a per-behaviour quick screen chooses them
+    sidecar_features: int = Field(default=8, ge=1)
+    alpha: float = Field(default=0.6, ge=0)  # every behaviour's strength in the release (apply_patch's default)
 
     @model_validator(mode="after")
     def _known(self) -> BehaviorConfig:
@@ -171,19 +175,19 @@ class SteeringConfig(_Strict):
     """The conditional refusal mode's ingredients (fit on the tuning prompts) and the strength sweep."""
 
     max_benign_fire: float = Field(default=0.02, gt=0, lt=1)  # the probe gate's cross-validated benign budget
-    # the borderline-safe tuning prompts' own budget and fit weight: their held-out gate is 3 % of 26 prompts, so
-    # 2 % leaves room; out of fold at layer 14, weights 3 and 10 both caught 92.0 % of harmful prompts within it,
-    # 10 with fewer borderline fires (1.9 % against 2.6 %; data/evidence/gate_borderline.jsonl)
-    borderline_max_fire: float = Field(default=0.02, gt=0, lt=1)
-    borderline_weight: float = Field(default=10.0, gt=0)
+    # the borderline-safe tuning prompts' own out-of-fold budget and fit weight (1.0 / 1.0: their fire is reported,
+    # not bounded). Held to 2 % at weight 10, cross-validation picked layer 14 (92.0 % harmful, 1.9 % borderline out
+    # of fold, data/evidence/gate_borderline.jsonl) and the held-out borderline gate was met, but benign false refusal
+    # rose to 3.2 % and perplexity by 1.8-3.5 % at alpha >= 0.6 (data/evidence/steering_frontier.jsonl): off by default
+    borderline_max_fire: float = Field(default=1.0, gt=0, le=1)
+    borderline_weight: float = Field(default=1.0, gt=0)
     gate_folds: int = Field(default=5, ge=2)
     refusal_prompts: int = Field(default=60, ge=1)  # tuning harmful prompts behind the refusal direction
     # candidate layer sets for the probe gate (the residual stream after each layer, summarised per prompt as its
     # mean and its last token; no SAE needed); cross-validation on the tuning prompts picks one. That summary beat
-    # MLP-output means out of fold (data/evidence/gate_inputs.jsonl); layer 14 held the borderline budget best
-    # (data/evidence/gate_borderline.jsonl)
+    # MLP-output means out of fold (data/evidence/gate_inputs.jsonl)
     gate_layer_sets: list[list[int]] = Field(
-        default_factory=lambda: [[11], [13], [14], [11, 13], [13, 14]], min_length=1)
+        default_factory=lambda: [[9], [11], [13], [11, 13], [9, 11, 13]], min_length=1)
     # where the refusal vector goes in (MLP output) and the gate decides, after every gate layer: with the vector
     # added unconditionally, 98 % of 48 tuning harmful prompts refused at layer 15, 92 % at 17 (see refusal_beta)
     refusal_layer: int = Field(default=15, ge=1)

@@ -41,17 +41,28 @@ def test_the_harmonic_rank_leans_on_the_better_rank_and_skips_dead_latents():
     assert {"delta_mu", "refusal_corr", "auroc_harmful", "liveness", "mean_activation", "pos_profile"} <= set(first)
 
 
-def test_crosstalk_keeps_clean_directions_deflates_flagged_ones_and_reports_pairs():
+def test_crosstalk_takes_turns_deflates_flagged_directions_and_reports_pairs():
     eye = torch.eye(16, dtype=torch.float64)
     near = 0.06 * eye[0] + (1 - 0.06 ** 2) ** 0.5 * eye[5]  # |cos| 0.06 with e0
-    close = torch.nn.functional.normalize(eye[1] + 0.5 * eye[6], dim=0)  # |cos| 0.45 with e1
-    W_dec_FD = torch.stack([eye[0], eye[1], close, eye[2], near, eye[3]])
-    ranked = {"chem": [0, 1], "bio": [2, 3, 4, 5]}
+    close = torch.nn.functional.normalize(eye[1] + 0.5 * eye[6], dim=0)  # |cos| 0.89 with e1
+    W_dec_FD = torch.stack([eye[0], eye[1], eye[2], near, eye[7], close])
+    ranked = {"chem": [0, 1, 2], "bio": [3, 5, 4]}
     result = select_without_crosstalk(ranked, W_dec_FD, keep=3, max_cos=0.05, flagged_max_cos=0.07)
-    bio = result.selections["bio"]
-    assert bio.feature_ids == [3, 4, 5] and bio.flagged == [False, True, False]  # 2 rejected, 4 admitted flagged
-    assert abs(bio.raw_max_cos[1] - 0.06) < 1e-3
-    assert float((bio.directions_ND[1] @ result.selections["chem"].directions_ND.T).abs().max()) < 1e-9
+    chem, bio = result.selections["chem"], result.selections["bio"]
+    # turns: bio fixes `close` before chem reaches e1, which then lies too close to it (a greedy chem-first pass
+    # would have taken e1 and left bio without `close`); deflating e1 against `close` leaves 0.45 of it: dropped
+    assert chem.feature_ids == [0, 2] and chem.flagged == [False, False]
+    assert bio.feature_ids == [3, 5, 4] and bio.flagged == [True, False, False]  # `near` admitted after deflation
+    assert abs(bio.raw_max_cos[0] - 0.06) < 1e-3
+    assert float((bio.directions_ND[0] @ chem.directions_ND.T).abs().max()) < 1e-9
     assert result.pair_max_cos["chem|bio"] <= 0.05 and result.shortfall == {"chem": 1, "bio": 0}
-    strict = select_without_crosstalk(ranked, W_dec_FD, keep=3, max_cos=0.05, flagged_max_cos=0.05)
-    assert strict.selections["bio"].feature_ids == [3, 5] and strict.shortfall["bio"] == 1
+
+
+def test_a_deflated_direction_still_too_close_to_the_others_is_not_admitted():
+    eye = torch.eye(8, dtype=torch.float64)
+    leaning = torch.nn.functional.normalize(eye[0] + 0.75 * eye[1], dim=0)  # |cos| 0.6 with e0
+    W_dec_FD = torch.stack([eye[0], leaning, eye[0] + 0.0 * eye[2], eye[3]])
+    # U = [e0, leaning] is not orthonormal: e0 - U(U^T e0) = -0.6 leaning, whose |cos| with `leaning` is 1
+    result = select_without_crosstalk({"chem": [0, 1], "bio": [2, 3]}, W_dec_FD, keep=2, max_cos=0.05,
+                                      flagged_max_cos=0.07, min_deflated_norm=0.5)
+    assert result.selections["bio"].feature_ids == [3] and result.shortfall["bio"] == 1

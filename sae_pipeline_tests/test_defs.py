@@ -6,6 +6,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 import torch
+import yaml
 
 from sae_pipeline.config import load_profile
 from sae_pipeline.defs.definitions import build_defs
@@ -19,7 +20,7 @@ def test_default_definitions_load():
     assert {key.to_user_string() for key in defs.resolve_all_asset_keys()} == {
         "corpus", "activations", "sae", "prompt_sets", "refusal_judge", "baseline_metrics", "feature_scores",
         "feature_ranking", "refusal_gate", "causal_screen", "sidecars", "alpha_sweep", "operating_point",
-        "behavior_layers", "behavior_features", "behavior_crosstalk"}
+        "behavior_layers", "behavior_features", "behavior_crosstalk", "behavior_release"}
     checks = {key.name for key in defs.resolve_asset_graph().asset_check_keys}
     assert checks == {"sae_quality", "datasets_lock", "splits_disjoint", "dataset_sizes", "judge_accuracy",
                       "baseline_complete", "redaction", "sweep_redaction", "steering_gates", "crosstalk"}
@@ -204,10 +205,13 @@ def test_tiny_steering_chain_from_the_screen_to_an_applicable_operating_point(
         assert torch.equal(tiny.model(input_ids=ids).logits, before)
 
 
-def test_tiny_behavior_dictionaries_choose_layers_rank_features_and_gate_crosstalk(artifacts, tmp_path, monkeypatch):
+def test_tiny_behavior_dictionaries_choose_layers_rank_features_and_gate_crosstalk(artifacts, tmp_path, monkeypatch,
+                                                                                   tiny):
+    from sae_pipeline import apply_behaviors, remove_behaviors
     from sae_pipeline.tensorfiles import TensorFileError
 
-    monkeypatch.setenv("SAE_PIPELINE_GATES", str(write_gates(tmp_path / "gates.yaml", 0.0)))
+    gates_path = write_gates(tmp_path / "gates.yaml", 0.0)
+    monkeypatch.setenv("SAE_PIPELINE_GATES", str(gates_path))
     defs = _tiny_defs(behaviors={"behaviors": ["chem", "bio"], "max_layers": 1, "top_n": 16})
     with dg.instance_for_test() as instance:
         assert _materialize(defs, "corpus", instance).success
@@ -231,18 +235,43 @@ def test_tiny_behavior_dictionaries_choose_layers_rank_features_and_gate_crossta
         assert Path(made["bio", "3"]["path"].value).name == "top16_ranking_l3_bio.json"
         assert len(json.loads(Path(made["bio", "3"]["candidates"].value).read_text())["feature_ids"]) > 16
         assert len(rows) == 16 and {r["behavior"] for r in rows} == {"bio"} and rows[0]["layer"] == 3
-        checked = _checked(defs, "behavior_crosstalk", instance)
+        checked = _checked(defs, ["behavior_crosstalk", "behavior_release"], instance)
+        made_keys = {e.asset_key.to_user_string() for e in checked.get_asset_materialization_events()}
+        assert made_keys == {"behavior_crosstalk"}  # the failed blocking check kept the release from running
         [check] = checked.get_asset_check_evaluations()
         report_path = Path(checked.get_asset_materialization_events()[0].event_specific_data.materialization
                            .metadata["path"].value)
         report = json.loads(report_path.read_text())["layers"]["3"]
         gates = {r.data["name"]: r.data for r in check.metadata["gates"].value.records}
         chem, bio = report["behaviors"]["chem"], report["behaviors"]["bio"]
-        assert len(chem["feature_ids"]) == 16 and not any(chem["flagged"])  # fixed first: nothing to avoid
-        # 16 directions in d_model 64 leave little room: bio falls short, and the blocking check says so
-        assert gates["crosstalk_shortfall_max"]["value"] == 16 - len(bio["feature_ids"]) > 0
+        assert chem["feature_ids"] and bio["feature_ids"]  # turns: the first behaviour cannot take all the room
+        # 2 x 16 directions in d_model 64 leave too little room: one falls short, and the blocking check says so
+        shortfall = 16 - min(len(chem["feature_ids"]), len(bio["feature_ids"]))
+        assert gates["crosstalk_shortfall_max"]["value"] == shortfall > 0
         assert check.check_name == "crosstalk" and not check.passed and not checked.success
-        assert gates["crosstalk_cos_max"]["passed"] and report["pair_max_cos"]["chem|bio"] <= 0.05
+        assert gates["crosstalk_cos_max"]["passed"] and gates["crosstalk_flagged_cos_max"]["passed"]
+        assert report["pair_max_cos"]["chem|bio"] <= 0.07
+        # with a count gate the selection meets, the release follows and applies as written
+        lenient = yaml.safe_load(gates_path.read_text())
+        lenient["behaviors"]["crosstalk_shortfall_max"]["value"] = 16
+        (tmp_path / "lenient.yaml").write_text(yaml.safe_dump(lenient))
+        monkeypatch.setenv("SAE_PIPELINE_GATES", str(tmp_path / "lenient.yaml"))
+        released = _checked(defs, ["behavior_crosstalk", "behavior_release"], instance)
+        assert released.success
+        config_path = Path(next(e for e in released.get_asset_materialization_events()
+                                if e.asset_key.to_user_string() == "behavior_release")
+                           .event_specific_data.materialization.metadata["path"].value)
+        config = json.loads(config_path.read_text())
+        assert [name for name, _ in config["layers"]["3"]["groups"]] == ["chem", "bio"]
+        assert config["behaviors"]["chem"]["alpha"] == 0.6 and set(config["rankings"]) == {"chem|3", "bio|3"}
+        ids = torch.tensor([tiny.tokenizer("mix these chemicals").input_ids])
+        with torch.no_grad():
+            before = tiny.model(input_ids=ids).logits
+            apply_behaviors(tiny.model, config_path.parent, {"chem": 5.0, "bio": 5.0})
+            assert not torch.equal(tiny.model(input_ids=ids).logits, before)
+            remove_behaviors(tiny.model)
+            assert torch.equal(tiny.model(input_ids=ids).logits, before)
+        report = json.loads(report_path.read_text())["layers"]["3"]
         selections = Path(report["directions"]["path"])
         selections.write_bytes(selections.read_bytes()[:-8] + b"tampered")
         with pytest.raises(TensorFileError, match="sha256"):

@@ -12,7 +12,7 @@ from sae_pipeline.behaviors.crosstalk import select_without_crosstalk
 from sae_pipeline.config import artifacts_root, data_dir, load_profile
 from sae_pipeline.sae.model import TopKSAE
 
-LIMITS = [0.05, 0.07, 0.10, 0.15, 0.20]
+LIMITS = [(0.05, 0.07), (0.07, 0.09), (0.10, 0.12), (0.15, 0.17), (0.20, 0.22)]  # (clean, flagged): the gates' pair first
 KEEP = [16, 32, 64, 128]
 
 
@@ -27,11 +27,13 @@ def main(folder: Path) -> None:
               if (path := folder / f"candidates_l{layer}_{b}.json").exists()}
     with (data_dir() / "evidence" / "crosstalk_frontier.jsonl").open("w") as records:
         for keep in KEEP:
-            for limit in LIMITS:
-                result = select_without_crosstalk(ranked, sae.W_dec_FD.detach(), keep, limit, limit,
+            for limit, flagged_limit in LIMITS:
+                result = select_without_crosstalk(ranked, sae.W_dec_FD.detach(), keep, limit, flagged_limit,
                                                   profile.behaviors.min_deflated_norm)
                 record = {"layer": layer, "d_model": sae.d_model, "keep": keep, "cos_limit": limit,
+                          "flagged_cos_limit": flagged_limit,
                           "kept": {b: len(s.feature_ids) for b, s in result.selections.items()},
+                          "flagged": {b: sum(s.flagged) for b, s in result.selections.items()},
                           "date": date.today().isoformat()}
                 records.write(json.dumps(record) + "\n")
                 print(record)

@@ -36,7 +36,7 @@ done
 STEER_DEBUG=1 dagster asset materialize -m sae_pipeline.defs --select alpha_sweep --partition reverse || status=1
 dagster asset materialize -m sae_pipeline.defs --select operating_point || status=1
 # behaviour dictionaries: layer choice, each behaviour's ranked features per layer, the cross-talk filter (blocking
-# check `crosstalk`)
+# check `crosstalk`), the release
 dagster asset materialize -m sae_pipeline.defs --select behavior_layers || status=1
 behaviors=$(python -c "from sae_pipeline.config import load_profile; print(' '.join(load_profile('$profile').behaviors.behaviors))")
 for behavior in $behaviors; do
@@ -45,5 +45,7 @@ for behavior in $behaviors; do
   done
 done
 dagster asset materialize -m sae_pipeline.defs --select behavior_crosstalk || status=1
+# the behaviour release (sidecars + multi_behavior_config.json); blocked while the crosstalk check fails
+dagster asset materialize -m sae_pipeline.defs --select behavior_release || status=1
 python -m sae_pipeline.sae.summary --profile "$profile"
 exit $status

@@ -1,12 +1,13 @@
 """Representation cross-talk between behaviours: the decoder directions one behaviour steers along must be nearly
 orthogonal to every direction fixed for the others.
 
-Behaviours are fixed one after another in a set order. For each, its ranked candidates are taken in rank order and
-kept when max |cos| with the directions already fixed for *other* behaviours is <= `max_cos`. If fewer than `keep`
-pass, the rest are admitted up to `flagged_max_cos`, their directions deflated against the others' span
-(A_i <- A_i - U(U^T A_i), renormalised) and flagged in the report; a direction that deflation leaves with less than
-`min_deflated_norm` of its length (the others span nearly all of it) is dropped. The report holds, per behaviour
-pair, the largest |cos| between their final directions."""
+Behaviours take turns (round robin, so the first cannot fill the space before the others start), each taking its
+next-best ranked candidate whose max |cos| with the directions already fixed for *other* behaviours is <= `max_cos`.
+A behaviour whose clean candidates run out before `keep` turns to the rejected ones, again in turns and rank order:
+each is deflated against the others' directions U (A_i <- A_i - U(U^T A_i), renormalised) and admitted, flagged, when
+its final |cos| with them is <= `flagged_max_cos` and deflation left it at least `min_deflated_norm` of its length
+(a direction the others mostly span is no direction of its own). The report holds, per behaviour pair, the largest
+|cos| between their final directions."""
 
 from __future__ import annotations
 
@@ -16,14 +17,15 @@ from typing import NamedTuple
 
 import torch
 
+from sae_pipeline.sae.model import TopKSAE
 from sae_pipeline.tensorfiles import load_tensors, save_tensors
 
 
 class BehaviorSelection(NamedTuple):
-    feature_ids: list[int]
+    feature_ids: list[int]  # in rank order
     directions_ND: torch.Tensor  # unit steering directions (deflated where flagged)
     flagged: list[bool]  # admitted above max_cos, after deflation
-    raw_max_cos: list[float]  # each kept feature's max |cos| with the others' directions before deflation
+    raw_max_cos: list[float]  # each kept feature's max |cos| with the others' directions when it was fixed
 
 
 class CrosstalkResult(NamedTuple):
@@ -36,38 +38,66 @@ def _unit(rows_ND: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(rows_ND.double(), dim=-1)
 
 
+class _Kept(NamedTuple):
+    rank: int
+    direction_D: torch.Tensor
+    flagged: bool
+    raw_max_cos: float
+
+
 def select_without_crosstalk(ranked: dict[str, Sequence[int]], W_dec_FD: torch.Tensor, keep: int, max_cos: float,
                              flagged_max_cos: float, min_deflated_norm: float = 0.5) -> CrosstalkResult:
-    """ranked: behaviour -> candidate latent ids, best first, in the order behaviours are fixed."""
+    """ranked: behaviour -> candidate latent ids, best first; the dict's order is the order of each round."""
     decoder_FD = _unit(W_dec_FD)
-    selections: dict[str, BehaviorSelection] = {}
-    for behavior, candidates in ranked.items():
-        others_MD = torch.cat([s.directions_ND for s in selections.values()] or
-                              [torch.zeros(0, decoder_FD.shape[1], dtype=torch.float64)])
-        rows = decoder_FD[list(candidates)]
-        raw_N = (rows @ others_MD.T).abs().amax(1) if len(others_MD) else torch.zeros(len(rows), dtype=torch.float64)
-        clean = [i for i in range(len(rows)) if raw_N[i] <= max_cos][:keep]
-        chosen, flagged = list(clean), [False] * len(clean)
-        directions = [rows[i] for i in clean]
-        if len(chosen) < keep and len(others_MD):
-            basis_DR = torch.linalg.svd(others_MD.T, full_matrices=False).U  # orthonormal span of the others
-            for i in range(len(rows)):
-                if len(chosen) == keep:
-                    break
-                if i in clean or raw_N[i] > flagged_max_cos:
-                    continue
-                deflated_D = rows[i] - basis_DR @ (basis_DR.T @ rows[i])
-                if deflated_D.norm() < min_deflated_norm:
-                    continue
-                chosen.append(i)
-                flagged.append(True)
-                directions.append(deflated_D / deflated_D.norm())
-        order = sorted(range(len(chosen)), key=lambda j: chosen[j])  # back to rank order
+    kept: dict[str, list[_Kept]] = {b: [] for b in ranked}
+    rejected: dict[str, list[int]] = {b: [] for b in ranked}  # ranks that failed max_cos, for the flagged pass
+
+    def others_MD(behavior: str) -> torch.Tensor:
+        rows = [k.direction_D for other, ks in kept.items() if other != behavior for k in ks]
+        return torch.stack(rows) if rows else torch.zeros(0, decoder_FD.shape[1], dtype=torch.float64)
+
+    def admit_clean(behavior: str, next_rank: dict[str, int]) -> bool:
+        candidates, others = ranked[behavior], others_MD(behavior)
+        while next_rank[behavior] < len(candidates):
+            rank = next_rank[behavior]
+            next_rank[behavior] += 1
+            row_D = decoder_FD[candidates[rank]]
+            raw = float((others @ row_D).abs().max()) if len(others) else 0.0
+            if raw <= max_cos:
+                kept[behavior].append(_Kept(rank, row_D, False, raw))
+                return True
+            rejected[behavior].append(rank)
+        return False
+
+    def admit_flagged(behavior: str, next_index: dict[str, int]) -> bool:
+        candidates, others = ranked[behavior], others_MD(behavior)
+        while next_index[behavior] < len(rejected[behavior]):
+            rank = rejected[behavior][next_index[behavior]]
+            next_index[behavior] += 1
+            row_D = decoder_FD[candidates[rank]]
+            deflated_D = row_D - others.T @ (others @ row_D)
+            if deflated_D.norm() < min_deflated_norm:
+                continue
+            deflated_D = deflated_D / deflated_D.norm()
+            if float((others @ deflated_D).abs().max()) <= flagged_max_cos:
+                kept[behavior].append(_Kept(rank, deflated_D, True, float((others @ row_D).abs().max())))
+                return True
+        return False
+
+    for admit in (admit_clean, admit_flagged):
+        cursor = {b: 0 for b in ranked}
+        active = [b for b in ranked if len(kept[b]) < keep]
+        while active:  # one candidate per behaviour per round
+            active = [b for b in active if admit(b, cursor) and len(kept[b]) < keep]
+
+    selections = {}
+    for behavior, ks in kept.items():
+        ks = sorted(ks, key=lambda k: k.rank)
         selections[behavior] = BehaviorSelection(
-            [int(candidates[chosen[j]]) for j in order],
-            torch.stack([directions[j] for j in order]) if chosen else torch.zeros(0, decoder_FD.shape[1],
-                                                                                   dtype=torch.float64),
-            [flagged[j] for j in order], [round(float(raw_N[chosen[j]]), 6) for j in order])
+            [int(ranked[behavior][k.rank]) for k in ks],
+            torch.stack([k.direction_D for k in ks]) if ks else torch.zeros(0, decoder_FD.shape[1],
+                                                                           dtype=torch.float64),
+            [k.flagged for k in ks], [round(k.raw_max_cos, 6) for k in ks])
     return CrosstalkResult(selections, pair_max_cos({name: s.directions_ND for name, s in selections.items()}),
                            {name: keep - len(s.feature_ids) for name, s in selections.items()})
 
@@ -98,3 +128,45 @@ def pair_max_cos(directions: dict[str, torch.Tensor]) -> dict[str, float]:
             da, db = directions[a], directions[b]
             out[f"{a}|{b}"] = round(float((da @ db.T).abs().max()), 6) if len(da) and len(db) else 0.0
     return out
+
+
+def crosstalk_extremes(final: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+    """(max |cos| between two behaviours' unflagged directions, max |cos| where either direction is flagged), from
+    behaviour -> (unit directions_ND, flagged_N): what the cos and flagged-cos gates bound."""
+    clean, flagged = 0.0, 0.0
+    names = list(final)
+    for a_index, a in enumerate(names):
+        for b in names[a_index + 1:]:
+            (da, fa), (db, fb) = final[a], final[b]
+            if not len(da) or not len(db):
+                continue
+            cos_AB = (da.double() @ db.double().T).abs()
+            either_AB = fa.bool()[:, None] | fb.bool()[None, :]
+            clean = max(clean, float(cos_AB[~either_AB].max()) if (~either_AB).any() else 0.0)
+            flagged = max(flagged, float(cos_AB[either_AB].max()) if either_AB.any() else 0.0)
+    return clean, flagged
+
+
+def crosstalk_measures(report: dict) -> dict[str, float]:
+    """What the cross-talk gates bound, recomputed from each layer's hash-pinned directions and its SAE (never read
+    from the report's numbers): crosstalk_cos_max, crosstalk_flagged_cos_max (see `crosstalk_extremes`) and
+    crosstalk_shortfall_max (how many fewer than the report's `keep` a behaviour kept). Raises ValueError when the
+    SAE changed or an unflagged direction is not the SAE's own decoder column."""
+    measured = {"crosstalk_cos_max": 0.0, "crosstalk_flagged_cos_max": 0.0, "crosstalk_shortfall_max": 0}
+    for layer, entry in report["layers"].items():
+        sae, sae_cfg = TopKSAE.load(Path(entry["sae_path"]))
+        if sae_cfg["sae_hash"] != entry["sae_hash"]:
+            raise ValueError(f"layer {layer}: the SAE changed since the cross-talk selection; select again")
+        final = load_directions(Path(entry["directions"]["path"]), entry["directions"]["sha256"])
+        decoder_FD = _unit(sae.W_dec_FD.detach())
+        for behavior, (directions_ND, flagged_N) in final.items():
+            ids = entry["behaviors"][behavior]["feature_ids"]
+            clean_ids = [i for i, flagged in zip(ids, flagged_N.tolist()) if not flagged]
+            if clean_ids and not torch.allclose(directions_ND[~flagged_N], decoder_FD[clean_ids], atol=1e-6):
+                raise ValueError(f"layer {layer}: {behavior}'s unflagged directions are not the SAE's decoder "
+                                 "columns; select again")
+            measured["crosstalk_shortfall_max"] = max(measured["crosstalk_shortfall_max"], report["keep"] - len(ids))
+        clean, flagged = crosstalk_extremes(final)
+        measured["crosstalk_cos_max"] = max(measured["crosstalk_cos_max"], clean)
+        measured["crosstalk_flagged_cos_max"] = max(measured["crosstalk_flagged_cos_max"], flagged)
+    return measured

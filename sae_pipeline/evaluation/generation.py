@@ -115,7 +115,7 @@ def continuation_logprobs(model: PreTrainedModel, tokenizer: PreTrainedTokenizer
         full_mask = torch.cat([mask_BS, torch.ones_like(follow_BC)], 1)
         follow_positions = positions_BS[:, -1:] + 1 + torch.arange(len(continuation))[None, :]
         follow = model(input_ids=follow_BC.to(device), attention_mask=full_mask.to(device),
-                       position_ids=follow_positions.to(device), past_key_values=prefill.past_key_values,
+                       position_ids=follow_positions.to(device), cache=prefill.cache,
                        use_cache=True)
         # the first continuation token is predicted by the context's last position, the rest by the continuation
         logits_BCV = torch.cat([prefill.logits[:, -1:], follow.logits[:, :-1]], 1).float()

@@ -4,6 +4,8 @@ Per layer, with the sidecar (A_sel_ND, B_sel_ND, tau_N) of the selected features
   s = x B_sel^T,  z = relu(s - tau),  fire = any_j z_j > epsilon   (per token)
   feature mode:  x <- x - alpha * (z A_sel)            on every token where fire
   refusal mode:  x <- x + beta * r                      on every token of a row whose *prompt* fired
+With feature groups (behaviours sharing a layer, `FeatureGroups`), each group follows the feature rule on its own
+features, with its own alpha and its own fire, and the groups' deltas add.
 The refusal decision is taken at each prefill (a forward that starts a sequence) over the prompt's own tokens: real
 tokens (attention mask), past the first `gate_skip` of them (the attention sink and a fixed chat-template prefix), and
 holds for the tokens generated after it. The prompt fires when a selected feature fires on it or, with a probe gate,
@@ -67,6 +69,21 @@ class ProbeGate(NamedTuple):
         return cls(tensors["weight_D"], float(tensors["bias"][0]), tuple(int(x) for x in tensors["layers"].tolist()))
 
 
+class FeatureGroups(NamedTuple):
+    """The sidecar's features split into named groups (behaviours), each with its own strength."""
+
+    names: tuple[str, ...]
+    member_NG: torch.Tensor  # (features, groups) one-hot: which group each feature belongs to
+    alpha_G: torch.Tensor  # per group; the layer's alpha multiplies them
+
+    @classmethod
+    def of(cls, sizes: dict[str, int], alphas: dict[str, float]) -> FeatureGroups:
+        """Groups of consecutive features: sizes and alphas by name, in the sidecar's order."""
+        group_N = torch.cat([torch.full((n,), g) for g, n in enumerate(sizes.values())])
+        member_NG = torch.nn.functional.one_hot(group_N, len(sizes)).float()
+        return cls(tuple(sizes), member_NG, torch.tensor([float(alphas[name]) for name in sizes]))
+
+
 @dataclass
 class LayerSteering:
     """What one hooked layer applies. sidecar: the selected features (None: the refusal mode alone, decided by a
@@ -79,13 +96,15 @@ class LayerSteering:
     refusal_D: torch.Tensor | None = None
     beta: float = 0.0
     gate: ProbeGate | None = None
+    groups: FeatureGroups | None = None
 
 
 @dataclass
 class _LayerState:
     config: LayerSteering
     fired_B: torch.Tensor | None = None  # (B, 1, 1) rows whose prompt fired, set at each prefill
-    # (device, dtype) -> (A_sel_ND, B_sel_DN, tau_N, refusal_D) in the activations' dtype: converted once, not per call
+    # (device, dtype) -> (A_sel_ND, B_sel_DN, tau_N, refusal_D, member_NG, alpha_G) in the activations' dtype:
+    # converted once, not per call
     cast: dict = field(default_factory=dict)
 
     def tensors(self, like: torch.Tensor) -> tuple:
@@ -94,12 +113,13 @@ class _LayerState:
             def cast(tensor: torch.Tensor | None) -> torch.Tensor | None:
                 return None if tensor is None else tensor.to(like.device, like.dtype).contiguous()
 
-            sidecar, refusal_D = self.config.sidecar, self.config.refusal_D
+            sidecar, refusal_D, groups = self.config.sidecar, self.config.refusal_D, self.config.groups
+            grouped = (None, None) if groups is None else (cast(groups.member_NG), cast(groups.alpha_G))
             if sidecar is None:
-                self.cast[key] = (None, None, None, cast(refusal_D))
+                self.cast[key] = (None, None, None, cast(refusal_D), *grouped)
             else:
                 self.cast[key] = (cast(sidecar.A_sel_ND), cast(sidecar.B_sel_ND.T), cast(sidecar.tau_N),
-                                  cast(refusal_D))
+                                  cast(refusal_D), *grouped)
         return self.cast[key]
 
 
@@ -174,13 +194,21 @@ class SteeringPatch:
             if alpha == 0.0 and (cfg.refusal_D is None or beta == 0.0):
                 return output
             x_BSD = output
-            A_sel_ND, B_sel_DN, tau_N, refusal_D = state.tensors(x_BSD)
+            A_sel_ND, B_sel_DN, tau_N, refusal_D, member_NG, alpha_G = state.tensors(x_BSD)
             steered, fire_BS1 = x_BSD, None
             if A_sel_ND is not None:
                 z_BSN = torch.relu(x_BSD @ B_sel_DN - tau_N)
-                fire_BS1 = (z_BSN > cfg.epsilon).any(-1, keepdim=True)
-                if alpha != 0.0:
-                    steered = steered - alpha * (z_BSN @ A_sel_ND) * fire_BS1
+                if member_NG is None:
+                    fire_BS1 = (z_BSN > cfg.epsilon).any(-1, keepdim=True)
+                    if alpha != 0.0:
+                        steered = steered - alpha * (z_BSN @ A_sel_ND) * fire_BS1
+                else:  # each group's rule on its own features; reverse: every group at magnitude 1, flipped
+                    fire_BSG = ((z_BSN > cfg.epsilon).to(x_BSD.dtype) @ member_NG) > 0
+                    fire_BS1 = fire_BSG.any(-1, keepdim=True)
+                    group_alpha_G = alpha_G * alpha if self.scale >= 0 else -torch.ones_like(alpha_G)
+                    if alpha != 0.0:
+                        weight_BSN = (fire_BSG.to(x_BSD.dtype) * group_alpha_G) @ member_NG.T
+                        steered = steered - (z_BSN * weight_BSN) @ A_sel_ND
             if refusal_D is not None and beta != 0.0:
                 if self.prompt_gate_BS is not None:  # a prefill: the prompt decides for the tokens that follow
                     fire_BS = None if fire_BS1 is None else fire_BS1.squeeze(-1)
@@ -204,6 +232,12 @@ def apply_patch_layers(model: nn.Module, layers: dict[int, LayerSteering], gate_
             raise SteeringError(f"layer {layer}: without a sidecar only the gated refusal mode is possible "
                                 f"(alpha must be 0 and a gate given)")
         d_model = next(t.shape[-1] for t in (cfg.sidecar and cfg.sidecar.A_sel_ND, cfg.refusal_D) if t is not None)
+        if cfg.groups is not None:
+            shape = (0 if cfg.sidecar is None else len(cfg.sidecar.tau_N), len(cfg.groups.names))
+            if tuple(cfg.groups.member_NG.shape) != shape or tuple(cfg.groups.alpha_G.shape) != shape[1:]:
+                raise SteeringError(f"layer {layer}: feature groups must cover the sidecar's {shape[0]} features in "
+                                    f"{shape[1]} groups, got membership {tuple(cfg.groups.member_NG.shape)} and "
+                                    f"alphas {tuple(cfg.groups.alpha_G.shape)}")
         module = mlp_module(model, layer)
         width = getattr(getattr(module, "down_proj", None), "out_features", d_model)
         if width != d_model:

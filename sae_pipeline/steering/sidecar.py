@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from sae_pipeline.hashing import file_sha256
@@ -51,11 +51,23 @@ class DenseSidecar(NamedTuple):
         return self
 
 
-def save_dense(sidecar: DenseSidecar, path: Path) -> str:
-    """safetensors with A_sel, B_sel, tau (float32); returns the file's sha256."""
+def _groups_field(sidecar: DenseSidecar, groups: dict[str, int] | None) -> list | None:
+    """[[name, features], ...] for a header, checked against the sidecar: groups cover its rows in order."""
+    if groups is None:
+        return None
+    if not groups or any(n <= 0 for n in groups.values()) or sum(groups.values()) != len(sidecar.tau_N):
+        raise SidecarError(f"groups {groups} must be non-empty and cover the sidecar's {len(sidecar.tau_N)} features")
+    return [[name, int(n)] for name, n in groups.items()]
+
+
+def save_dense(sidecar: DenseSidecar, path: Path, groups: dict[str, int] | None = None) -> str:
+    """safetensors with A_sel, B_sel, tau (float32), and the feature groups (name -> count, in row order) in its
+    metadata when given; returns the file's sha256."""
     sidecar.validate()
+    field = _groups_field(sidecar, groups)
     save_file({"A_sel": sidecar.A_sel_ND.float().contiguous(), "B_sel": sidecar.B_sel_ND.float().contiguous(),
-               "tau": sidecar.tau_N.float().contiguous()}, path)
+               "tau": sidecar.tau_N.float().contiguous()}, path,
+              metadata=None if field is None else {"groups": json.dumps(field)})
     return file_sha256(path)
 
 
@@ -80,15 +92,18 @@ def _sparse_rows(rows_ND: np.ndarray, nnz: int) -> bytes:
     return b"".join(out)
 
 
-def encode_sae8(sidecar: DenseSidecar, nnz_per_feature: int) -> bytes:
-    """SAE8 bytes: each row keeps its nnz largest-magnitude entries (absmax int8 per row)."""
+def encode_sae8(sidecar: DenseSidecar, nnz_per_feature: int, groups: dict[str, int] | None = None) -> bytes:
+    """SAE8 bytes: each row keeps its nnz largest-magnitude entries (absmax int8 per row); a grouped sidecar's
+    header lists its groups (name and feature count, in row order)."""
     sidecar.validate()
     n, d = sidecar.A_sel_ND.shape
     if not 0 < nnz_per_feature <= d or d > 65535:
         raise SidecarError(f"nnz_per_feature must be in 1..{d} and d_model <= 65535 (uint16 indices)")
-    header = json.dumps({"checksum": "crc32", "d_model": d, "dtypes": "u16/i8/f16", "n_features": n,
-                         "nnz_per_feature": nnz_per_feature, "quantization": "absmax-int8",
-                         "tensors": ",".join(_TENSORS)}, separators=(",", ":"), sort_keys=True).encode()
+    fields = {"checksum": "crc32", "d_model": d, "dtypes": "u16/i8/f16", "n_features": n,
+              "nnz_per_feature": nnz_per_feature, "quantization": "absmax-int8", "tensors": ",".join(_TENSORS)}
+    if groups is not None:
+        fields["groups"] = _groups_field(sidecar, groups)
+    header = json.dumps(fields, separators=(",", ":"), sort_keys=True).encode()
     body = b"".join(_sparse_rows(t.detach().float().cpu().numpy(), nnz_per_feature)
                     for t in (sidecar.A_sel_ND, sidecar.B_sel_ND))
     tau_N = sidecar.tau_N.detach().cpu().float().numpy()
@@ -116,6 +131,10 @@ def decode_sae8(blob: bytes) -> DenseSidecar:
     try:
         header = json.loads(blob[_PREAMBLE.size:_PREAMBLE.size + header_len].decode())
         d, n, nnz = int(header["d_model"]), int(header["n_features"]), int(header["nnz_per_feature"])
+        groups = header.get("groups")
+        if groups is not None and (sum(int(count) for _, count in groups) != n or
+                                   any(int(count) <= 0 for _, count in groups)):
+            raise ValueError(f"groups {groups} do not cover its {n} features")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
         raise SidecarError(f"SAE8 header is not valid: {err}") from err
     if not (0 < nnz <= d <= 65535 and n > 0):
@@ -140,8 +159,8 @@ def decode_sae8(blob: bytes) -> DenseSidecar:
     return DenseSidecar(*tensors, tau_N).validate()
 
 
-def write_sae8(sidecar: DenseSidecar, path: Path, nnz_per_feature: int) -> str:
-    path.write_bytes(encode_sae8(sidecar, nnz_per_feature))
+def write_sae8(sidecar: DenseSidecar, path: Path, nnz_per_feature: int, groups: dict[str, int] | None = None) -> str:
+    path.write_bytes(encode_sae8(sidecar, nnz_per_feature, groups))
     return file_sha256(path)
 
 
@@ -153,3 +172,19 @@ def read_sae8(path: Path, sha256: str | None = None) -> DenseSidecar:
     if sha256 is not None and hashlib.sha256(blob).hexdigest() != sha256:
         raise SidecarError(f"{path} does not match its recorded sha256")
     return decode_sae8(blob)
+
+
+def sidecar_groups(path: Path) -> dict[str, int] | None:
+    """A grouped sidecar's groups (name -> feature count, in row order) from its header or metadata; None if it has
+    none. Read after the file's checksum or sha256 was verified."""
+    try:
+        if path.suffix == ".sae8":
+            blob = path.read_bytes()
+            _magic, _version, _flags, header_len = _PREAMBLE.unpack_from(blob)
+            field = json.loads(blob[_PREAMBLE.size:_PREAMBLE.size + header_len].decode()).get("groups")
+        else:
+            with safe_open(path, "pt") as handle:
+                field = json.loads((handle.metadata() or {}).get("groups", "null"))
+    except (OSError, ValueError, SafetensorError, struct.error) as err:
+        raise SidecarError(f"cannot read the groups of {path}: {err}") from err
+    return None if field is None else {str(name): int(count) for name, count in field}

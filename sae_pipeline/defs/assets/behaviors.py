@@ -1,16 +1,19 @@
 """Behaviour dictionaries (issue #5): behavior_layers -> behavior_features[behavior x layer] -> behavior_crosstalk
-(blocking check `crosstalk`). Only layers whose SAE passes sae_quality can be chosen; the others are scored and
+(blocking check `crosstalk`) -> behavior_release (sidecars per behaviour and layer, grouped per layer, and
+multi_behavior_config.json). Only layers whose SAE passes sae_quality can be chosen; the others are scored and
 reported."""
 
 import json
+import shutil
 from pathlib import Path
 
 import dagster as dg
-import torch
 
-from sae_pipeline.behaviors.crosstalk import load_directions, pair_max_cos, save_selections, select_without_crosstalk
+from sae_pipeline.behaviors.crosstalk import (crosstalk_measures, load_directions, save_selections,
+                                              select_without_crosstalk)
 from sae_pipeline.behaviors.layers import choose_behavior_layers, pooled_mlp_outputs
 from sae_pipeline.behaviors.ranking import rank_behavior_latents
+from sae_pipeline.behaviors.release import CONFIG_FILE, behavior_sidecar, write_release
 from sae_pipeline.config import Profile, artifacts_root, load_gates
 from sae_pipeline.corpus.build import load_manifest
 from sae_pipeline.defs.lineage import required_metadata
@@ -21,7 +24,7 @@ from sae_pipeline.evaluation.determinism import deterministic
 from sae_pipeline.features.ranking import ranking_provenance, write_ranking
 from sae_pipeline.features.scoring import score_latents
 from sae_pipeline.gates import check_gates
-from sae_pipeline.hashing import config_hash
+from sae_pipeline.hashing import config_hash, file_sha256
 from sae_pipeline.layout import corpus_dir, features_dir, sae_layer_dir
 from sae_pipeline.sae.gates import sae_gate_failures
 from sae_pipeline.sae.model import TopKSAE
@@ -162,31 +165,63 @@ def build_behavior_assets(profile: Profile) -> list:
 
     @dg.asset_check(asset=behavior_crosstalk, name=CROSSTALK, blocking=True,
                     description="Representation cross-talk against data/gates.yaml `behaviors`, recomputed from the "
-                                "saved directions and the SAE (never read from the report): max |cos| between "
-                                "behaviours' final directions, flagged features' |cos| before deflation, and how many "
-                                "features a behaviour fell short of the configured count")
+                                "hash-pinned directions and the SAE (never read from the report): max |cos| between "
+                                "two behaviours' unflagged directions, max |cos| where a flagged (deflated) one is "
+                                "involved, and how many features a behaviour fell short of the configured count")
     def crosstalk(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         report = json.loads(Path(required_metadata(context.instance, behavior_crosstalk.key)["path"]).read_text())
-        measured = {"crosstalk_cos_max": 0.0, "crosstalk_flagged_cos_max": 0.0, "crosstalk_shortfall_max": 0}
-        for layer, entry in report["layers"].items():
-            sae, sae_cfg = TopKSAE.load(Path(entry["sae_path"]))
-            if sae_cfg["sae_hash"] != entry["sae_hash"]:
-                raise dg.Failure(f"layer {layer}: the SAE changed since the selection; materialise it again")
-            directions = load_directions(Path(entry["directions"]["path"]), entry["directions"]["sha256"])
-            final = {b: directions[b][0] for b in entry["order"]}
-            measured["crosstalk_cos_max"] = max(measured["crosstalk_cos_max"], *pair_max_cos(final).values(), 0.0)
-            decoder_FD = torch.nn.functional.normalize(sae.W_dec_FD.detach().double(), dim=-1)
-            for index, behavior in enumerate(entry["order"]):
-                selection = entry["behaviors"][behavior]
-                measured["crosstalk_shortfall_max"] = max(measured["crosstalk_shortfall_max"],
-                                                          report["keep"] - len(selection["feature_ids"]))
-                flagged = [f for f, is_flagged in zip(selection["feature_ids"], selection["flagged"]) if is_flagged]
-                earlier = [final[b] for b in entry["order"][:index]]
-                if flagged and earlier:
-                    raw = (decoder_FD[flagged] @ torch.cat(earlier).T).abs().max()
-                    measured["crosstalk_flagged_cos_max"] = max(measured["crosstalk_flagged_cos_max"], float(raw))
+        measured = crosstalk_measures(report)
         results = check_gates(load_gates().behaviors, measured)
         return dg.AssetCheckResult(passed=all(g.passed for g in results), severity=dg.AssetCheckSeverity.ERROR,
                                    metadata={"gates": table([g._asdict() for g in results])})
 
-    return [behavior_layers, behavior_features, behavior_crosstalk, crosstalk]
+    @dg.asset(group_name=GROUP, deps=[behavior_crosstalk], kinds={"pytorch"},
+              description="The behaviour release, artifacts/behaviors/release/: per behaviour and layer a sidecar "
+                          f"(dense and SAE8) of its {cfg.sidecar_features} best-ranked features that passed the "
+                          "cross-talk filter (steering along the filter's directions), a grouped sidecar per layer, "
+                          "and multi_behavior_config.json pinning SAEs, rankings, sidecars and the cross-talk report "
+                          "by sha256 with each behaviour's alpha. apply_behaviors(model, that directory) applies it.")
+    def behavior_release(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        report_path = Path(required_metadata(context.instance, behavior_crosstalk.key)["path"])
+        report = json.loads(report_path.read_text())
+        # the blocking check stops a run that holds both; a run of the release alone asks the gates itself
+        failed = [g.name for g in check_gates(load_gates().behaviors, crosstalk_measures(report)) if not g.passed]
+        if failed:
+            raise dg.Failure(f"the cross-talk selection fails {failed} (data/gates.yaml `behaviors`): no release")
+        sidecars, saes, rankings, rows = {}, {}, {}, []
+        for layer, entry in report["layers"].items():
+            sae, sae_cfg = TopKSAE.load(Path(entry["sae_path"]))
+            if sae_cfg["sae_hash"] != entry["sae_hash"]:
+                raise dg.Failure(f"layer {layer}: the SAE changed since the cross-talk selection; materialise "
+                                 "behavior_crosstalk again")
+            directions = load_directions(Path(entry["directions"]["path"]), entry["directions"]["sha256"])
+            saes[layer] = {"path": entry["sae_path"], "sae_hash": entry["sae_hash"],
+                           "sha256": file_sha256(Path(entry["sae_path"]) / "sae.safetensors")}
+            for behavior in entry["order"]:
+                ids = entry["behaviors"][behavior]["feature_ids"][:cfg.sidecar_features]
+                if not ids:
+                    continue
+                sidecars.setdefault(int(layer), {})[behavior] = behavior_sidecar(
+                    sae, ids, directions[behavior][0][:len(ids)])
+                made = required_metadata(context.instance, behavior_features.key,
+                                         dg.MultiPartitionKey({"behavior": behavior, "layer": layer}))
+                rankings[f"{behavior}|{layer}"] = {"path": made["path"], "sha256": file_sha256(Path(made["path"]))}
+                rows.append({"layer": int(layer), "behavior": behavior, "features": len(ids),
+                             "flagged": sum(entry["behaviors"][behavior]["flagged"][:len(ids)])})
+        if not sidecars:
+            raise dg.Failure("the cross-talk selection kept no feature for any behaviour: nothing to release")
+        directory = artifacts_root() / "behaviors" / "release"
+        shutil.rmtree(directory, ignore_errors=True)  # this asset's own output: no stale sidecar may linger
+        config = write_release(directory, sidecars, {b: cfg.alpha for b in cfg.behaviors},
+                               profile.steering.sidecar_nnz, {
+                                   "sae": saes, "rankings": rankings, "epsilon": profile.steering.epsilon,
+                                   "crosstalk": {"path": str(report_path), "sha256": file_sha256(report_path),
+                                                 "pair_max_cos": {layer: e["pair_max_cos"]
+                                                                  for layer, e in report["layers"].items()}}})
+        sizes = {f"{name}_bytes": (directory / entry["sae8"]["path"]).stat().st_size
+                 for name, entry in ((f"grouped_l{layer}", e) for layer, e in config["layers"].items())}
+        return dg.MaterializeResult(metadata={
+            "path": dg.MetadataValue.path(str(directory / CONFIG_FILE)), "sidecars": table(rows),
+            **numbers(sizes)})
+
+    return [behavior_layers, behavior_features, behavior_crosstalk, crosstalk, behavior_release]

@@ -3,7 +3,7 @@
 import dagster as dg
 
 from sae_pipeline.activations.harvest import harvest, heldout_windows
-from sae_pipeline.config import Profile, artifacts_root, load_gates
+from sae_pipeline.config import Profile, load_gates
 from sae_pipeline.corpus.build import build_corpus, load_manifest
 from sae_pipeline.defs.checks import SAE_QUALITY, gate_check_result
 from sae_pipeline.defs.metadata import numbers, png_markdown, table

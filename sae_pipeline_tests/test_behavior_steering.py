@@ -1,0 +1,125 @@
+"""Per-behaviour steering on the tiny model: grouped deltas add, subsets, overrides, control tokens, the release
+directory and grouped sidecar files."""
+
+import json
+
+import pytest
+import torch
+
+from sae_pipeline.behaviors.release import CONFIG_FILE, read_release, write_release
+from sae_pipeline.model.hooks import capture_outputs
+from sae_pipeline.steering.behaviors import apply_behaviors, remove_behaviors
+from sae_pipeline.steering.runtime import REVERSE_TOKEN, SteeringError, patched, LayerSteering
+from sae_pipeline.steering.sidecar import (
+    DenseSidecar, SidecarError, decode_sae8, encode_sae8, save_dense, sidecar_groups)
+
+LAYER = 2
+
+
+def _sidecar(n: int, seed: int) -> DenseSidecar:
+    generator = torch.Generator().manual_seed(seed)
+    directions = torch.nn.functional.normalize(torch.randn(n, 64, generator=generator), dim=-1)
+    return DenseSidecar(directions, directions.clone(), torch.full((n,), -10.0))  # always firing
+
+
+@pytest.fixture
+def ids(tiny):
+    return torch.tensor([tiny.tokenizer("steer these words, please").input_ids])
+
+
+@pytest.fixture
+def paths(tmp_path):
+    out = {}
+    for seed, behavior in enumerate(("chem", "bio")):
+        path = tmp_path / f"{behavior}.safetensors"
+        save_dense(_sidecar(3, seed), path)
+        out[behavior] = {LAYER: path}
+    return out
+
+
+def _mlp_output(model, ids) -> torch.Tensor:
+    with torch.no_grad(), capture_outputs(model, [LAYER], stop_after_last=False) as captured:
+        model(input_ids=ids)
+    return captured[LAYER]
+
+
+def _steered(model, ids, **kwargs) -> torch.Tensor:
+    apply_behaviors(model, **kwargs)
+    try:
+        return _mlp_output(model, ids)
+    finally:
+        remove_behaviors(model)
+
+
+def test_behaviours_sharing_a_layer_add_their_deltas_and_subsets_take_one_argument(tiny, ids, paths):
+    clean = _mlp_output(tiny.model, ids)
+    both = _steered(tiny.model, ids, sae_paths_per_behavior=paths, alphas_per_behavior={"chem": 0.5, "bio": 0.3})
+    chem = _steered(tiny.model, ids, sae_paths_per_behavior=paths, alphas_per_behavior={"chem": 0.5},
+                    behaviors=["chem"])
+    bio = _steered(tiny.model, ids, sae_paths_per_behavior={"bio": paths["bio"]}, alphas_per_behavior={"bio": 0.3})
+    assert not torch.allclose(chem, clean) and not torch.allclose(bio, clean)
+    assert torch.allclose(both - clean, (chem - clean) + (bio - clean), atol=1e-5)
+    # a per-layer override, and a behaviour at alpha 0 steers nothing
+    muted = _steered(tiny.model, ids, sae_paths_per_behavior=paths,
+                     alphas_per_behavior={"chem": {LAYER: 0.5}, "bio": 0.0})
+    assert torch.allclose(muted, chem, atol=1e-6)
+    # the reference rule alone: one group with one alpha is the single-sidecar runtime
+    with patched(tiny.model, {LAYER: LayerSteering(_sidecar(3, 0), 0.5)}):
+        assert torch.allclose(_mlp_output(tiny.model, ids), chem, atol=1e-6)
+    assert torch.equal(_mlp_output(tiny.model, ids), clean)  # removal restores exactly
+
+
+def test_control_tokens_act_on_every_behaviour(tiny, ids, paths, monkeypatch):
+    clean = _mlp_output(tiny.model, ids)
+    patch = apply_behaviors(tiny.model, paths, {"chem": 0.5, "bio": 0.3})
+    try:
+        with patch.request("<|no-steer|> hi"):
+            assert torch.equal(_mlp_output(tiny.model, ids), clean)
+        with pytest.raises(SteeringError, match="STEER_DEBUG"), patch.request(REVERSE_TOKEN):
+            pass
+        monkeypatch.setenv("STEER_DEBUG", "1")
+        with patch.request(REVERSE_TOKEN):
+            reversed_ = _mlp_output(tiny.model, ids)
+    finally:
+        remove_behaviors(tiny.model)
+    both_at_one = _steered(tiny.model, ids, sae_paths_per_behavior=paths, alphas_per_behavior={"chem": 1, "bio": 1})
+    assert torch.allclose(reversed_ - clean, -(both_at_one - clean), atol=1e-5)  # every group at -1
+
+
+def test_bad_requests_fail_before_any_hook(tiny, paths):
+    with pytest.raises(SteeringError, match=r"unknown behaviours \['cyber'\]"):
+        apply_behaviors(tiny.model, paths, behaviors=["cyber"])
+    with pytest.raises(SteeringError, match="control tokens are fixed"):
+        apply_behaviors(tiny.model, paths, reverse_token="<|flip|>")
+    assert getattr(tiny.model, "_sae_pipeline_steering", None) is None
+
+
+def test_a_release_directory_applies_as_written_and_fails_closed_when_tampered(tiny, ids, paths, tmp_path):
+    release = tmp_path / "release"
+    sidecars = {LAYER: {"chem": _sidecar(3, 0), "bio": _sidecar(3, 1)}}
+    config = write_release(release, sidecars, {"chem": 0.5, "bio": 0.3}, nnz_per_feature=16,
+                           provenance={"sae": {str(LAYER): {"sae_hash": "x"}}})
+    assert config["layers"][str(LAYER)]["groups"] == [["chem", 3], ["bio", 3]]
+    assert sidecar_groups(release / f"grouped_l{LAYER}.sae8") == {"chem": 3, "bio": 3}
+    assert sidecar_groups(release / f"grouped_l{LAYER}.safetensors") == {"chem": 3, "bio": 3}
+    assert sidecar_groups(release / f"chem_l{LAYER}.sae8") is None
+    from_release = _steered(tiny.model, ids, sae_paths_per_behavior=release)
+    from_paths = _steered(tiny.model, ids, sae_paths_per_behavior=paths,
+                          alphas_per_behavior={"chem": 0.5, "bio": 0.3})
+    assert torch.allclose(from_release, from_paths, atol=1e-6)
+    grouped = release / f"grouped_l{LAYER}.safetensors"
+    grouped.write_bytes(grouped.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(SidecarError, match="sha256"):
+        read_release(release)
+    (release / CONFIG_FILE).write_text(json.dumps({"version": 99}))
+    with pytest.raises(SidecarError, match="version 99"):
+        apply_behaviors(tiny.model, release)
+    assert getattr(tiny.model, "_sae_pipeline_steering", None) is None
+
+
+def test_grouped_sae8_headers_must_cover_the_rows():
+    sidecar = _sidecar(4, 0)
+    blob = encode_sae8(sidecar, 16, {"chem": 1, "bio": 3})
+    assert torch.allclose(decode_sae8(blob).tau_N, sidecar.tau_N)
+    with pytest.raises(SidecarError, match="cover the sidecar's 4 features"):
+        encode_sae8(sidecar, 16, {"chem": 1, "bio": 2})
