@@ -84,6 +84,16 @@ def test_control_tokens_act_on_every_behaviour(tiny, ids, paths, monkeypatch):
         remove_behaviors(tiny.model)
     both_at_one = _steered(tiny.model, ids, sae_paths_per_behavior=paths, alphas_per_behavior={"chem": 1, "bio": 1})
     assert torch.allclose(reversed_ - clean, -(both_at_one - clean), atol=1e-5)  # every group at -1
+    # a behaviour at alpha 0, and hooks attached inert, stay untouched under reverse too
+    chem_at_one = _steered(tiny.model, ids, sae_paths_per_behavior=paths, alphas_per_behavior={"chem": 1, "bio": 0})
+    for alphas, steer_on, expected in (({"chem": 0.5, "bio": 0.0}, True, 2 * clean - chem_at_one),
+                                       ({"chem": 0.5, "bio": 0.3}, False, clean)):
+        patch = apply_behaviors(tiny.model, paths, alphas, steer_on=steer_on)
+        try:
+            with patch.request(REVERSE_TOKEN):
+                assert torch.allclose(_mlp_output(tiny.model, ids), expected, atol=1e-5)
+        finally:
+            remove_behaviors(tiny.model)
 
 
 def test_bad_requests_fail_before_any_hook(tiny, paths):
@@ -91,6 +101,8 @@ def test_bad_requests_fail_before_any_hook(tiny, paths):
         apply_behaviors(tiny.model, paths, behaviors=["cyber"])
     with pytest.raises(SteeringError, match="control tokens are fixed"):
         apply_behaviors(tiny.model, paths, reverse_token="<|flip|>")
+    with pytest.raises(SteeringError, match=r"not hooked: \{'chem': \[7\]\}"):
+        apply_behaviors(tiny.model, paths, {"chem": {"7": 0.5}})
     assert getattr(tiny.model, "_sae_pipeline_steering", None) is None
 
 
@@ -105,8 +117,16 @@ def test_a_release_directory_applies_as_written_and_fails_closed_when_tampered(t
     assert sidecar_groups(release / f"chem_l{LAYER}.sae8") is None
     from_release = _steered(tiny.model, ids, sae_paths_per_behavior=release)
     from_paths = _steered(tiny.model, ids, sae_paths_per_behavior=paths,
-                          alphas_per_behavior={"chem": 0.5, "bio": 0.3})
+                          alphas_per_behavior={"chem": 0.5, "bio": {str(LAYER): 0.3}})  # "2" and 2 alike
     assert torch.allclose(from_release, from_paths, atol=1e-6)
+    with pytest.raises(SteeringError, match="grouped sidecar"):
+        apply_behaviors(tiny.model, {"chem": {LAYER: release / f"grouped_l{LAYER}.sae8"}})
+    swapped = json.loads((release / CONFIG_FILE).read_text())
+    swapped["layers"][str(LAYER)]["groups"] = [["bio", 3], ["chem", 3]]  # each alpha would steer the other's rows
+    (release / CONFIG_FILE).write_text(json.dumps(swapped))
+    with pytest.raises(SidecarError, match="differ from the sidecar's"):
+        read_release(release)
+    write_release(release, sidecars, {"chem": 0.5, "bio": 0.3}, nnz_per_feature=16, provenance={})
     grouped = release / f"grouped_l{LAYER}.safetensors"
     grouped.write_bytes(grouped.read_bytes()[:-4] + b"\0\0\0\0")
     with pytest.raises(SidecarError, match="sha256"):

@@ -61,7 +61,7 @@ def test_crosstalk_takes_turns_deflates_flagged_directions_and_reports_pairs():
 def test_a_deflated_direction_still_too_close_to_the_others_is_not_admitted():
     eye = torch.eye(8, dtype=torch.float64)
     leaning = torch.nn.functional.normalize(eye[0] + 0.75 * eye[1], dim=0)  # |cos| 0.6 with e0
-    W_dec_FD = torch.stack([eye[0], leaning, eye[0] + 0.0 * eye[2], eye[3]])
+    W_dec_FD = torch.stack([eye[0], leaning, eye[0], eye[3]])
     # U = [e0, leaning] is not orthonormal: e0 - U(U^T e0) = -0.6 leaning, whose |cos| with `leaning` is 1
     result = select_without_crosstalk({"chem": [0, 1], "bio": [2, 3]}, W_dec_FD, keep=2, max_cos=0.05,
                                       flagged_max_cos=0.07, min_deflated_norm=0.5)

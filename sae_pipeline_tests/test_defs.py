@@ -271,7 +271,14 @@ def test_tiny_behavior_dictionaries_choose_layers_rank_features_and_gate_crossta
             assert not torch.equal(tiny.model(input_ids=ids).logits, before)
             remove_behaviors(tiny.model)
             assert torch.equal(tiny.model(input_ids=ids).logits, before)
-        report = json.loads(report_path.read_text())["layers"]["3"]
+        full = json.loads(report_path.read_text())
+        report = full["layers"]["3"]
+        # a report claiming more features than the pinned selection holds fails the check, whatever its numbers
+        full["layers"]["3"]["behaviors"]["bio"]["feature_ids"].append(0)
+        report_path.write_text(json.dumps(full))
+        checked = _checked(defs, dg.AssetSelection.checks_for_assets("behavior_crosstalk"), instance)
+        [check] = checked.get_asset_check_evaluations()
+        assert not check.passed and "differ from the pinned selection" in check.metadata["error"].value
         selections = Path(report["directions"]["path"])
         selections.write_bytes(selections.read_bytes()[:-8] + b"tampered")
         with pytest.raises(TensorFileError, match="sha256"):

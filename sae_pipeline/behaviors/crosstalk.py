@@ -112,11 +112,18 @@ def save_selections(result: CrosstalkResult, path: Path) -> str:
     return save_tensors(tensors, path)
 
 
-def load_directions(path: Path, sha256: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """behaviour -> (directions_ND, flagged_N), verified against sha256."""
+class PinnedSelection(NamedTuple):
+    directions_ND: torch.Tensor
+    flagged_N: torch.Tensor
+    feature_ids: list[int]
+
+
+def load_directions(path: Path, sha256: str) -> dict[str, PinnedSelection]:
+    """behaviour -> its selection as saved, verified against sha256."""
     tensors = load_tensors(path, sha256)
     behaviors = sorted({name.split(".")[0] for name in tensors})
-    return {b: (tensors[f"{b}.directions_ND"].double(), tensors[f"{b}.flagged"].bool()) for b in behaviors}
+    return {b: PinnedSelection(tensors[f"{b}.directions_ND"].double(), tensors[f"{b}.flagged"].bool(),
+                               [int(i) for i in tensors[f"{b}.feature_ids"].tolist()]) for b in behaviors}
 
 
 def pair_max_cos(directions: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -157,16 +164,19 @@ def crosstalk_measures(report: dict) -> dict[str, float]:
         sae, sae_cfg = TopKSAE.load(Path(entry["sae_path"]))
         if sae_cfg["sae_hash"] != entry["sae_hash"]:
             raise ValueError(f"layer {layer}: the SAE changed since the cross-talk selection; select again")
-        final = load_directions(Path(entry["directions"]["path"]), entry["directions"]["sha256"])
+        pinned = load_directions(Path(entry["directions"]["path"]), entry["directions"]["sha256"])
         decoder_FD = _unit(sae.W_dec_FD.detach())
-        for behavior, (directions_ND, flagged_N) in final.items():
-            ids = entry["behaviors"][behavior]["feature_ids"]
-            clean_ids = [i for i, flagged in zip(ids, flagged_N.tolist()) if not flagged]
-            if clean_ids and not torch.allclose(directions_ND[~flagged_N], decoder_FD[clean_ids], atol=1e-6):
+        for behavior, selection in pinned.items():  # the hash-pinned ids, never the report's copy
+            if selection.feature_ids != entry["behaviors"][behavior]["feature_ids"]:
+                raise ValueError(f"layer {layer}: the report's {behavior} features differ from the pinned selection")
+            clean_ids = [i for i, flagged in zip(selection.feature_ids, selection.flagged_N.tolist()) if not flagged]
+            if clean_ids and not torch.allclose(selection.directions_ND[~selection.flagged_N], decoder_FD[clean_ids],
+                                                atol=1e-6):
                 raise ValueError(f"layer {layer}: {behavior}'s unflagged directions are not the SAE's decoder "
                                  "columns; select again")
-            measured["crosstalk_shortfall_max"] = max(measured["crosstalk_shortfall_max"], report["keep"] - len(ids))
-        clean, flagged = crosstalk_extremes(final)
+            measured["crosstalk_shortfall_max"] = max(measured["crosstalk_shortfall_max"],
+                                                      report["keep"] - len(selection.feature_ids))
+        clean, flagged = crosstalk_extremes({b: (s.directions_ND, s.flagged_N) for b, s in pinned.items()})
         measured["crosstalk_cos_max"] = max(measured["crosstalk_cos_max"], clean)
         measured["crosstalk_flagged_cos_max"] = max(measured["crosstalk_flagged_cos_max"], flagged)
     return measured

@@ -4,12 +4,14 @@ Per behaviour and layer, a sidecar holds the behaviour's features kept by the cr
 the SAE's encoder columns and thresholds detect them, and the steering directions are the cross-talk filter's (the
 decoder column, deflated where flagged), so removing one behaviour's features never moves another's. Per layer, a
 grouped sidecar concatenates the behaviours hooked there, its header listing the groups. `multi_behavior_config.json`
-pins every file by sha256 (SAEs, rankings, sidecars, the cross-talk report) and holds the alphas per behaviour, with
-per-layer overrides. Paths in it are relative to the release directory, so the directory can move."""
+pins every file by sha256 (SAEs, rankings, sidecars, the cross-talk report) and holds the alphas per behaviour, with per-layer
+overrides (`alphas`, empty as written). Sidecar paths are relative to the release directory, so the directory can
+move; the provenance paths point into the artifacts that made it."""
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -19,7 +21,8 @@ import torch
 from sae_pipeline.features.causal import sidecar_from_sae
 from sae_pipeline.hashing import file_sha256
 from sae_pipeline.sae.model import TopKSAE
-from sae_pipeline.steering.sidecar import DenseSidecar, SidecarError, load_dense, save_dense, write_sae8
+from sae_pipeline.steering.sidecar import (DenseSidecar, SidecarError, load_dense, save_dense, sidecar_groups,
+                                           write_sae8)
 
 CONFIG_FILE = "multi_behavior_config.json"
 CONFIG_VERSION = 1
@@ -66,9 +69,10 @@ def write_release(directory: Path, sidecars: dict[int, dict[str, DenseSidecar]],
         grouped, sizes = concat_sidecars(by_behavior)
         dense, sae8 = directory / f"grouped_l{layer}.safetensors", directory / f"grouped_l{layer}.sae8"
         # a list, not a dict: the rows' order must survive sort_keys
-        layers[str(layer)] = {"groups": [[name, n] for name, n in sizes.items()], "dense": _pinned(dense, directory, save_dense(grouped, dense, sizes)),
+        layers[str(layer)] = {"groups": [[name, n] for name, n in sizes.items()],
+                              "dense": _pinned(dense, directory, save_dense(grouped, dense, sizes)),
                               "sae8": _pinned(sae8, directory, write_sae8(grouped, sae8, nnz, sizes))}
-    config = {"version": CONFIG_VERSION, "layers": layers, "behaviors": behaviors, **provenance}
+    config = {**provenance, "version": CONFIG_VERSION, "layers": layers, "behaviors": behaviors}  # ours win
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
     return config
 
@@ -83,13 +87,17 @@ def read_release(directory: Path) -> tuple[dict[int, LayerGroups], dict]:
         out = {}
         for layer, entry in config["layers"].items():
             sizes = {str(b): int(n) for b, n in entry["groups"]}
-            sidecar = load_dense(directory / entry["dense"]["path"], entry["dense"]["sha256"])
-            if sum(sizes.values()) != len(sidecar.tau_N):
-                raise SidecarError(f"layer {layer}: groups {sizes} do not cover the sidecar's {len(sidecar.tau_N)} "
-                                   "features")
+            path = directory / entry["dense"]["path"]
+            sidecar = load_dense(path, entry["dense"]["sha256"])
+            pinned = list((sidecar_groups(path) or {}).items())  # the sha256-pinned file says whose rows are whose
+            if pinned != list(sizes.items()):
+                raise SidecarError(f"layer {layer}: the config's groups {list(sizes.items())} differ from the "
+                                   f"sidecar's {pinned}")
             alphas = {b: float(config["behaviors"][b]["alphas"].get(layer, config["behaviors"][b]["alpha"]))
                       for b in sizes}
+            if not all(math.isfinite(a) for a in alphas.values()):
+                raise SidecarError(f"layer {layer}: alphas must be finite, got {alphas}")
             out[int(layer)] = LayerGroups(sidecar, sizes, alphas)
         return out, config
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise SidecarError(f"cannot read the behaviour release in {directory}: {err}") from err

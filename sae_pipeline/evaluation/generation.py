@@ -105,7 +105,7 @@ def continuation_logprobs(model: PreTrainedModel, tokenizer: PreTrainedTokenizer
     that decides at the prefill reads the prompt, never the continuation it is scored on."""
     pad_id, device = _pad_id(tokenizer), _device(model)
     scores: list[float] = [0.0] * len(contexts)
-    continuation_C = torch.tensor(continuation)
+    continuation_C = torch.tensor(continuation, dtype=torch.long)
     for batch in _batches([len(c) for c in contexts], batch_size):
         ids_BS, mask_BS = _left_padded([contexts[i] for i in batch], pad_id)
         positions_BS = (mask_BS.cumsum(1) - 1).clamp(min=0)

@@ -116,14 +116,16 @@ def fit_probe_gate(harmful_PD: torch.Tensor, benign_PD: torch.Tensor, max_benign
 
 
 GATE_INFO_FILE = "refusal_gate.json"
-GATE_READS = "residual-mean-last"  # recorded, so a gate fit on other inputs (MLP-output means, before) is refused
+# recorded, so a gate fit on other inputs (MLP-output means, before) is refused
+GATE_READS = "residual-mean-last"
 
 
 def save_refusal_gate(directory: Path, layer: int, fit: GateFit, refusal_D: torch.Tensor, provenance: dict) -> dict:
     """gate_l{L}.safetensors, refusal_l{L}.safetensors and refusal_gate.json (the CV record and both sha256)."""
     directory.mkdir(parents=True, exist_ok=True)
     info = {"layer": layer, "l2": fit.l2, "cv_harmful_fire": fit.cv_harmful_fire,
-            "cv_benign_fire": fit.cv_benign_fire, "cv_borderline_fire": fit.cv_borderline_fire, "cv_by_l2": {str(k): v for k, v in fit.cv_by_l2.items()},
+            "cv_benign_fire": fit.cv_benign_fire, "cv_borderline_fire": fit.cv_borderline_fire,
+            "cv_by_l2": {str(k): v for k, v in fit.cv_by_l2.items()},
             "refusal_norm": float(refusal_D.norm()), **provenance,
             "gate_layers": list(fit.gate.layers), "gate_reads": GATE_READS,
             "gate_sha256": save_tensors(fit.gate.tensors(), directory / f"gate_l{layer}.safetensors"),

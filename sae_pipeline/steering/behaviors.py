@@ -16,7 +16,7 @@ from sae_pipeline.behaviors.release import LayerGroups, concat_sidecars, read_re
 from sae_pipeline.steering.runtime import (
     NO_STEER_TOKEN, REVERSE_TOKEN, FeatureGroups, LayerSteering, SteeringError, SteeringPatch, apply_patch_layers,
     remove_patch)
-from sae_pipeline.steering.sidecar import DenseSidecar, load_dense, read_sae8
+from sae_pipeline.steering.sidecar import DenseSidecar, load_dense, read_sae8, sidecar_groups
 
 DEFAULT_ALPHA = 0.6  # as apply_patch: sidecars given without alphas
 DEFAULT_EPSILON = 0.02  # the runtime's reference rule
@@ -27,6 +27,8 @@ def _from_paths(paths: dict[str, dict[int, str | Path]]) -> dict[int, LayerGroup
     for behavior, layers in paths.items():
         for layer, path in layers.items():
             path = Path(path)
+            if sidecar_groups(path) is not None:
+                raise SteeringError(f"{path} is a grouped sidecar; give each behaviour its own, or the release")
             by_layer.setdefault(int(layer), {})[behavior] = read_sae8(path) if path.suffix == ".sae8" \
                 else load_dense(path)
     out = {}
@@ -71,6 +73,13 @@ def apply_behaviors(model: nn.Module, sae_paths_per_behavior: str | Path | dict,
     unknown = sorted((set(behaviors or []) | set(alphas_per_behavior or {})) - set(known))
     if unknown:
         raise SteeringError(f"unknown behaviours {unknown}; these sidecars steer {known}")
+    per_layer = {name: {int(layer): float(a) for layer, a in override.items()}  # "11" and 11 alike
+                 for name, override in (alphas_per_behavior or {}).items() if isinstance(override, dict)}
+    stray = {name: sorted(set(overrides) - {layer for layer, g in layers.items() if name in g.sizes})
+             for name, overrides in per_layer.items()}
+    if any(stray.values()):
+        raise SteeringError(f"alphas name layers where the behaviour is not hooked: "
+                            f"{ {name: bad for name, bad in stray.items() if bad} }")
     steering = {}
     for layer, groups in sorted(layers.items()):
         groups = _subset(groups, behaviors if behaviors is not None else known)
@@ -79,7 +88,7 @@ def apply_behaviors(model: nn.Module, sae_paths_per_behavior: str | Path | dict,
         alphas = dict(groups.alphas)
         for name, override in (alphas_per_behavior or {}).items():
             if name in alphas:
-                alphas[name] = override.get(layer, alphas[name]) if isinstance(override, dict) else override
+                alphas[name] = per_layer[name].get(layer, alphas[name]) if name in per_layer else float(override)
         steering[layer] = LayerSteering(groups.sidecar, 1.0 if steer_on else 0.0, epsilon,
                                         groups=FeatureGroups.of(groups.sizes, alphas))
     if not steering:

@@ -187,7 +187,8 @@ class SteeringPatch:
         def hook(_module, _inputs, output: torch.Tensor) -> torch.Tensor:
             if os.environ.get("STEER_ENABLE", "1") == "0" or self.scale == 0.0:
                 return output
-            alpha = cfg.alpha * self.scale if self.scale >= 0 else -1.0  # reverse: magnitude 1, opposite sign
+            # reverse: magnitude 1, opposite sign; a layer (or group) at alpha 0 stays untouched
+            alpha = cfg.alpha * self.scale if self.scale >= 0 else -float(cfg.alpha != 0)
             if cfg.sidecar is None:
                 alpha = 0.0
             beta = cfg.beta * self.scale
@@ -202,10 +203,10 @@ class SteeringPatch:
                     fire_BS1 = (z_BSN > cfg.epsilon).any(-1, keepdim=True)
                     if alpha != 0.0:
                         steered = steered - alpha * (z_BSN @ A_sel_ND) * fire_BS1
-                else:  # each group's rule on its own features; reverse: every group at magnitude 1, flipped
+                else:  # each group's rule on its own features
                     fire_BSG = ((z_BSN > cfg.epsilon).to(x_BSD.dtype) @ member_NG) > 0
                     fire_BS1 = fire_BSG.any(-1, keepdim=True)
-                    group_alpha_G = alpha_G * alpha if self.scale >= 0 else -torch.ones_like(alpha_G)
+                    group_alpha_G = alpha_G * alpha if self.scale >= 0 else -(alpha_G != 0).to(alpha_G.dtype)
                     if alpha != 0.0:
                         weight_BSN = (fire_BSG.to(x_BSD.dtype) * group_alpha_G) @ member_NG.T
                         steered = steered - (z_BSN * weight_BSN) @ A_sel_ND
@@ -234,9 +235,10 @@ def apply_patch_layers(model: nn.Module, layers: dict[int, LayerSteering], gate_
         d_model = next(t.shape[-1] for t in (cfg.sidecar and cfg.sidecar.A_sel_ND, cfg.refusal_D) if t is not None)
         if cfg.groups is not None:
             shape = (0 if cfg.sidecar is None else len(cfg.sidecar.tau_N), len(cfg.groups.names))
-            if tuple(cfg.groups.member_NG.shape) != shape or tuple(cfg.groups.alpha_G.shape) != shape[1:]:
-                raise SteeringError(f"layer {layer}: feature groups must cover the sidecar's {shape[0]} features in "
-                                    f"{shape[1]} groups, got membership {tuple(cfg.groups.member_NG.shape)} and "
+            if (tuple(cfg.groups.member_NG.shape) != shape or tuple(cfg.groups.alpha_G.shape) != shape[1:]
+                    or not torch.equal(cfg.groups.member_NG.sum(1), torch.ones(shape[0]))):
+                raise SteeringError(f"layer {layer}: feature groups must put each of the sidecar's {shape[0]} "
+                                    f"features in exactly one of {shape[1]} groups, got membership {tuple(cfg.groups.member_NG.shape)} and "
                                     f"alphas {tuple(cfg.groups.alpha_G.shape)}")
         module = mlp_module(model, layer)
         width = getattr(getattr(module, "down_proj", None), "out_features", d_model)

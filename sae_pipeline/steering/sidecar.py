@@ -185,6 +185,6 @@ def sidecar_groups(path: Path) -> dict[str, int] | None:
         else:
             with safe_open(path, "pt") as handle:
                 field = json.loads((handle.metadata() or {}).get("groups", "null"))
-    except (OSError, ValueError, SafetensorError, struct.error) as err:
+        return None if field is None else {str(name): int(count) for name, count in field}
+    except (OSError, ValueError, TypeError, SafetensorError, struct.error) as err:
         raise SidecarError(f"cannot read the groups of {path}: {err}") from err
-    return None if field is None else {str(name): int(count) for name, count in field}

@@ -126,13 +126,15 @@ def build_behavior_assets(profile: Profile) -> list:
         directory = Path(required_metadata(context.instance, behavior_layers.key)["path"]).parent
         report, rows = {}, []
         for layer in layers:
-            ranked, sae_path, sae_hash = {}, None, None
+            ranked, pinned_candidates, sae_path, sae_hash = {}, {}, None, None
             for behavior in cfg.behaviors:
                 key = dg.MultiPartitionKey({"behavior": behavior, "layer": str(layer)})
                 made = required_metadata(context.instance, behavior_features.key, key)
                 if made["chosen"]:
                     candidates = json.loads(Path(made["candidates"]).read_text())
                     ranked[behavior] = candidates["feature_ids"]
+                    pinned_candidates[behavior] = {"path": made["candidates"],
+                                                   "sha256": file_sha256(Path(made["candidates"]))}
                     sae_path, sae_hash = Path(made["sae_path"]), candidates["sae_hash"]
             if not ranked:
                 continue
@@ -145,7 +147,7 @@ def build_behavior_assets(profile: Profile) -> list:
                                               section["crosstalk_flagged_cos_max"].value, cfg.min_deflated_norm)
             path = directory / f"crosstalk_l{layer}.safetensors"
             report[str(layer)] = {
-                "sae_path": str(sae_path), "sae_hash": sae_hash, "order": list(ranked),
+                "sae_path": str(sae_path), "sae_hash": sae_hash, "order": list(ranked), "candidates": pinned_candidates,
                 "directions": {"path": str(path), "sha256": save_selections(result, path)},
                 "pair_max_cos": result.pair_max_cos, "shortfall": result.shortfall,
                 "behaviors": {b: {"feature_ids": s.feature_ids, "flagged": s.flagged, "raw_max_cos": s.raw_max_cos}
@@ -170,7 +172,11 @@ def build_behavior_assets(profile: Profile) -> list:
                                 "involved, and how many features a behaviour fell short of the configured count")
     def crosstalk(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         report = json.loads(Path(required_metadata(context.instance, behavior_crosstalk.key)["path"]).read_text())
-        measured = crosstalk_measures(report)
+        try:
+            measured = crosstalk_measures(report)
+        except ValueError as err:  # an inconsistent selection fails the check (a tampered file raises on its own)
+            return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.ERROR,
+                                       metadata={"error": str(err)})
         results = check_gates(load_gates().behaviors, measured)
         return dg.AssetCheckResult(passed=all(g.passed for g in results), severity=dg.AssetCheckSeverity.ERROR,
                                    metadata={"gates": table([g._asdict() for g in results])})
@@ -195,19 +201,20 @@ def build_behavior_assets(profile: Profile) -> list:
                 raise dg.Failure(f"layer {layer}: the SAE changed since the cross-talk selection; materialise "
                                  "behavior_crosstalk again")
             directions = load_directions(Path(entry["directions"]["path"]), entry["directions"]["sha256"])
-            saes[layer] = {"path": entry["sae_path"], "sae_hash": entry["sae_hash"],
-                           "sha256": file_sha256(Path(entry["sae_path"]) / "sae.safetensors")}
+            saes[layer] = {"path": entry["sae_path"], "sae_hash": entry["sae_hash"]}
             for behavior in entry["order"]:
-                ids = entry["behaviors"][behavior]["feature_ids"][:cfg.sidecar_features]
+                ids = directions[behavior].feature_ids[:cfg.sidecar_features]
                 if not ids:
                     continue
                 sidecars.setdefault(int(layer), {})[behavior] = behavior_sidecar(
-                    sae, ids, directions[behavior][0][:len(ids)])
+                    sae, ids, directions[behavior].directions_ND[:len(ids)])
                 made = required_metadata(context.instance, behavior_features.key,
                                          dg.MultiPartitionKey({"behavior": behavior, "layer": layer}))
-                rankings[f"{behavior}|{layer}"] = {"path": made["path"], "sha256": file_sha256(Path(made["path"]))}
+                rankings[f"{behavior}|{layer}"] = {"ranking": {"path": made["path"],
+                                                               "sha256": file_sha256(Path(made["path"]))},
+                                                   "candidates": entry["candidates"][behavior]}
                 rows.append({"layer": int(layer), "behavior": behavior, "features": len(ids),
-                             "flagged": sum(entry["behaviors"][behavior]["flagged"][:len(ids)])})
+                             "flagged": int(directions[behavior].flagged_N[:len(ids)].sum())})
         if not sidecars:
             raise dg.Failure("the cross-talk selection kept no feature for any behaviour: nothing to release")
         directory = artifacts_root() / "behaviors" / "release"

@@ -42,8 +42,8 @@ def build_steering_assets(profile: Profile) -> list:
         harmful = [r.prompt for r in sets.harmful if r.split == "tuning"]
         benign_rows = [r for r in sets.benign if r.split == "tuning"]
         benign = [r.prompt for r in benign_rows]
-        borderline = BorderlineBudget(torch.tensor([r.domain == "borderline" for r in benign_rows]),
-                                      cfg.borderline_max_fire, cfg.borderline_weight)
+        mask_N = torch.tensor([r.domain == "borderline" for r in benign_rows])
+        borderline = BorderlineBudget(mask_N, cfg.borderline_max_fire, cfg.borderline_weight) if mask_N.any() else None
         read = sorted({layer for layers in cfg.gate_layer_sets for layer in layers})
         with deterministic(profile.evaluation.seed):
             fit, candidates = choose_gate(prompt_summaries(loaded.model, loaded.tokenizer, read, harmful),
@@ -59,7 +59,7 @@ def build_steering_assets(profile: Profile) -> list:
             "gate_skip": template_prefix_length(loaded.tokenizer), "candidates": candidates,
             "config": cfg.model_dump(mode="json")})
         context.log.info(f"gate layers {fit.gate.layers}: out-of-fold harmful fire {fit.cv_harmful_fire:.3f} at "
-                         f"benign {fit.cv_benign_fire:.3f} (borderline {fit.cv_borderline_fire:.3f})")
+                         f"benign {fit.cv_benign_fire:.3f} (borderline {fit.cv_borderline_fire})")
         return dg.MaterializeResult(metadata={
             **numbers({k: info[k] for k in ("l2", "cv_harmful_fire", "cv_benign_fire", "cv_borderline_fire",
                                              "refusal_norm")}),
