@@ -242,6 +242,9 @@ def test_tiny_behavior_dictionaries_choose_layers_rank_features_and_gate_crossta
         report_path = Path(checked.get_asset_materialization_events()[0].event_specific_data.materialization
                            .metadata["path"].value)
         report = json.loads(report_path.read_text())["layers"]["3"]
+        figure = checked.get_asset_materialization_events()[0].event_specific_data.materialization \
+            .metadata["crosstalk_l3"].value
+        assert figure.startswith("![cross-talk l3](data:image/png;base64,")
         gates = {r.data["name"]: r.data for r in check.metadata["gates"].value.records}
         chem, bio = report["behaviors"]["chem"], report["behaviors"]["bio"]
         assert chem["feature_ids"] and bio["feature_ids"]  # turns: the first behaviour cannot take all the room

@@ -12,12 +12,13 @@ import dagster as dg
 from sae_pipeline.behaviors.crosstalk import (crosstalk_measures, load_directions, save_selections,
                                               select_without_crosstalk)
 from sae_pipeline.behaviors.layers import choose_behavior_layers, pooled_mlp_outputs
+from sae_pipeline.behaviors.plots import crosstalk_figure
 from sae_pipeline.behaviors.ranking import rank_behavior_latents
 from sae_pipeline.behaviors.release import CONFIG_FILE, behavior_sidecar, write_release
 from sae_pipeline.config import Profile, artifacts_root, load_gates
 from sae_pipeline.corpus.build import load_manifest
 from sae_pipeline.defs.lineage import required_metadata
-from sae_pipeline.defs.metadata import numbers, table
+from sae_pipeline.defs.metadata import numbers, png_markdown, table
 from sae_pipeline.defs.resources import ModelResource
 from sae_pipeline.evaluation.datasets import load_prompt_sets
 from sae_pipeline.evaluation.determinism import deterministic
@@ -162,8 +163,14 @@ def build_behavior_assets(profile: Profile) -> list:
         path.write_text(json.dumps({"layers": report, "keep": cfg.top_n}, indent=2, sort_keys=True))
         pairs = [{"layer": int(layer), "pair": pair, "max_cos": value}
                  for layer, entry in report.items() for pair, value in entry["pair_max_cos"].items()]
+        figures = {f"crosstalk_l{layer}": png_markdown(crosstalk_figure(
+            int(layer), entry["pair_max_cos"], {b: len(s["feature_ids"]) for b, s in entry["behaviors"].items()},
+            {b: sum(s["flagged"]) for b, s in entry["behaviors"].items()}, cfg.top_n,
+            section["crosstalk_cos_max"].value, section["crosstalk_flagged_cos_max"].value), f"cross-talk l{layer}")
+            for layer, entry in report.items()}
         return dg.MaterializeResult(metadata={"path": dg.MetadataValue.path(str(path)), "selections": table(rows),
-                                              "pairs": table(pairs) if pairs else "one behaviour per layer"})
+                                              "pairs": table(pairs) if pairs else "one behaviour per layer",
+                                              **figures})
 
     @dg.asset_check(asset=behavior_crosstalk, name=CROSSTALK, blocking=True,
                     description="Representation cross-talk against data/gates.yaml `behaviors`, recomputed from the "
