@@ -235,6 +235,7 @@ def test_tiny_behavior_dictionaries_choose_layers_rank_features_and_gate_crossta
         assert Path(made["bio", "3"]["path"].value).name == "top16_ranking_l3_bio.json"
         assert len(json.loads(Path(made["bio", "3"]["candidates"].value).read_text())["feature_ids"]) > 16
         assert len(rows) == 16 and {r["behavior"] for r in rows} == {"bio"} and rows[0]["layer"] == 3
+        assert made["bio", "3"]["ranking"].value.startswith("![behaviour ranking](data:image/png;base64,")
         checked = _checked(defs, ["behavior_crosstalk", "behavior_release"], instance)
         made_keys = {e.asset_key.to_user_string() for e in checked.get_asset_materialization_events()}
         assert made_keys == {"behavior_crosstalk"}  # the failed blocking check kept the release from running

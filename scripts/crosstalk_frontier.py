@@ -12,7 +12,8 @@ from sae_pipeline.behaviors.crosstalk import select_without_crosstalk
 from sae_pipeline.config import artifacts_root, data_dir, load_profile
 from sae_pipeline.sae.model import TopKSAE
 
-LIMITS = [(0.05, 0.07), (0.07, 0.09), (0.10, 0.12), (0.15, 0.17), (0.20, 0.22)]  # (clean, flagged): the gates' pair first
+# (clean, flagged) |cos| limits, the gates' pair first
+LIMITS = [(0.05, 0.07), (0.07, 0.09), (0.10, 0.12), (0.15, 0.17), (0.20, 0.22)]
 KEEP = [16, 32, 64, 128]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from sae_pipeline.plotting import plt, png
 
@@ -36,4 +37,18 @@ def crosstalk_figure(layer: int, pair_max_cos: dict[str, float], kept: dict[str,
     right.tick_params(axis="x", rotation=45)
     right.legend(fontsize=8)
     right.set_title("kept per behaviour")
+    return png(fig)
+
+
+def ranking_scatter(delta_mu_F: torch.Tensor, probe_weight_F: torch.Tensor, live: list[int], top: list[int],
+                    title: str) -> bytes:
+    """Every live latent by |delta_mu| and |probe weight| (the two ranked quantities), the top-ranked highlighted."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for ids, colour, label in ((live, "#bbbbbb", "live latents"), (top, "#c44e52", f"top {len(top)}")):
+        ax.scatter(delta_mu_F[ids].abs().numpy(), probe_weight_F[ids].abs().numpy(), s=6, color=colour, label=label)
+    ax.set_xscale("symlog", linthresh=1e-3)
+    ax.set_xlabel("|delta_mu| (behaviour vs benign, pooled z)")
+    ax.set_ylabel("|standardised probe weight|")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
     return png(fig)

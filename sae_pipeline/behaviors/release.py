@@ -4,8 +4,8 @@ Per behaviour and layer, a sidecar holds the behaviour's features kept by the cr
 the SAE's encoder columns and thresholds detect them, and the steering directions are the cross-talk filter's (the
 decoder column, deflated where flagged), so removing one behaviour's features never moves another's. Per layer, a
 grouped sidecar concatenates the behaviours hooked there, its header listing the groups. `multi_behavior_config.json`
-pins every file by sha256 (SAEs, rankings, sidecars, the cross-talk report) and holds the alphas per behaviour, with per-layer
-overrides (`alphas`, empty as written). Sidecar paths are relative to the release directory, so the directory can
+pins every file by sha256 (SAEs, rankings, sidecars, the cross-talk report) and holds the alphas per behaviour,
+with per-layer overrides (`alphas`, empty as written). Sidecar paths are relative to the release directory, so the directory can
 move; the provenance paths point into the artifacts that made it."""
 
 from __future__ import annotations

@@ -14,12 +14,9 @@ from torch import nn
 
 from sae_pipeline.behaviors.release import LayerGroups, concat_sidecars, read_release
 from sae_pipeline.steering.runtime import (
-    NO_STEER_TOKEN, REVERSE_TOKEN, FeatureGroups, LayerSteering, SteeringError, SteeringPatch, apply_patch_layers,
-    remove_patch)
-from sae_pipeline.steering.sidecar import DenseSidecar, load_dense, read_sae8, sidecar_groups
-
-DEFAULT_ALPHA = 0.6  # as apply_patch: sidecars given without alphas
-DEFAULT_EPSILON = 0.02  # the runtime's reference rule
+    DEFAULT_ALPHA, DEFAULT_EPSILON, NO_STEER_TOKEN, REVERSE_TOKEN, FeatureGroups, LayerSteering, SteeringError,
+    SteeringPatch, apply_patch_layers, remove_patch)
+from sae_pipeline.steering.sidecar import DenseSidecar, load_sidecar, sidecar_groups
 
 
 def _from_paths(paths: dict[str, dict[int, str | Path]]) -> dict[int, LayerGroups]:
@@ -29,8 +26,7 @@ def _from_paths(paths: dict[str, dict[int, str | Path]]) -> dict[int, LayerGroup
             path = Path(path)
             if sidecar_groups(path) is not None:
                 raise SteeringError(f"{path} is a grouped sidecar; give each behaviour its own, or the release")
-            by_layer.setdefault(int(layer), {})[behavior] = read_sae8(path) if path.suffix == ".sae8" \
-                else load_dense(path)
+            by_layer.setdefault(int(layer), {})[behavior] = load_sidecar(path)
     out = {}
     for layer, sidecars in by_layer.items():
         joined, sizes = concat_sidecars(sidecars)

@@ -12,9 +12,9 @@ from pathlib import Path
 from torch import nn
 
 from sae_pipeline.steering.runtime import (
-    NO_STEER_TOKEN, REVERSE_TOKEN, LayerSteering, ProbeGate, SteeringError, SteeringPatch, apply_patch_layers,
-    remove_patch)
-from sae_pipeline.steering.sidecar import SidecarError, load_dense, read_sae8, save_dense
+    DEFAULT_ALPHA, NO_STEER_TOKEN, REVERSE_TOKEN, LayerSteering, ProbeGate, SteeringError, SteeringPatch,
+    apply_patch_layers, remove_patch)
+from sae_pipeline.steering.sidecar import SidecarError, load_sidecar, save_dense
 from sae_pipeline.tensorfiles import TensorFileError, load_tensors, save_tensors
 
 CONFIG_FILE = "steering_config.json"
@@ -59,8 +59,7 @@ def load_operating_point(directory: Path, accept_failed_gates: bool = False
         layers = {}
         for key, entry in config["layers"].items():
             name = entry.get("sidecar")
-            sidecar = None if name is None else (read_sae8 if name.endswith(".sae8") else load_dense)(
-                directory / name, entry["sidecar_sha256"])
+            sidecar = None if name is None else load_sidecar(directory / name, entry["sidecar_sha256"])
             refusal_D = (load_tensors(directory / entry["refusal"], entry["refusal_sha256"])["refusal_D"]
                          if "refusal" in entry else None)
             gate = None
@@ -78,7 +77,7 @@ def apply_patch(model: nn.Module, sae_path: str | Path | dict, steer_on: bool = 
                 no_steer_token: str = NO_STEER_TOKEN, accept_failed_gates: bool = False) -> SteeringPatch:
     """Attach steering. sae_path: an operating-point directory (applied as evaluated; alpha/alphas override its
     feature-mode strengths where it has features), or {layer: sidecar file} with `alphas` (or one `alpha`, default
-    0.6) for the feature mode alone. An operating point that failed its steering gates is refused unless
+    DEFAULT_ALPHA) for the feature mode alone. An operating point that failed its steering gates is refused unless
     accept_failed_gates. steer_on=False attaches the hooks inert (alpha and beta 0). The control tokens are this
     runtime's; other spellings are refused rather than silently ignored."""
     if (reverse_token, no_steer_token) != (REVERSE_TOKEN, NO_STEER_TOKEN):
@@ -86,9 +85,9 @@ def apply_patch(model: nn.Module, sae_path: str | Path | dict, steer_on: bool = 
     if isinstance(sae_path, dict):
         layers = {}
         for layer, path in sae_path.items():
-            path = Path(path)
-            sidecar = read_sae8(path) if path.suffix == ".sae8" else load_dense(path)
-            layers[int(layer)] = LayerSteering(sidecar, (alphas or {}).get(layer, 0.6 if alpha is None else alpha))
+            sidecar = load_sidecar(Path(path))
+            layers[int(layer)] = LayerSteering(sidecar, (alphas or {}).get(layer, DEFAULT_ALPHA if alpha is None
+                                                                            else alpha))
         gate_skip = 1
     else:
         layers, gate_skip, _ = load_operating_point(Path(sae_path), accept_failed_gates)

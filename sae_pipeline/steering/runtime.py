@@ -34,6 +34,8 @@ from sae_pipeline.steering.sidecar import DenseSidecar
 
 NO_STEER_TOKEN = "<|no-steer|>"
 REVERSE_TOKEN = "<|reverse-safety|>"
+DEFAULT_ALPHA = 0.6  # issue #4's apply_patch default: the feature rule's strength when sidecars come without one
+DEFAULT_EPSILON = 0.02  # issue #4: a token is steered where some selected z_j exceeds it
 _PATCH_ATTR = "_sae_pipeline_steering"
 
 
@@ -92,7 +94,7 @@ class LayerSteering:
 
     sidecar: DenseSidecar | None
     alpha: float
-    epsilon: float = 0.02
+    epsilon: float = DEFAULT_EPSILON
     refusal_D: torch.Tensor | None = None
     beta: float = 0.0
     gate: ProbeGate | None = None
@@ -238,8 +240,8 @@ def apply_patch_layers(model: nn.Module, layers: dict[int, LayerSteering], gate_
             if (tuple(cfg.groups.member_NG.shape) != shape or tuple(cfg.groups.alpha_G.shape) != shape[1:]
                     or not torch.equal(cfg.groups.member_NG.sum(1), torch.ones(shape[0]))):
                 raise SteeringError(f"layer {layer}: feature groups must put each of the sidecar's {shape[0]} "
-                                    f"features in exactly one of {shape[1]} groups, got membership {tuple(cfg.groups.member_NG.shape)} and "
-                                    f"alphas {tuple(cfg.groups.alpha_G.shape)}")
+                                    f"features in exactly one of {shape[1]} groups, got membership "
+                                    f"{tuple(cfg.groups.member_NG.shape)} and alphas {tuple(cfg.groups.alpha_G.shape)}")
         module = mlp_module(model, layer)
         width = getattr(getattr(module, "down_proj", None), "out_features", d_model)
         if width != d_model:

@@ -174,6 +174,11 @@ def read_sae8(path: Path, sha256: str | None = None) -> DenseSidecar:
     return decode_sae8(blob)
 
 
+
+def load_sidecar(path: Path, sha256: str | None = None) -> DenseSidecar:
+    """A dense (.safetensors) or SAE8 (.sae8) sidecar, by its suffix."""
+    return read_sae8(path, sha256) if path.suffix == ".sae8" else load_dense(path, sha256)
+
 def sidecar_groups(path: Path) -> dict[str, int] | None:
     """A grouped sidecar's groups (name -> feature count, in row order) from its header or metadata; None if it has
     none. Read after the file's checksum or sha256 was verified."""

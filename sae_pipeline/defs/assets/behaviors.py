@@ -12,7 +12,7 @@ import dagster as dg
 from sae_pipeline.behaviors.crosstalk import (crosstalk_measures, load_directions, save_selections,
                                               select_without_crosstalk)
 from sae_pipeline.behaviors.layers import choose_behavior_layers, pooled_mlp_outputs
-from sae_pipeline.behaviors.plots import crosstalk_figure
+from sae_pipeline.behaviors.plots import crosstalk_figure, ranking_scatter
 from sae_pipeline.behaviors.ranking import rank_behavior_latents
 from sae_pipeline.behaviors.release import CONFIG_FILE, behavior_sidecar, write_release
 from sae_pipeline.config import Profile, artifacts_root, load_gates
@@ -114,14 +114,17 @@ def build_behavior_assets(profile: Profile) -> list:
             "sae_path": dg.MetadataValue.path(str(sae_path)), "sae_hash": sae_cfg["sae_hash"],
             **numbers({"features": len(records), "probe_auroc": scores.probe_auroc,
                        "harmful_prompts": scores.n_harmful, "benign_prompts": scores.n_benign}),
-            "top_25": table([{k: r[k] for k in shown} for r in records[:25]])})
+            "top_25": table([{k: r[k] for k in shown} for r in records[:25]]),
+            "ranking": png_markdown(ranking_scatter(scores.delta_mu_F, scores.probe_weight_F, order,
+                                                    [r["feature_id"] for r in records],
+                                                    f"{behavior}, layer {layer}"), "behaviour ranking")})
 
     every = dg.AllPartitionMapping()
 
     @dg.asset(group_name=GROUP, deps=[dg.AssetDep(behavior_features, partition_mapping=every)], kinds={"pytorch"},
-              description="Per layer, each behaviour's ranked features kept only where their decoder directions stay "
-                          "nearly orthogonal to those fixed for the other behaviours (deflated and flagged up to the "
-                          "flagged limit when too few remain); the cross-talk report with every pair's max |cos|.")
+              description="Per layer, the behaviours take turns keeping their ranked features whose decoder "
+                          "directions stay nearly orthogonal to those fixed for the others (when too few do, "
+                          "deflated against them and flagged); the cross-talk report with every pair's max |cos|.")
     def behavior_crosstalk(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         section = load_gates().behaviors
         directory = Path(required_metadata(context.instance, behavior_layers.key)["path"]).parent
@@ -203,10 +206,7 @@ def build_behavior_assets(profile: Profile) -> list:
             raise dg.Failure(f"the cross-talk selection fails {failed} (data/gates.yaml `behaviors`): no release")
         sidecars, saes, rankings, rows = {}, {}, {}, []
         for layer, entry in report["layers"].items():
-            sae, sae_cfg = TopKSAE.load(Path(entry["sae_path"]))
-            if sae_cfg["sae_hash"] != entry["sae_hash"]:
-                raise dg.Failure(f"layer {layer}: the SAE changed since the cross-talk selection; materialise "
-                                 "behavior_crosstalk again")
+            sae, _ = TopKSAE.load(Path(entry["sae_path"]))  # its hash was just checked by crosstalk_measures
             directions = load_directions(Path(entry["directions"]["path"]), entry["directions"]["sha256"])
             saes[layer] = {"path": entry["sae_path"], "sae_hash": entry["sae_hash"]}
             for behavior in entry["order"]:
@@ -232,8 +232,8 @@ def build_behavior_assets(profile: Profile) -> list:
                                    "crosstalk": {"path": str(report_path), "sha256": file_sha256(report_path),
                                                  "pair_max_cos": {layer: e["pair_max_cos"]
                                                                   for layer, e in report["layers"].items()}}})
-        sizes = {f"{name}_bytes": (directory / entry["sae8"]["path"]).stat().st_size
-                 for name, entry in ((f"grouped_l{layer}", e) for layer, e in config["layers"].items())}
+        sizes = {f"grouped_l{layer}_sae8_bytes": (directory / entry["sae8"]["path"]).stat().st_size
+                 for layer, entry in config["layers"].items()}
         return dg.MaterializeResult(metadata={
             "path": dg.MetadataValue.path(str(directory / CONFIG_FILE)), "sidecars": table(rows),
             **numbers(sizes)})
