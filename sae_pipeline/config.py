@@ -161,7 +161,9 @@ class BehaviorConfig(_Strict):
     # each behaviour sidecar: its best-ranked features that passed the cross-talk filter, as many as the single-basis
     # causal screen keeps (issue #4: 8), until a per-behaviour quick screen chooses them
     sidecar_features: int = Field(default=8, ge=1)
-    alpha: float = Field(default=0.6, ge=0)  # every behaviour's strength in the release (apply_patch's default)
+    # every behaviour's strength in the release: its feature rule's alpha and, times steering.refusal_beta, its
+    # refusal strength; the single-basis operating point chose 0.8 on the held-out sweep (issue #4)
+    alpha: float = Field(default=0.8, ge=0)
 
     @model_validator(mode="after")
     def _known(self) -> BehaviorConfig:
@@ -343,6 +345,7 @@ class Gates(_Strict):
     redaction: dict[str, Gate]
     steering: dict[str, Gate]
     behaviors: dict[str, Gate]
+    behavior_evaluation: dict[str, Gate]
 
 
 def load_gates(path: Path | None = None) -> Gates:

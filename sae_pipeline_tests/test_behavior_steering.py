@@ -6,10 +6,11 @@ import json
 import pytest
 import torch
 
-from sae_pipeline.behaviors.release import CONFIG_FILE, read_release, write_release
+from sae_pipeline.behaviors.release import CONFIG_FILE, RefusalRouting, read_release, write_release
 from sae_pipeline.model.hooks import capture_outputs
 from sae_pipeline.steering.behaviors import apply_behaviors, remove_behaviors
-from sae_pipeline.steering.runtime import REVERSE_TOKEN, SteeringError, patched, LayerSteering
+from sae_pipeline.steering.runtime import (
+    REVERSE_TOKEN, CategoryRouter, LayerSteering, ProbeGate, SteeringError, patched)
 from sae_pipeline.steering.sidecar import (
     DenseSidecar, SidecarError, decode_sae8, encode_sae8, save_dense, sidecar_groups)
 
@@ -143,3 +144,52 @@ def test_grouped_sae8_headers_must_cover_the_rows():
     assert torch.allclose(decode_sae8(blob).tau_N, sidecar.tau_N)
     with pytest.raises(SidecarError, match="cover the sidecar's 4 features"):
         encode_sae8(sidecar, 16, {"chem": 1, "bio": 2})
+
+
+def _routing(gate_bias: float = 1.0) -> RefusalRouting:
+    router = CategoryRouter(("chem", "bio"), torch.zeros(128, 2), torch.tensor([1.0, 0.0]), (1,))  # all to chem
+    return RefusalRouting(LAYER, torch.ones(64), ProbeGate(torch.zeros(128), gate_bias, (1,)), router,
+                          beta_per_alpha=2.0, gate_skip=3)
+
+
+def test_a_release_carries_the_per_behaviour_refusal_mode_and_its_gates(tiny, ids, tmp_path):
+    release = tmp_path / "release"
+    sidecars = {LAYER: {"chem": _sidecar(3, 0), "bio": _sidecar(3, 1)}}
+    passed = [{"name": "crosstalk_cos_max", "value": 0.04, "threshold": 0.05, "passed": True}]
+    write_release(release, sidecars, {"chem": 0.5, "bio": 0.25}, 16, {}, _routing(), passed)
+    patch = apply_behaviors(tiny.model, release)
+    try:
+        steering = patch.layers[LAYER].config
+        assert steering.beta == 2.0 and steering.route_scale_C.tolist() == [0.5, 0.25]
+        assert patch.gate_skip == 3 and steering.groups.names == ("chem", "bio")  # both modes on one layer
+        _mlp_output(tiny.model, ids)
+        assert patch.layers[LAYER].fired_B.flatten().tolist() == [0.5]  # fired, routed to chem
+    finally:
+        remove_behaviors(tiny.model)
+    patch = apply_behaviors(tiny.model, release, {"chem": {LAYER: 0.75}}, behaviors=["bio"])
+    try:  # chem off: its routed prompts go unsteered; bio's features stay
+        assert patch.layers[LAYER].config.route_scale_C.tolist() == [0.0, 0.25]
+        assert patch.layers[LAYER].config.groups.names == ("bio",)
+        _mlp_output(tiny.model, ids)
+        assert patch.layers[LAYER].fired_B.flatten().tolist() == [0.0]
+    finally:
+        remove_behaviors(tiny.model)
+    patch = apply_behaviors(tiny.model, release, {"chem": {LAYER: 0.75}}, steer_on=False)
+    try:
+        assert patch.layers[LAYER].config.route_scale_C.tolist() == [0.75, 0.25]
+        assert patch.layers[LAYER].config.beta == 0.0
+    finally:
+        remove_behaviors(tiny.model)
+
+    failed = [{**passed[0], "name": "crosstalk_shortfall_max", "value": 85, "threshold": 0, "passed": False}]
+    write_release(release, sidecars, {"chem": 0.5, "bio": 0.25}, 16, {}, _routing(), passed + failed)
+    with pytest.raises(SidecarError, match=r"failed its gates \(crosstalk_shortfall_max\)"):
+        apply_behaviors(tiny.model, release)
+    apply_behaviors(tiny.model, release, accept_failed_gates=True)
+    remove_behaviors(tiny.model)
+    router = release / "router.safetensors"
+    raw = router.read_bytes()
+    router.write_bytes(raw[:-1] + bytes([raw[-1] ^ 1]))
+    with pytest.raises(SidecarError, match="router.safetensors does not match"):
+        read_release(release, accept_failed_gates=True)
+    assert getattr(tiny.model, "_sae_pipeline_steering", None) is None

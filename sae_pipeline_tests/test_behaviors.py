@@ -1,5 +1,6 @@
 """Behaviour dictionaries: layer choice by probe AUROC, the harmonic-rank ranking and the cross-talk filter."""
 
+import pytest
 import torch
 
 from sae_pipeline.behaviors.crosstalk import select_without_crosstalk
@@ -66,3 +67,22 @@ def test_a_deflated_direction_still_too_close_to_the_others_is_not_admitted():
     result = select_without_crosstalk({"chem": [0, 1], "bio": [2, 3]}, W_dec_FD, keep=2, max_cos=0.05,
                                       flagged_max_cos=0.07, min_deflated_norm=0.5)
     assert result.selections["bio"].feature_ids == [3] and result.shortfall["bio"] == 1
+
+
+def test_the_router_learns_whose_request_it_is_and_routes_as_the_runtime_does():
+    from sae_pipeline.behaviors.router import fit_router, route
+
+    generator = torch.Generator().manual_seed(0)
+    names = ("chem", "bio", "cyber")
+    centres_CD = 3 * torch.randn(3, 8, generator=generator)
+    labels = [names[i % 3] for i in range(60)]
+    x_PD = centres_CD[[names.index(b) for b in labels]] + torch.randn(60, 8, generator=generator)
+    fit = fit_router(x_PD, labels, names, layers=(3, 1), folds=5)
+    assert fit.cv_accuracy > 0.95 and fit.router.layers == (1, 3)
+    assert sum(fit.cv_confusion["chem"].values()) == 20
+    assert sum(fit.cv_confusion[name][name] for name in names) == round(fit.cv_accuracy * 60)
+    assert route(fit.router, x_PD) == [names[i] for i in
+                                       (x_PD.float() @ fit.router.weight_DC + fit.router.bias_C).argmax(-1).tolist()]
+    assert sum(r == t for r, t in zip(route(fit.router, x_PD), labels)) >= 57
+    with pytest.raises(ValueError, match=r"at least 5 prompts per behaviour.*'violence'"):
+        fit_router(x_PD, labels[:-1] + ["violence"], names, (1,))

@@ -20,11 +20,13 @@ def test_default_definitions_load():
     assert {key.to_user_string() for key in defs.resolve_all_asset_keys()} == {
         "corpus", "activations", "sae", "prompt_sets", "refusal_judge", "baseline_metrics", "feature_scores",
         "feature_ranking", "refusal_gate", "causal_screen", "sidecars", "alpha_sweep", "operating_point",
-        "behavior_layers", "behavior_features", "behavior_crosstalk", "behavior_release"}
+        "behavior_layers", "behavior_features", "behavior_crosstalk", "behavior_router", "behavior_release",
+        "behavior_arms", "behavior_evaluation"}
     checks = {key.name for key in defs.resolve_asset_graph().asset_check_keys}
     assert checks == {"sae_quality", "datasets_lock", "splits_disjoint", "dataset_sizes", "judge_accuracy",
-                      "baseline_complete", "redaction", "sweep_redaction", "steering_gates", "crosstalk"}
-    assert all(defs.resolve_job_def(name) is not None for name in ("main", "sweep", "behaviors"))
+                      "baseline_complete", "redaction", "sweep_redaction", "steering_gates", "crosstalk",
+                      "crosstalk_count", "arm_redaction", "behavior_gates"}
+    assert all(defs.resolve_job_def(name) is not None for name in ("main", "sweep", "behaviors", "arms"))
 
 
 def _tiny_defs(extra_assets=(), **overrides):
@@ -205,9 +207,10 @@ def test_tiny_steering_chain_from_the_screen_to_an_applicable_operating_point(
         assert torch.equal(tiny.model(input_ids=ids).logits, before)
 
 
-def test_tiny_behavior_dictionaries_choose_layers_rank_features_and_gate_crosstalk(artifacts, tmp_path, monkeypatch,
-                                                                                   tiny):
+def test_tiny_behavior_release_from_layer_choice_to_its_evaluation(artifacts_with_encoder, tmp_path, monkeypatch,
+                                                                   tiny):
     from sae_pipeline import apply_behaviors, remove_behaviors
+    from sae_pipeline.steering.sidecar import SidecarError
     from sae_pipeline.tensorfiles import TensorFileError
 
     gates_path = write_gates(tmp_path / "gates.yaml", 0.0)
@@ -236,10 +239,22 @@ def test_tiny_behavior_dictionaries_choose_layers_rank_features_and_gate_crossta
         assert len(json.loads(Path(made["bio", "3"]["candidates"].value).read_text())["feature_ids"]) > 16
         assert len(rows) == 16 and {r["behavior"] for r in rows} == {"bio"} and rows[0]["layer"] == 3
         assert made["bio", "3"]["ranking"].value.startswith("![behaviour ranking](data:image/png;base64,")
+        # a cos limit the selection cannot meet: the blocking check keeps the release from running
+        strict = yaml.safe_load(gates_path.read_text())
+        strict["behaviors"]["crosstalk_cos_max"]["value"] = 0.0
+        (tmp_path / "strict.yaml").write_text(yaml.safe_dump(strict))
+        monkeypatch.setenv("SAE_PIPELINE_GATES", str(tmp_path / "strict.yaml"))
+        blocked = _checked(defs, ["behavior_crosstalk", "behavior_release"], instance)
+        assert {e.asset_key.to_user_string() for e in blocked.get_asset_materialization_events()} == {
+            "behavior_crosstalk"} and not blocked.success
+        monkeypatch.setenv("SAE_PIPELINE_GATES", str(gates_path))
+        assert _materialize(defs, ["prompt_sets", "refusal_judge", "refusal_gate", "behavior_router"],
+                            instance).success
         checked = _checked(defs, ["behavior_crosstalk", "behavior_release"], instance)
         made_keys = {e.asset_key.to_user_string() for e in checked.get_asset_materialization_events()}
-        assert made_keys == {"behavior_crosstalk"}  # the failed blocking check kept the release from running
-        [check] = checked.get_asset_check_evaluations()
+        assert made_keys == {"behavior_crosstalk", "behavior_release"}
+        checks = {c.check_name: c for c in checked.get_asset_check_evaluations()}
+        check = checks["crosstalk_count"]
         report_path = Path(checked.get_asset_materialization_events()[0].event_specific_data.materialization
                            .metadata["path"].value)
         report = json.loads(report_path.read_text())["layers"]["3"]
@@ -249,40 +264,66 @@ def test_tiny_behavior_dictionaries_choose_layers_rank_features_and_gate_crossta
         gates = {r.data["name"]: r.data for r in check.metadata["gates"].value.records}
         chem, bio = report["behaviors"]["chem"], report["behaviors"]["bio"]
         assert chem["feature_ids"] and bio["feature_ids"]  # turns: the first behaviour cannot take all the room
-        # 2 x 16 directions in d_model 64 leave too little room: one falls short, and the blocking check says so
+        # 2 x 16 directions in d_model 64 leave too little room: one falls short, and the count check says so
         shortfall = 16 - min(len(chem["feature_ids"]), len(bio["feature_ids"]))
-        assert gates["crosstalk_shortfall_max"]["value"] == shortfall > 0
-        assert check.check_name == "crosstalk" and not check.passed and not checked.success
-        assert gates["crosstalk_cos_max"]["passed"] and gates["crosstalk_flagged_cos_max"]["passed"]
+        assert gates == {"crosstalk_shortfall_max": gates["crosstalk_shortfall_max"]}
+        assert gates["crosstalk_shortfall_max"]["value"] == shortfall > 0 and not check.passed
+        cos = {r.data["name"]: r.data for r in checks["crosstalk"].metadata["gates"].value.records}
+        assert checks["crosstalk"].passed and set(cos) == {"crosstalk_cos_max", "crosstalk_flagged_cos_max"}
         assert report["pair_max_cos"]["chem|bio"] <= 0.07
-        # with a count gate the selection meets, the release follows and applies as written
-        lenient = yaml.safe_load(gates_path.read_text())
-        lenient["behaviors"]["crosstalk_shortfall_max"]["value"] = 16
-        (tmp_path / "lenient.yaml").write_text(yaml.safe_dump(lenient))
-        monkeypatch.setenv("SAE_PIPELINE_GATES", str(tmp_path / "lenient.yaml"))
-        released = _checked(defs, ["behavior_crosstalk", "behavior_release"], instance)
-        assert released.success
-        config_path = Path(next(e for e in released.get_asset_materialization_events()
+        config_path = Path(next(e for e in checked.get_asset_materialization_events()
                                 if e.asset_key.to_user_string() == "behavior_release")
                            .event_specific_data.materialization.metadata["path"].value)
         config = json.loads(config_path.read_text())
         assert [name for name, _ in config["layers"]["3"]["groups"]] == ["chem", "bio"]
-        assert config["behaviors"]["chem"]["alpha"] == 0.6 and set(config["rankings"]) == {"chem|3", "bio|3"}
+        assert config["behaviors"]["chem"]["alpha"] == 0.8 and set(config["rankings"]) == {"chem|3", "bio|3"}
+        assert config["refusal"]["behaviors"] == ["chem", "bio"] and config["refusal"]["layer"] == 3
+        # the release records the count it failed: applied only when accepted explicitly
+        assert not config["gates"]["passed"]
+        with pytest.raises(SidecarError, match="crosstalk_shortfall_max"):
+            apply_behaviors(tiny.model, config_path.parent)
         ids = torch.tensor([tiny.tokenizer("mix these chemicals").input_ids])
         with torch.no_grad():
             before = tiny.model(input_ids=ids).logits
-            apply_behaviors(tiny.model, config_path.parent, {"chem": 5.0, "bio": 5.0})
+            apply_behaviors(tiny.model, config_path.parent, {"chem": 5.0, "bio": 5.0}, accept_failed_gates=True)
             assert not torch.equal(tiny.model(input_ids=ids).logits, before)
             remove_behaviors(tiny.model)
             assert torch.equal(tiny.model(input_ids=ids).logits, before)
+
+        # the release on the held-out sets: each arm, then ensemble_behavior_metrics.json and its blocking check
+        assert _materialize(defs, "baseline_metrics", instance).success
+        for arm in ("all", "only_chem", "only_bio"):
+            ran = _checked(defs, "behavior_arms", instance, arm)
+            assert ran.success and [c.passed for c in ran.get_asset_check_evaluations()] == [True]
+        assert not _checked(defs, "behavior_arms", instance, "reverse").success, "reverse needs STEER_DEBUG=1"
+        assert not _checked(defs, "behavior_evaluation", instance).success, "every arm must exist first"
+        monkeypatch.setenv("STEER_DEBUG", "1")
+        assert _checked(defs, "behavior_arms", instance, "reverse").success
+        evaluated = _checked(defs, "behavior_evaluation", instance)
+        [gates_check] = evaluated.get_asset_check_evaluations()
+        metadata = evaluated.get_asset_materialization_events()[0].event_specific_data.materialization.metadata
+        ensemble = json.loads(Path(metadata["path"].value).read_text())
+        assert Path(metadata["path"].value).name == "ensemble_behavior_metrics.json"
+        assert set(ensemble["behaviors"]) == {"chem", "bio"} and ensemble["behaviors"]["bio"]["alpha"] == 0.8
+        assert [row["arm"] for row in ensemble["ablation"]] == ["baseline", "all", "only_chem", "only_bio"]
+        assert set(ensemble["arms"]) == {"all", "only_chem", "only_bio", "reverse"}
+        assert ensemble["representation_crosstalk"]["3"]["chem|bio"] == report["pair_max_cos"]["chem|bio"]
+        assert ensemble["global"]["throughput"]["steered_tokens_per_s"]
+        rows = {r.data["name"]: r.data for r in gates_check.metadata["gates"].value.records}
+        assert set(rows) == set(yaml.safe_load(gates_path.read_text())["behavior_evaluation"])
+        assert gates_check.passed == all(r["passed"] for r in rows.values()) == ensemble["gates"]["passed"]
+        assert metadata["completion"].value.startswith("![harmful completion](data:image/png;base64,")
+        monkeypatch.delenv("STEER_DEBUG")
+
         full = json.loads(report_path.read_text())
         report = full["layers"]["3"]
         # a report claiming more features than the pinned selection holds fails the check, whatever its numbers
         full["layers"]["3"]["behaviors"]["bio"]["feature_ids"].append(0)
         report_path.write_text(json.dumps(full))
         checked = _checked(defs, dg.AssetSelection.checks_for_assets("behavior_crosstalk"), instance)
-        [check] = checked.get_asset_check_evaluations()
-        assert not check.passed and "differ from the pinned selection" in check.metadata["error"].value
+        evaluations = checked.get_asset_check_evaluations()
+        assert len(evaluations) == 2 and all(not c.passed and "differ from the pinned selection"
+                                             in c.metadata["error"].value for c in evaluations)
         selections = Path(report["directions"]["path"])
         selections.write_bytes(selections.read_bytes()[:-8] + b"tampered")
         with pytest.raises(TensorFileError, match="sha256"):

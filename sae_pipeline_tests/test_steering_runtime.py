@@ -283,3 +283,50 @@ def test_a_scored_continuation_never_decides_the_gate(tiny):
     with patched(tiny.model, {LAYER: steering}) as patch:
         continuation_logprobs(tiny.model, tiny.tokenizer, [context], continuation, batch_size=1)
         assert bool(patch.layers[LAYER].fired_B.flatten()[0]) == (alone + bias > 0)
+
+
+def test_a_router_scales_the_refusal_by_the_routed_behaviour_and_reverse_keeps_only_the_sign(tiny, ids, monkeypatch):
+    from sae_pipeline.steering.runtime import CategoryRouter, ProbeGate
+
+    always = ProbeGate(torch.zeros(128), 1.0, (1,))
+    refusal_D = torch.ones(64)
+
+    def run(bias_C: list[float], scale_C: list[float], reverse: bool = False) -> tuple[list[float], torch.Tensor]:
+        router = CategoryRouter(("chem", "bio", "cyber"), torch.zeros(128, 3), torch.tensor(bias_C), (1,))
+        steering = LayerSteering(None, 0.0, refusal_D=refusal_D, beta=2.0, gate=always, router=router,
+                                 route_scale_C=torch.tensor(scale_C))
+        with patched(tiny.model, {LAYER: steering}, gate_skip=3) as patch:
+            if reverse:
+                with patch.request(REVERSE_TOKEN):
+                    out = _logits(tiny.model, ids)
+            else:
+                out = _logits(tiny.model, ids)
+            return patch.layers[LAYER].fired_B.flatten().tolist(), out
+
+    clean = _logits(tiny.model, ids)
+    assert run([0.0, 1.0, 0.0], [0.8, 0.5, 0.0])[0] == [0.5, 0.5]  # routed to bio: bio's scale
+    off, logits = run([0.0, 0.0, 1.0], [0.8, 0.5, 0.0])  # routed to cyber, which is off
+    assert off == [0.0, 0.0] and torch.equal(logits, clean)
+    with patched(tiny.model, {LAYER: LayerSteering(None, 0.0, refusal_D=refusal_D, beta=1.0, gate=always)}):
+        plain = _logits(tiny.model, ids)
+    assert torch.allclose(run([0.0, 1.0, 0.0], [0.8, 0.5, 0.0])[1], run([1.0, 0.0, 0.0], [0.5, 0.8, 0.0])[1])
+    assert torch.allclose(run([1.0, 0.0, 0.0], [0.5, 0.0, 0.0])[1], plain, atol=1e-5)  # 0.5 x beta 2 = beta 1
+    monkeypatch.setenv("STEER_DEBUG", "1")
+    assert run([0.0, 1.0, 0.0], [0.8, 0.5, 0.0], reverse=True)[0] == [1.0, 1.0]
+    assert run([0.0, 0.0, 1.0], [0.8, 0.5, 0.0], reverse=True)[0] == [0.0, 0.0]
+
+
+def test_a_router_must_follow_a_gate_on_its_layers_with_a_scale_per_behaviour(tiny):
+    from sae_pipeline.steering.runtime import CategoryRouter, ProbeGate
+
+    router = CategoryRouter(("chem", "bio"), torch.zeros(128, 2), torch.zeros(2), (1,))
+    bad = [dict(gate=None), dict(gate=ProbeGate(torch.zeros(128), 0.0, (0,))),
+           dict(route_scale_C=torch.ones(3)), dict(route_scale_C=None),
+           dict(router=router._replace(weight_DC=torch.zeros(64, 2)))]
+    for change in bad:
+        fields = {"gate": ProbeGate(torch.zeros(128), 0.0, (1,)), "router": router, "route_scale_C": torch.ones(2),
+                  **change}
+        with pytest.raises(SteeringError, match="a router follows a gate"):
+            apply_patch_layers(tiny.model, {LAYER: LayerSteering(_sidecar(tau=1e4), 0.0, refusal_D=torch.ones(64),
+                                                                 beta=1.0, **fields)})
+    assert getattr(tiny.model, "_sae_pipeline_steering", None) is None

@@ -2,17 +2,21 @@
 
 Each behaviour steers its own features with its own alpha (a number, or {layer: alpha}); behaviours that share a
 layer are one grouped sidecar there, each group following the runtime's rule on its own features, their deltas
-adding (`runtime.FeatureGroups`). The control tokens act on every behaviour at once. `behaviors=[...]` enables a
-subset in one argument; the others' rows are left out of the hooks altogether."""
+adding (`runtime.FeatureGroups`). A release also carries the per-behaviour refusal mode: the harm gate decides, the
+category router names the behaviour, and the refusal vector goes in at that behaviour's alpha times beta_per_alpha
+(`behaviors.release.RefusalRouting`). The control tokens act on every behaviour at once. `behaviors=[...]` enables
+a subset in one argument; the others' rows are left out of the hooks and their routed prompts go unsteered."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
+import torch
 from torch import nn
 
-from sae_pipeline.behaviors.release import LayerGroups, concat_sidecars, read_release
+from sae_pipeline.behaviors.release import LayerGroups, Release, concat_sidecars, read_release
 from sae_pipeline.steering.runtime import (
     DEFAULT_ALPHA, DEFAULT_EPSILON, NO_STEER_TOKEN, REVERSE_TOKEN, FeatureGroups, LayerSteering, SteeringError,
     SteeringPatch, apply_patch_layers, remove_patch)
@@ -51,45 +55,63 @@ def _subset(groups: LayerGroups, keep: Sequence[str]) -> LayerGroups | None:
 def apply_behaviors(model: nn.Module, sae_paths_per_behavior: str | Path | dict,
                     alphas_per_behavior: dict[str, float | dict[int, float]] | None = None, steer_on: bool = True,
                     reverse_token: str = REVERSE_TOKEN, no_steer_token: str = NO_STEER_TOKEN,
-                    behaviors: Sequence[str] | None = None, epsilon: float | None = None) -> SteeringPatch:
+                    behaviors: Sequence[str] | None = None, epsilon: float | None = None,
+                    accept_failed_gates: bool = False) -> SteeringPatch:
     """Attach per-behaviour steering. sae_paths_per_behavior: a release directory (`behaviors/release`, applied as
-    evaluated, its alphas unless overridden) or {behaviour: {layer: sidecar file (dense or .sae8)}}.
-    alphas_per_behavior: {behaviour: alpha or {layer: alpha}} overrides. behaviors: the subset to enable (default
-    all). epsilon: the firing threshold (default the release's, else 0.02). steer_on=False attaches the hooks
-    inert. remove_behaviors(model) detaches them."""
+    evaluated, its alphas unless overridden; one that failed its gates only with accept_failed_gates) or
+    {behaviour: {layer: sidecar file (dense or .sae8)}} (the feature rule alone). alphas_per_behavior: {behaviour:
+    alpha or {layer: alpha}} overrides. behaviors: the subset to enable (default all). epsilon: the firing threshold
+    (default the release's, else 0.02). steer_on=False attaches the hooks inert. remove_behaviors(model) detaches
+    them."""
     if (reverse_token, no_steer_token) != (REVERSE_TOKEN, NO_STEER_TOKEN):
         raise SteeringError(f"control tokens are fixed: {REVERSE_TOKEN} and {NO_STEER_TOKEN}")
     if isinstance(sae_paths_per_behavior, dict):
-        layers, release_epsilon = _from_paths(sae_paths_per_behavior), DEFAULT_EPSILON
+        release, release_epsilon = Release(_from_paths(sae_paths_per_behavior), None, {}, {}), DEFAULT_EPSILON
     else:
-        layers, config = read_release(Path(sae_paths_per_behavior))
-        release_epsilon = float(config.get("epsilon", DEFAULT_EPSILON))
+        release = read_release(Path(sae_paths_per_behavior), accept_failed_gates)
+        release_epsilon = float(release.config.get("epsilon", DEFAULT_EPSILON))
     epsilon = release_epsilon if epsilon is None else epsilon
-    known = sorted({name for groups in layers.values() for name in groups.sizes})
+    refusal = release.refusal
+    hooked = {layer: set(groups.sizes) for layer, groups in release.groups.items()}
+    if refusal is not None:
+        hooked.setdefault(refusal.layer, set()).update(refusal.router.names)
+    known = sorted(set().union(*hooked.values()))
     unknown = sorted((set(behaviors or []) | set(alphas_per_behavior or {})) - set(known))
     if unknown:
-        raise SteeringError(f"unknown behaviours {unknown}; these sidecars steer {known}")
+        raise SteeringError(f"unknown behaviours {unknown}; this release steers {known}")
     per_layer = {name: {int(layer): float(a) for layer, a in override.items()}  # "11" and 11 alike
                  for name, override in (alphas_per_behavior or {}).items() if isinstance(override, dict)}
-    stray = {name: sorted(set(overrides) - {layer for layer, g in layers.items() if name in g.sizes})
+    stray = {name: sorted(set(overrides) - {layer for layer, names in hooked.items() if name in names})
              for name, overrides in per_layer.items()}
     if any(stray.values()):
         raise SteeringError(f"alphas name layers where the behaviour is not hooked: "
                             f"{ {name: bad for name, bad in stray.items() if bad} }")
+    enabled = set(behaviors if behaviors is not None else known)
+
+    def alpha_of(name: str, layer: int, default: float) -> float:
+        override = (alphas_per_behavior or {}).get(name)
+        if isinstance(override, dict):
+            return per_layer[name].get(layer, default)
+        return default if override is None else float(override)
+
     steering = {}
-    for layer, groups in sorted(layers.items()):
-        groups = _subset(groups, behaviors if behaviors is not None else known)
+    for layer, groups in sorted(release.groups.items()):
+        groups = _subset(groups, enabled)
         if groups is None:
             continue
-        alphas = dict(groups.alphas)
-        for name, override in (alphas_per_behavior or {}).items():
-            if name in alphas:
-                alphas[name] = per_layer[name].get(layer, alphas[name]) if name in per_layer else float(override)
+        alphas = {name: alpha_of(name, layer, a) for name, a in groups.alphas.items()}
         steering[layer] = LayerSteering(groups.sidecar, 1.0 if steer_on else 0.0, epsilon,
                                         groups=FeatureGroups.of(groups.sizes, alphas))
+    if refusal is not None and enabled & set(refusal.router.names):
+        scale_C = torch.tensor([alpha_of(name, refusal.layer, release.alphas[name]) if name in enabled else 0.0
+                                for name in refusal.router.names])
+        base = steering.get(refusal.layer, LayerSteering(None, 0.0, epsilon))
+        steering[refusal.layer] = replace(base, refusal_D=refusal.refusal_D,
+                                          beta=refusal.beta_per_alpha if steer_on else 0.0, gate=refusal.gate,
+                                          router=refusal.router, route_scale_C=scale_C)
     if not steering:
         raise SteeringError(f"no layer steers any of the behaviours {list(behaviors or [])}")
-    return apply_patch_layers(model, steering)
+    return apply_patch_layers(model, steering, refusal.gate_skip if refusal is not None else 1)
 
 
 def remove_behaviors(model: nn.Module) -> None:

@@ -10,7 +10,9 @@ The refusal decision is taken at each prefill (a forward that starts a sequence)
 tokens (attention mask), past the first `gate_skip` of them (the attention sink and a fixed chat-template prefix), and
 holds for the tokens generated after it. The prompt fires when a selected feature fires on it or, with a probe gate,
 when a linear probe on the prompt's summary after earlier layers says so: the residual stream's mean over the prompt's
-tokens and its value at the prompt's last token (where the model has read the whole request). On SmolLM2 this summary
+tokens and its value at the prompt's last token (where the model has read the whole request). With a category router
+(per-behaviour policies) a fired prompt is also assigned the behaviour whose classifier scores it highest, and the
+refusal vector goes in at that behaviour's strength (0: the behaviour is off). On SmolLM2 this summary
 separated harmful from varied benign prompts better than MLP-output means (see SteeringConfig). A layer may carry only
 the refusal mode (no sidecar). alpha = 0 with no refusal vector returns the output untouched (bit-identical logits);
 `remove_patch` detaches every hook (the weights are never modified); STEER_ENABLE=0 leaves the hooks attached but inert.
@@ -71,6 +73,26 @@ class ProbeGate(NamedTuple):
         return cls(tensors["weight_D"], float(tensors["bias"][0]), tuple(int(x) for x in tensors["layers"].tolist()))
 
 
+class CategoryRouter(NamedTuple):
+    """Which behaviour a prompt belongs to: one linear score per behaviour on the gate's prompt summary
+    (standardisation folded in), the highest wins. It reads the same layers as the gate it follows."""
+
+    names: tuple[str, ...]
+    weight_DC: torch.Tensor
+    bias_C: torch.Tensor
+    layers: tuple[int, ...]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """For a safetensors file (the names live in the config that pins it)."""
+        return {"weight_DC": self.weight_DC.float().contiguous(), "bias_C": self.bias_C.float().contiguous(),
+                "layers": torch.tensor(self.layers, dtype=torch.int64)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], names: tuple[str, ...]) -> CategoryRouter:
+        return cls(tuple(names), tensors["weight_DC"], tensors["bias_C"],
+                   tuple(int(x) for x in tensors["layers"].tolist()))
+
+
 class FeatureGroups(NamedTuple):
     """The sidecar's features split into named groups (behaviours), each with its own strength."""
 
@@ -99,12 +121,14 @@ class LayerSteering:
     beta: float = 0.0
     gate: ProbeGate | None = None
     groups: FeatureGroups | None = None
+    router: CategoryRouter | None = None  # per-behaviour refusal strengths, after the gate
+    route_scale_C: torch.Tensor | None = None  # per router category: the multiplier on beta (0: that behaviour off)
 
 
 @dataclass
 class _LayerState:
     config: LayerSteering
-    fired_B: torch.Tensor | None = None  # (B, 1, 1) rows whose prompt fired, set at each prefill
+    fired_B: torch.Tensor | None = None  # (B, 1, 1) each row's refusal strength (0 or 1 without a router)
     # (device, dtype) -> (A_sel_ND, B_sel_DN, tau_N, refusal_D, member_NG, alpha_G) in the activations' dtype:
     # converted once, not per call
     cast: dict = field(default_factory=dict)
@@ -168,11 +192,20 @@ class SteeringPatch:
         self.prompt_gate_BS = real_BS & (positions_1S >= first_B1 + self.gate_skip)
         self.prompt_last_B = (positions_1S * real_BS).argmax(1)  # right padding too: the last position still real
 
-    def _prompt_fires(self, cfg: LayerSteering, x_BSD: torch.Tensor, fire_BS: torch.Tensor | None) -> torch.Tensor:
+    def _prompt_strength(self, cfg: LayerSteering, x_BSD: torch.Tensor, fire_BS: torch.Tensor | None
+                         ) -> torch.Tensor:
+        """(B,) float32: 1 where the prompt fired, 0 elsewhere; with a router, the fired rows' behaviour scale."""
         if cfg.gate is None:
-            return (fire_BS & self.prompt_gate_BS).any(1)
+            return (fire_BS & self.prompt_gate_BS).any(1).float()
         summary = torch.cat([self.prompt_summaries[layer].to(x_BSD.device) for layer in cfg.gate.layers], -1)
-        return summary @ cfg.gate.weight_D.to(x_BSD.device) + cfg.gate.bias > 0
+        fired_B = (summary @ cfg.gate.weight_D.to(x_BSD.device) + cfg.gate.bias > 0).float()
+        if cfg.router is None:
+            return fired_B
+        category_B = (summary @ cfg.router.weight_DC.to(x_BSD.device) + cfg.router.bias_C.to(x_BSD.device)).argmax(-1)
+        scale_C = cfg.route_scale_C.to(x_BSD.device).float()
+        if self.scale < 0:  # reverse: magnitude 1 (beta carries the sign), a behaviour at alpha 0 stays untouched
+            scale_C = (scale_C != 0).float()
+        return fired_B * scale_C[category_B]
 
     def _reader_hook(self, layer: int):
         """Keep the residual stream's prompt summary after this layer at a prefill, for a gate decided later."""
@@ -215,7 +248,7 @@ class SteeringPatch:
             if refusal_D is not None and beta != 0.0:
                 if self.prompt_gate_BS is not None:  # a prefill: the prompt decides for the tokens that follow
                     fire_BS = None if fire_BS1 is None else fire_BS1.squeeze(-1)
-                    state.fired_B = self._prompt_fires(cfg, x_BSD, fire_BS)[:, None, None]
+                    state.fired_B = self._prompt_strength(cfg, x_BSD, fire_BS)[:, None, None]
                 if state.fired_B is not None and state.fired_B.shape[0] == x_BSD.shape[0]:
                     steered = steered + state.fired_B.to(x_BSD.dtype) * (beta * refusal_D)
             return steered
@@ -254,6 +287,18 @@ def apply_patch_layers(model: nn.Module, layers: dict[int, LayerSteering], gate_
                 raise SteeringError(f"layer {layer}: a gate over {len(gate_layers)} layers of d_model {d_model} "
                                     f"needs {2 * d_model * len(gate_layers)} weights, got {cfg.gate.weight_D.numel()}")
             read_layers.update(gate_layers)
+        if cfg.router is not None:
+            scale = cfg.route_scale_C
+            width = 2 * d_model * len(cfg.router.layers)
+            if (cfg.gate is None or cfg.router.layers != cfg.gate.layers
+                    or tuple(cfg.router.weight_DC.shape) != (width, len(cfg.router.names))
+                    or tuple(cfg.router.bias_C.shape) != (len(cfg.router.names),)
+                    or scale is None or tuple(scale.shape) != (len(cfg.router.names),)):
+                raise SteeringError(f"layer {layer}: a router follows a gate on the same layers, with weights "
+                                    f"({width}, categories), a bias and a scale per category; got gate layers "
+                                    f"{cfg.gate and cfg.gate.layers}, router layers {cfg.router.layers}, weights "
+                                    f"{tuple(cfg.router.weight_DC.shape)}, scale "
+                                    f"{None if scale is None else tuple(scale.shape)} for {cfg.router.names}")
     patch = SteeringPatch({layer: _LayerState(cfg) for layer, cfg in layers.items()}, gate_skip=max(1, gate_skip))
     patch.handles.append(model.register_forward_pre_hook(patch._model_pre_hook, with_kwargs=True))
     for layer, state in patch.layers.items():

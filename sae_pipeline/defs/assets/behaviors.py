@@ -1,7 +1,8 @@
 """Behaviour dictionaries (issue #5): behavior_layers -> behavior_features[behavior x layer] -> behavior_crosstalk
-(blocking check `crosstalk`) -> behavior_release (sidecars per behaviour and layer, grouped per layer, and
-multi_behavior_config.json). Only layers whose SAE passes sae_quality can be chosen; the others are scored and
-reported."""
+(blocking check `crosstalk`: the |cos| limits; check `crosstalk_count`: the kept count, recorded in the release) and
+behavior_router (whose request is it, on the refusal gate's summary) -> behavior_release (sidecars per behaviour and
+layer, grouped per layer, the per-behaviour refusal mode and multi_behavior_config.json). Only layers whose SAE
+passes sae_quality can be chosen; the others are scored and reported."""
 
 import json
 import shutil
@@ -14,7 +15,8 @@ from sae_pipeline.behaviors.crosstalk import (crosstalk_measures, load_direction
 from sae_pipeline.behaviors.layers import choose_behavior_layers, pooled_mlp_outputs
 from sae_pipeline.behaviors.plots import crosstalk_figure, ranking_scatter
 from sae_pipeline.behaviors.ranking import rank_behavior_latents
-from sae_pipeline.behaviors.release import CONFIG_FILE, behavior_sidecar, write_release
+from sae_pipeline.behaviors.release import CONFIG_FILE, RefusalRouting, behavior_sidecar, write_release
+from sae_pipeline.behaviors.router import fit_router, load_router, save_router
 from sae_pipeline.config import Profile, artifacts_root, load_gates
 from sae_pipeline.corpus.build import load_manifest
 from sae_pipeline.defs.lineage import required_metadata
@@ -22,6 +24,7 @@ from sae_pipeline.defs.metadata import numbers, png_markdown, table
 from sae_pipeline.defs.resources import ModelResource
 from sae_pipeline.evaluation.datasets import load_prompt_sets
 from sae_pipeline.evaluation.determinism import deterministic
+from sae_pipeline.features.gate import concat_layers, load_refusal_gate, prompt_summaries
 from sae_pipeline.features.ranking import ranking_provenance, write_ranking
 from sae_pipeline.features.scoring import score_latents
 from sae_pipeline.gates import check_gates
@@ -31,7 +34,9 @@ from sae_pipeline.sae.gates import sae_gate_failures
 from sae_pipeline.sae.model import TopKSAE
 
 GROUP = "behaviors"
-CROSSTALK = "crosstalk"
+CROSSTALK, CROSSTALK_COUNT = "crosstalk", "crosstalk_count"
+COS_GATES = ("crosstalk_cos_max", "crosstalk_flagged_cos_max")  # blocking: what the release's directions must meet
+COUNT_GATES = ("crosstalk_shortfall_max",)  # recorded in the release (apply_behaviors refuses it by default)
 
 
 def build_behavior_assets(profile: Profile) -> list:
@@ -175,36 +180,94 @@ def build_behavior_assets(profile: Profile) -> list:
                                               "pairs": table(pairs) if pairs else "one behaviour per layer",
                                               **figures})
 
-    @dg.asset_check(asset=behavior_crosstalk, name=CROSSTALK, blocking=True,
-                    description="Representation cross-talk against data/gates.yaml `behaviors`, recomputed from the "
-                                "hash-pinned directions and the SAE (never read from the report): max |cos| between "
-                                "two behaviours' unflagged directions, max |cos| where a flagged (deflated) one is "
-                                "involved, and how many features a behaviour fell short of the configured count")
-    def crosstalk(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+    def crosstalk_results(context: dg.AssetCheckExecutionContext, names: tuple[str, ...]) -> dg.AssetCheckResult:
         report = json.loads(Path(required_metadata(context.instance, behavior_crosstalk.key)["path"]).read_text())
         try:
             measured = crosstalk_measures(report)
         except ValueError as err:  # an inconsistent selection fails the check (a tampered file raises on its own)
             return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.ERROR,
                                        metadata={"error": str(err)})
-        results = check_gates(load_gates().behaviors, measured)
+        section = load_gates().behaviors
+        results = check_gates({name: section[name] for name in names}, measured)
         return dg.AssetCheckResult(passed=all(g.passed for g in results), severity=dg.AssetCheckSeverity.ERROR,
                                    metadata={"gates": table([g._asdict() for g in results])})
 
-    @dg.asset(group_name=GROUP, deps=[behavior_crosstalk], kinds={"pytorch"},
+    @dg.asset_check(asset=behavior_crosstalk, name=CROSSTALK, blocking=True,
+                    description="Representation cross-talk against data/gates.yaml `behaviors`, recomputed from the "
+                                "hash-pinned directions and the SAE (never read from the report): max |cos| between "
+                                "two behaviours' unflagged directions, and max |cos| where a flagged (deflated) one "
+                                "is involved")
+    def crosstalk(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        return crosstalk_results(context, COS_GATES)
+
+    @dg.asset_check(asset=behavior_crosstalk, name=CROSSTALK_COUNT, blocking=False,
+                    description="How many features a behaviour fell short of the configured count after the filter. "
+                                "Not blocking, so the release can still be evaluated; the release records it and "
+                                "apply_behaviors refuses a release that failed it unless accept_failed_gates")
+    def crosstalk_count(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        return crosstalk_results(context, COUNT_GATES)
+
+    @dg.asset(group_name=GROUP, deps=["refusal_gate", "prompt_sets"], kinds={"pytorch"},
+              description="Whose request is it: a one-vs-rest classifier over the behaviours on the refusal gate's "
+                          "prompt summary (the harmful tuning prompts), L2 by cross-validated accuracy; the release "
+                          "routes each prompt the gate fires on to one behaviour's refusal strength.")
+    def behavior_router(context: dg.AssetExecutionContext, model: ModelResource) -> dg.MaterializeResult:
+        gate_dir = Path(required_metadata(context.instance, dg.AssetKey("refusal_gate"))["path"])
+        gate, _, info = load_refusal_gate(gate_dir)
+        loaded = model.load(profile, dtype=profile.evaluation.model_dtype)
+        if info["model_hash"] != loaded.model_hash:
+            raise dg.Failure(f"the refusal gate in {gate_dir} was fit on another model; materialise it again")
+        sets = load_prompt_sets()
+        tuning = [r for r in sets.harmful if r.split == "tuning" and r.category in cfg.behaviors]
+        with deterministic(profile.evaluation.seed):
+            summaries = prompt_summaries(loaded.model, loaded.tokenizer, gate.layers, [r.prompt for r in tuning])
+        fit = fit_router(concat_layers(summaries, gate.layers), [r.category for r in tuning], cfg.behaviors,
+                         gate.layers, profile.steering.gate_folds)
+        key = config_hash({"gate": info["gate_sha256"], "data": sets.dataset_hash, "behaviors": cfg.behaviors,
+                           "folds": profile.steering.gate_folds})
+        directory = artifacts_root() / "behaviors" / "router" / key[:16]
+        directory.mkdir(parents=True, exist_ok=True)
+        info_path = directory / "router.json"
+        info_path.write_text(json.dumps({
+            "behaviors": list(fit.router.names), "layers": list(fit.router.layers), "l2": fit.l2,
+            "cv_accuracy": fit.cv_accuracy, "cv_confusion": fit.cv_confusion,
+            "cv_by_l2": {str(k): v for k, v in fit.cv_by_l2.items()}, "gate_dir": str(gate_dir),
+            "gate_sha256": info["gate_sha256"], "refusal_sha256": info["refusal_sha256"],
+            "router_sha256": save_router(fit.router, directory / "router.safetensors"),
+            "model_hash": loaded.model_hash, "dataset_hash": sets.dataset_hash}, indent=2, sort_keys=True))
+        confusion = [{"behavior": true, **routed} for true, routed in fit.cv_confusion.items()]
+        return dg.MaterializeResult(metadata={
+            "path": dg.MetadataValue.path(str(info_path)), **numbers({"cv_accuracy": fit.cv_accuracy, "l2": fit.l2,
+                                                                      "prompts": len(tuning)}),
+            "gate_layers": ",".join(map(str, gate.layers)), "cv_confusion": table(confusion)})
+
+    @dg.asset(group_name=GROUP, deps=[behavior_crosstalk, behavior_router, "refusal_gate"], kinds={"pytorch"},
               description="The behaviour release, artifacts/behaviors/release/: per behaviour and layer a sidecar "
                           f"(dense and SAE8) of its {cfg.sidecar_features} best-ranked features that passed the "
                           "cross-talk filter (steering along the filter's directions), a grouped sidecar per layer, "
-                          "and multi_behavior_config.json pinning SAEs, rankings, sidecars and the cross-talk report "
-                          "by sha256 with each behaviour's alpha. apply_behaviors(model, that directory) applies it.")
+                          "the per-behaviour refusal mode (gate, router, refusal vector) and "
+                          "multi_behavior_config.json pinning every file by sha256 with each behaviour's alpha and "
+                          "the cross-talk gates it was written under. apply_behaviors(model, that directory) applies "
+                          "it; one that failed a gate only with accept_failed_gates=True.")
     def behavior_release(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         report_path = Path(required_metadata(context.instance, behavior_crosstalk.key)["path"])
         report = json.loads(report_path.read_text())
-        # the blocking check stops a run that holds both; a run of the release alone asks the gates itself
-        failed = [g.name for g in check_gates(load_gates().behaviors, crosstalk_measures(report)) if not g.passed]
-        if failed:
-            raise dg.Failure(f"the cross-talk selection fails {failed} (data/gates.yaml `behaviors`): no release")
-        sidecars, saes, rankings, rows = {}, {}, {}, []
+        gates = check_gates(load_gates().behaviors, crosstalk_measures(report))
+        blocking = [g.name for g in gates if g.name in COS_GATES and not g.passed]
+        if blocking:  # the blocking check stops a run that holds both; a run of the release alone asks itself
+            raise dg.Failure(f"the cross-talk selection fails {blocking} (data/gates.yaml `behaviors`): no release")
+        router_info_path = Path(required_metadata(context.instance, behavior_router.key)["path"])
+        router_info = json.loads(router_info_path.read_text())
+        gate_dir = Path(router_info["gate_dir"])
+        gate, refusal_D, gate_info = load_refusal_gate(gate_dir)
+        if (gate_info["gate_sha256"], gate_info["refusal_sha256"]) != (router_info["gate_sha256"],
+                                                                       router_info["refusal_sha256"]):
+            raise dg.Failure("the refusal gate changed since the router was fit; materialise behavior_router again")
+        router = load_router(router_info_path.parent / "router.safetensors", router_info["router_sha256"],
+                             router_info["behaviors"])
+        refusal = RefusalRouting(int(gate_info["layer"]), refusal_D, gate, router, profile.steering.refusal_beta,
+                                 int(gate_info["gate_skip"]))
+        sidecars, saes, rankings, rows, ids_by_layer = {}, {}, {}, [], {}
         for layer, entry in report["layers"].items():
             sae, _ = TopKSAE.load(Path(entry["sae_path"]))  # its hash was just checked by crosstalk_measures
             directions = load_directions(Path(entry["directions"]["path"]), entry["directions"]["sha256"])
@@ -215,6 +278,7 @@ def build_behavior_assets(profile: Profile) -> list:
                     continue
                 sidecars.setdefault(int(layer), {})[behavior] = behavior_sidecar(
                     sae, ids, directions[behavior].directions_ND[:len(ids)])
+                ids_by_layer.setdefault(int(layer), {})[behavior] = ids
                 made = required_metadata(context.instance, behavior_features.key,
                                          dg.MultiPartitionKey({"behavior": behavior, "layer": layer}))
                 rankings[f"{behavior}|{layer}"] = {"ranking": {"path": made["path"],
@@ -222,20 +286,26 @@ def build_behavior_assets(profile: Profile) -> list:
                                                    "candidates": entry["candidates"][behavior]}
                 rows.append({"layer": int(layer), "behavior": behavior, "features": len(ids),
                              "flagged": int(directions[behavior].flagged_N[:len(ids)].sum())})
-        if not sidecars:
-            raise dg.Failure("the cross-talk selection kept no feature for any behaviour: nothing to release")
         directory = artifacts_root() / "behaviors" / "release"
         shutil.rmtree(directory, ignore_errors=True)  # this asset's own output: no stale sidecar may linger
+        recorded = [{**g._asdict(), "passed": bool(g.passed)} for g in gates]
         config = write_release(directory, sidecars, {b: cfg.alpha for b in cfg.behaviors},
                                profile.steering.sidecar_nnz, {
                                    "sae": saes, "rankings": rankings, "epsilon": profile.steering.epsilon,
+                                   "model_hash": router_info["model_hash"],
+                                   "router_info": {"path": str(router_info_path),
+                                                   "sha256": file_sha256(router_info_path),
+                                                   "cv_accuracy": router_info["cv_accuracy"]},
                                    "crosstalk": {"path": str(report_path), "sha256": file_sha256(report_path),
                                                  "pair_max_cos": {layer: e["pair_max_cos"]
-                                                                  for layer, e in report["layers"].items()}}})
+                                                                  for layer, e in report["layers"].items()}}},
+                               refusal, recorded, ids_by_layer)
         sizes = {f"grouped_l{layer}_sae8_bytes": (directory / entry["sae8"]["path"]).stat().st_size
                  for layer, entry in config["layers"].items()}
         return dg.MaterializeResult(metadata={
             "path": dg.MetadataValue.path(str(directory / CONFIG_FILE)), "sidecars": table(rows),
-            **numbers(sizes)})
+            "gates_passed": config["gates"]["passed"], "gates": table([g._asdict() for g in gates]),
+            "refusal_layer": refusal.layer, **numbers(sizes)})
 
-    return [behavior_layers, behavior_features, behavior_crosstalk, crosstalk, behavior_release]
+    return [behavior_layers, behavior_features, behavior_crosstalk, crosstalk, crosstalk_count, behavior_router,
+            behavior_release]
