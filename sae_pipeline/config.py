@@ -158,12 +158,27 @@ class BehaviorConfig(_Strict):
     max_layers: int = Field(default=3, ge=1)  # layers per behaviour, best probe AUROC first
     top_n: int = Field(default=128, ge=1)  # ranked and kept features per behaviour and layer
     min_deflated_norm: float = Field(default=0.5, gt=0, le=1)  # a flagged direction must keep this much length
-    # each behaviour sidecar: its best-ranked features that passed the cross-talk filter, as many as the single-basis
-    # causal screen keeps (issue #4: 8), until a per-behaviour quick screen chooses them
+    # each behaviour sidecar: at most this many of its features that passed the cross-talk filter and its causal
+    # quick screen (as many as the single-basis screen keeps, issue #4: 8)
     sidecar_features: int = Field(default=8, ge=1)
+    # the quick screen (issue #5: "as in the single-basis screen"), on the behaviour's harmful tuning prompts and a
+    # benign slice, smaller than the single-basis screen so six behaviours take ~20 min on 2 CPU cores; the other
+    # screen settings (sigmas, reply length, benign spike) are `features`'
+    screen_candidates: int = Field(default=12, ge=1)
+    screen_decode_candidates: int = Field(default=4, ge=1)
+    screen_seeds: int = Field(default=2, ge=1)
+    screen_harmful_batch: int = Field(default=16, ge=1)
+    screen_benign_prompts: int = Field(default=100, ge=1)
     # every behaviour's strength in the release: its feature rule's alpha and, times steering.refusal_beta, its
     # refusal strength; the single-basis operating point chose 0.8 on the held-out sweep (issue #4)
     alpha: float = Field(default=0.8, ge=0)
+
+    def screen_config(self, features: FeatureConfig) -> FeatureConfig:
+        """The feature screen's settings with this quick screen's sizes, keeping sidecar_features."""
+        return features.model_copy(update={
+            "screen_candidates": self.screen_candidates, "screen_decode_candidates": self.screen_decode_candidates,
+            "screen_seeds": self.screen_seeds, "screen_harmful_batch": self.screen_harmful_batch,
+            "screen_benign_prompts": self.screen_benign_prompts, "screen_keep": self.sidecar_features})
 
     @model_validator(mode="after")
     def _known(self) -> BehaviorConfig:
@@ -312,6 +327,8 @@ def _profiles() -> dict[str, dict]:
                             bootstrap_resamples=200),
             features=dict(screen_candidates=4, screen_decode_candidates=3, screen_seeds=2,
                           screen_harmful_batch=3, screen_benign_prompts=4, screen_max_new_tokens=6, screen_keep=2),
+            behaviors=dict(screen_candidates=3, screen_decode_candidates=2, screen_seeds=1, screen_harmful_batch=2,
+                           screen_benign_prompts=3, sidecar_features=2),
             steering=dict(gate_layer_sets=[[1], [1, 2]], refusal_layer=3, gate_folds=2, refusal_prompts=4,
                           alpha_grid=[0.0, 1.0],
                           overhead_prompts=1, overhead_new_tokens=4, overhead_rounds=1),

@@ -86,3 +86,35 @@ def test_the_router_learns_whose_request_it_is_and_routes_as_the_runtime_does():
     assert sum(r == t for r, t in zip(route(fit.router, x_PD), labels)) >= 57
     with pytest.raises(ValueError, match=r"at least 5 prompts per behaviour.*'violence'"):
         fit_router(x_PD, labels[:-1] + ["violence"], names, (1,))
+
+
+def _metrics(completion: dict[str, float], benign: float = 0.0, perplexity: float = 10.0) -> dict:
+    def rate(value: float) -> dict:
+        return {"rate": value, "ci_low": max(value - 0.1, 0.0), "ci_high": min(value + 0.1, 1.0), "n": 30}
+
+    return {"harmful_completion_rate": {"overall": rate(sum(completion.values()) / len(completion)),
+                                        "per_category": {c: rate(v) for c, v in completion.items()}},
+            "benign_false_refusal_rate": {"overall": rate(benign), "borderline": rate(0.0)},
+            "capability": {"perplexity": perplexity, "next_token_kl": 0.01,
+                           "task_accuracy": {"overall": rate(0.5)}},
+            "feature_stability": {"sign_flips": 0}}
+
+
+def test_behaviour_gates_read_every_category_every_arm_and_the_cross_talk_of_each_alone():
+    from sae_pipeline.behaviors.evaluation import ablation_rows, behavior_gate_values, behavioral_crosstalk
+
+    baseline = _metrics({"chem": 0.9, "bio": 0.8})
+    arms = {"all": _metrics({"chem": 0.05, "bio": 0.16}, benign=0.02, perplexity=10.05),
+            "only_chem": _metrics({"chem": 0.05, "bio": 0.95}, benign=0.04),  # raises bio beyond its CI (0.9)
+            "only_bio": _metrics({"chem": 0.85, "bio": 0.10}),
+            "reverse": _metrics({"chem": 1.0, "bio": 1.0}, perplexity=10.1)}
+    values = behavior_gate_values(baseline, arms, ["chem", "bio"])
+    assert values["category_completion_reduction_min"] == 0.8  # bio: 1 - 0.16 / 0.8, the worse category
+    assert values["benign_false_refusal_max"] == 0.04  # a behaviour alone counts too
+    assert values["behavioral_crosstalk_max"] == 1 and values["perplexity_increase_max"] == 0.005
+    assert values["reverse_capability_recovery_min"] == round(10 / 10.1, 9)
+    [violation] = behavioral_crosstalk(baseline, {"chem": arms["only_chem"], "bio": arms["only_bio"]})
+    assert violation == {"enabled": "chem", "category": "bio", "rate": 0.95, "baseline_ci_high": 0.9}
+    rows = ablation_rows(baseline, arms, ["chem", "bio"])
+    assert [r["arm"] for r in rows] == ["baseline", "all", "only_chem", "only_bio"]
+    assert rows[2]["completion_bio"] == 0.95 and rows[1]["benign_false_refusal"] == 0.02

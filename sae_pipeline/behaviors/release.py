@@ -60,11 +60,14 @@ class Release(NamedTuple):
     config: dict
 
 
-def behavior_sidecar(sae: TopKSAE, feature_ids: Sequence[int], directions_ND: torch.Tensor) -> DenseSidecar:
-    """Removal of the given latents, steering along the cross-talk filter's unit directions (the SAE's decoder
-    columns are unit norm too, so strengths compare across behaviours)."""
-    base = sidecar_from_sae(sae, feature_ids, [-1] * len(feature_ids))
-    return DenseSidecar(directions_ND.float().contiguous(), base.B_sel_ND, base.tau_N).validate()
+def behavior_sidecar(sae: TopKSAE, feature_ids: Sequence[int], directions_ND: torch.Tensor, signs: Sequence[int]
+                     ) -> DenseSidecar:
+    """The screened latents, each moved in its wanted sign (-1 removal, +1 amplification, as `sidecar_from_sae`)
+    along the cross-talk filter's unit directions (the SAE's decoder columns are unit norm too, so strengths
+    compare across behaviours)."""
+    base = sidecar_from_sae(sae, feature_ids, signs)
+    orient_N1 = -torch.tensor(list(signs), dtype=torch.float32)[:, None]
+    return DenseSidecar((directions_ND.float() * orient_N1).contiguous(), base.B_sel_ND, base.tau_N).validate()
 
 
 def concat_sidecars(sidecars: dict[str, DenseSidecar]) -> tuple[DenseSidecar, dict[str, int]]:

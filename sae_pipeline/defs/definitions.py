@@ -12,7 +12,7 @@ from sae_pipeline.defs.assets.features import build_feature_assets
 from sae_pipeline.defs.assets.foundation import build_foundation_assets
 from sae_pipeline.defs.assets.operating_point import build_operating_point_assets
 from sae_pipeline.defs.assets.steering import build_steering_assets
-from sae_pipeline.defs.jobs import behavior_arms_job, behaviors_job, main_job, sweep_job
+from sae_pipeline.defs.jobs import behavior_arms_job, behaviors_job, main_job, screens_job, sweep_job
 from sae_pipeline.defs.resources import ModelResource
 
 
@@ -23,6 +23,6 @@ def build_defs(profile: Profile) -> dg.Definitions:
     return dg.Definitions(
         assets=[d for d in built if not isinstance(d, dg.AssetChecksDefinition)],
         asset_checks=[d for d in built if isinstance(d, dg.AssetChecksDefinition)],
-        jobs=[main_job, sweep_job, behaviors_job, behavior_arms_job],
+        jobs=[main_job, sweep_job, behaviors_job, screens_job, behavior_arms_job],
         resources={"model": ModelResource()},
     )

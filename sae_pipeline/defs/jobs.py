@@ -1,16 +1,18 @@
 """Jobs: `main` materialises every stage (one job holds one partitioning, so the strength sweep, partitioned by
-alpha, is its own job `sweep`, the behaviour features, partitioned by behaviour x layer, are `behaviors`, and the
-behaviour release's evaluation arms are `arms`); scripts/main.sh drives them partition by partition."""
+alpha, is its own job `sweep`, the behaviour features and screens, partitioned by behaviour x layer, are `behaviors`
+and `screens`, and the behaviour release's evaluation arms are `arms`); scripts/main.sh drives them partition by partition."""
 
 import dagster as dg
 
-PARTITIONED = ("alpha_sweep", "behavior_features", "behavior_arms")
+PARTITIONED = ("alpha_sweep", "behavior_features", "behavior_screen", "behavior_arms")
 main_job = dg.define_asset_job(
     "main", selection=dg.AssetSelection.all() - dg.AssetSelection.assets(*PARTITIONED),
-    description="Every stage on the active profile except the partitioned ones (strength sweep, behaviour features, "
-                "behaviour arms).")
+    description="Every stage on the active profile except the partitioned ones (strength sweep, behaviour features and "
+                "screens, behaviour arms).")
 behaviors_job = dg.define_asset_job("behaviors", selection=dg.AssetSelection.assets("behavior_features"),
                                     description="Each behaviour's ranked features at each layer.")
+screens_job = dg.define_asset_job("screens", selection=dg.AssetSelection.assets("behavior_screen"),
+                                  description="Each behaviour's causal quick screen at each layer.")
 sweep_job = dg.define_asset_job("sweep", selection=dg.AssetSelection.assets("alpha_sweep"),
                                 description="The candidate operating point at each strength and reverse-safety.")
 behavior_arms_job = dg.define_asset_job(

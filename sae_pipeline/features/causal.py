@@ -138,8 +138,11 @@ def _refusal_rate(model, tokenizer, judge: RefusalJudge, ids: list[list[int]], c
 
 def screen_features(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sae: TopKSAE, layer: int,
                     candidates: Sequence[int], harmful: Sequence[str], benign: Sequence[str], judge: RefusalJudge,
-                    cfg: FeatureConfig, journal: Journal | None = None) -> ScreenResult:
-    """Screen `candidates` (feature ids, best ranked first) on the tuning prompts; see the module docstring."""
+                    cfg: FeatureConfig, journal: Journal | None = None,
+                    directions: dict[int, torch.Tensor] | None = None) -> ScreenResult:
+    """Screen `candidates` (feature ids, best ranked first) on the tuning prompts; see the module docstring.
+    directions: feature id -> the unit direction steering would move it along (default its decoder row; a behaviour
+    whose direction was deflated against the others' is screened along that)."""
     journal = journal or Journal(None, "")
     harmful_ids = [chat_ids(tokenizer, p) for p in harmful]
     benign_ids = [chat_ids(tokenizer, p) for p in benign[:cfg.screen_benign_prompts]]
@@ -160,7 +163,8 @@ def screen_features(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         "benign_false_refusal": _refusal_rate(model, tokenizer, judge, benign_ids, cfg, "screen baseline")})
 
     def shift(feature: int, sigma: float) -> torch.Tensor:
-        return sae.W_dec_FD[feature].detach().float() * cfg.screen_sigmas * sigma
+        direction_D = (directions or {}).get(feature, sae.W_dec_FD[feature].detach())
+        return direction_D.float() * cfg.screen_sigmas * sigma
 
     def logprob_shifts(feature: int, sigma: float) -> dict:
         shifts = {}

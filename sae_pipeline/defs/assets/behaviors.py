@@ -1,8 +1,9 @@
 """Behaviour dictionaries (issue #5): behavior_layers -> behavior_features[behavior x layer] -> behavior_crosstalk
 (blocking check `crosstalk`: the |cos| limits; check `crosstalk_count`: the kept count, recorded in the release) and
-behavior_router (whose request is it, on the refusal gate's summary) -> behavior_release (sidecars per behaviour and
-layer, grouped per layer, the per-behaviour refusal mode and multi_behavior_config.json). Only layers whose SAE
-passes sae_quality can be chosen; the others are scored and reported."""
+behavior_screen[behavior x layer] (causal quick screen) and behavior_router (whose request is it, on the refusal gate's
+summary) -> behavior_release (sidecars per behaviour and layer, grouped per layer, the per-behaviour refusal mode and
+multi_behavior_config.json). Only layers whose SAE passes sae_quality can be chosen; the others are scored and
+reported."""
 
 import json
 import shutil
@@ -19,6 +20,7 @@ from sae_pipeline.behaviors.release import CONFIG_FILE, RefusalRouting, behavior
 from sae_pipeline.behaviors.router import fit_router, load_router, save_router
 from sae_pipeline.config import Profile, artifacts_root, load_gates
 from sae_pipeline.corpus.build import load_manifest
+from sae_pipeline.defs.assets.behavior_screen import build_behavior_screen_assets
 from sae_pipeline.defs.lineage import required_metadata
 from sae_pipeline.defs.metadata import numbers, png_markdown, table
 from sae_pipeline.defs.resources import ModelResource
@@ -241,10 +243,15 @@ def build_behavior_assets(profile: Profile) -> list:
                                                                       "prompts": len(tuning)}),
             "gate_layers": ",".join(map(str, gate.layers)), "cv_confusion": table(confusion)})
 
-    @dg.asset(group_name=GROUP, deps=[behavior_crosstalk, behavior_router, "refusal_gate"], kinds={"pytorch"},
+    [behavior_screen] = build_behavior_screen_assets(profile, partitions)
+    screen_key = behavior_screen.key
+
+    @dg.asset(group_name=GROUP, deps=[behavior_crosstalk, dg.AssetDep(behavior_screen, partition_mapping=every),
+                                      behavior_router, "refusal_gate"], kinds={"pytorch"},
               description="The behaviour release, artifacts/behaviors/release/: per behaviour and layer a sidecar "
-                          f"(dense and SAE8) of its {cfg.sidecar_features} best-ranked features that passed the "
-                          "cross-talk filter (steering along the filter's directions), a grouped sidecar per layer, "
+                          f"(dense and SAE8) of the (at most {cfg.sidecar_features}) features that passed the "
+                          "cross-talk filter and its causal quick screen (steering along the filter's directions, "
+                          "each in its wanted sign), a grouped sidecar per layer, "
                           "the per-behaviour refusal mode (gate, router, refusal vector) and "
                           "multi_behavior_config.json pinning every file by sha256 with each behaviour's alpha and "
                           "the cross-talk gates it was written under. apply_behaviors(model, that directory) applies "
@@ -252,7 +259,8 @@ def build_behavior_assets(profile: Profile) -> list:
     def behavior_release(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         report_path = Path(required_metadata(context.instance, behavior_crosstalk.key)["path"])
         report = json.loads(report_path.read_text())
-        gates = check_gates(load_gates().behaviors, crosstalk_measures(report))
+        section = load_gates().behaviors
+        gates = check_gates({name: section[name] for name in COS_GATES + COUNT_GATES}, crosstalk_measures(report))
         blocking = [g.name for g in gates if g.name in COS_GATES and not g.passed]
         if blocking:  # the blocking check stops a run that holds both; a run of the release alone asks itself
             raise dg.Failure(f"the cross-talk selection fails {blocking} (data/gates.yaml `behaviors`): no release")
@@ -273,19 +281,27 @@ def build_behavior_assets(profile: Profile) -> list:
             directions = load_directions(Path(entry["directions"]["path"]), entry["directions"]["sha256"])
             saes[layer] = {"path": entry["sae_path"], "sae_hash": entry["sae_hash"]}
             for behavior in entry["order"]:
-                ids = directions[behavior].feature_ids[:cfg.sidecar_features]
-                if not ids:
-                    continue
-                sidecars.setdefault(int(layer), {})[behavior] = behavior_sidecar(
-                    sae, ids, directions[behavior].directions_ND[:len(ids)])
-                ids_by_layer.setdefault(int(layer), {})[behavior] = ids
-                made = required_metadata(context.instance, behavior_features.key,
-                                         dg.MultiPartitionKey({"behavior": behavior, "layer": layer}))
+                partition = dg.MultiPartitionKey({"behavior": behavior, "layer": layer})
+                screened = required_metadata(context.instance, screen_key, partition)
+                screen = json.loads(Path(screened["path"]).read_text())
+                if file_sha256(Path(screened["path"])) != screened["sha256"] or screen["directions"] != \
+                        entry["directions"]:
+                    raise dg.Failure(f"behavior_screen {behavior}|{layer} changed or screened another selection; "
+                                     "materialise it again")
+                made = required_metadata(context.instance, behavior_features.key, partition)
                 rankings[f"{behavior}|{layer}"] = {"ranking": {"path": made["path"],
                                                                "sha256": file_sha256(Path(made["path"]))},
-                                                   "candidates": entry["candidates"][behavior]}
+                                                   "candidates": entry["candidates"][behavior],
+                                                   "screen": {"path": screened["path"], "sha256": screened["sha256"]}}
+                selection, ids = directions[behavior], screen["selected"]
                 rows.append({"layer": int(layer), "behavior": behavior, "features": len(ids),
-                             "flagged": int(directions[behavior].flagged_N[:len(ids)].sum())})
+                             "flagged": sum(bool(selection.flagged_N[selection.feature_ids.index(i)]) for i in ids)})
+                if not ids:
+                    continue  # the screen kept none: the behaviour steers by its refusal routing alone here
+                rows_N = [selection.feature_ids.index(i) for i in ids]
+                sidecars.setdefault(int(layer), {})[behavior] = behavior_sidecar(
+                    sae, ids, selection.directions_ND[rows_N], screen["signs"])
+                ids_by_layer.setdefault(int(layer), {})[behavior] = ids
         directory = artifacts_root() / "behaviors" / "release"
         shutil.rmtree(directory, ignore_errors=True)  # this asset's own output: no stale sidecar may linger
         recorded = [{**g._asdict(), "passed": bool(g.passed)} for g in gates]
@@ -308,4 +324,4 @@ def build_behavior_assets(profile: Profile) -> list:
             "refusal_layer": refusal.layer, **numbers(sizes)})
 
     return [behavior_layers, behavior_features, behavior_crosstalk, crosstalk, crosstalk_count, behavior_router,
-            behavior_release]
+            behavior_screen, behavior_release]
