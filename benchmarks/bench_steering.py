@@ -4,7 +4,9 @@ The arms alternate round by round (sae_pipeline.steering.overhead), so drift in 
 reported overhead is the ratio of the medians. Hooks: n features at each of the given layers, feature mode
 (alpha 0.6) plus the conditional refusal mode (beta 1.0) - the most work the runtime does per token. With
 --behaviors B, each layer instead holds B behaviours' features as one grouped sidecar (apply_behaviors' runtime:
-each group fires and steers on its own, alpha 0.6 each).
+each group fires and steers on its own, alpha 0.6 each), and the last layer the per-behaviour refusal mode (a probe
+gate on the first layer's residual summary, a router over the B behaviours, the refusal vector at the routed
+behaviour's strength).
 
     python benchmarks/bench_steering.py                          # embedded SmolLM2 on the CPU
     python benchmarks/bench_steering.py --mistral-shaped --device cuda --context 2048   # needs a GPU
@@ -16,13 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from sae_pipeline.model.loading import load_model
 from sae_pipeline.steering.overhead import measure_overhead
-from sae_pipeline.steering.runtime import FeatureGroups, LayerSteering
+from sae_pipeline.steering.runtime import CategoryRouter, FeatureGroups, LayerSteering, ProbeGate
 from sae_pipeline.steering.sidecar import DenseSidecar
 
 
@@ -47,6 +50,13 @@ def random_layers(d_model: int, layers: list[int], n_features: int, behaviors: i
         if behaviors:
             names = {f"behavior_{i}": n_features for i in range(behaviors)}
             out[layer] = LayerSteering(sidecar, alpha=1.0, groups=FeatureGroups.of(names, dict.fromkeys(names, 0.6)))
+            if layer == layers[-1] and len(layers) > 1:
+                read = (layers[0],)
+                gate = ProbeGate(torch.randn(2 * d_model, generator=generator), 0.0, read)
+                router = CategoryRouter(tuple(names), torch.randn(2 * d_model, behaviors, generator=generator),
+                                        torch.zeros(behaviors), read)
+                out[layer] = replace(out[layer], refusal_D=torch.randn(d_model, generator=generator) * 0.01, beta=1.0,
+                                     gate=gate, router=router, route_scale_C=torch.full((behaviors,), 0.8))
         else:
             out[layer] = LayerSteering(sidecar, alpha=0.6, beta=1.0,
                                        refusal_D=torch.randn(d_model, generator=generator) * 0.01)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -162,10 +163,11 @@ class BehaviorConfig(_Strict):
     # quick screen (as many as the single-basis screen keeps, issue #4: 8)
     sidecar_features: int = Field(default=8, ge=1)
     # the quick screen (issue #5: "as in the single-basis screen"), on the behaviour's harmful tuning prompts and a
-    # benign slice, smaller than the single-basis screen so six behaviours take ~20 min on 2 CPU cores; the other
-    # screen settings (sigmas, reply length, benign spike) are `features`'
+    # benign slice, smaller than the single-basis screen: decoding costs ~1.5 min per candidate on 2 CPU cores, and
+    # at layer 11 the log-prob stage moved the refusal log-prob by < 0.01 nats for every chem candidate, so two
+    # decoded candidates per behaviour; the other screen settings (sigmas, reply length, benign spike) are `features'`
     screen_candidates: int = Field(default=12, ge=1)
-    screen_decode_candidates: int = Field(default=4, ge=1)
+    screen_decode_candidates: int = Field(default=2, ge=1)
     screen_seeds: int = Field(default=2, ge=1)
     screen_harmful_batch: int = Field(default=16, ge=1)
     screen_benign_prompts: int = Field(default=100, ge=1)
@@ -216,6 +218,11 @@ class SteeringConfig(_Strict):
     refusal_beta: float = Field(default=1.25, ge=0)
     epsilon: float = Field(default=0.02, ge=0)
     sidecar_nnz: int = Field(default=256, ge=1)  # SAE8: stored entries per feature row (issue #4: 256)
+    # the multi-layer ensemble (steering/ensemble.py): named per-layer alpha schedules over the hooked layers (the
+    # refusal mode goes in at the layers after the gate's, with each layer's own refusal direction; features at the
+    # screened layers), then a +-ensemble_grid_step grid around the better one and a layer ablation
+    ensemble_schedules: dict[str, dict[int, float]] = Field(default_factory=dict)
+    ensemble_grid_step: float = Field(default=0.1, gt=0)
     # decode tokens/s with and without the operating point, interleaved rounds (the throughput gate)
     overhead_prompts: int = Field(default=4, ge=1)
     overhead_new_tokens: int = Field(default=48, ge=2)
@@ -229,6 +236,10 @@ class SteeringConfig(_Strict):
         bad = [layers for layers in self.gate_layer_sets if not layers or layers != sorted(set(layers))]
         if bad:
             raise ValueError(f"gate_layer_sets must be non-empty increasing layer lists, got {bad}")
+        bad_schedules = {name: alphas for name, alphas in self.ensemble_schedules.items()
+                         if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or any(a < 0 for a in alphas.values())}
+        if bad_schedules:
+            raise ValueError(f"ensemble schedules need lower-case names and alphas >= 0, got {bad_schedules}")
         late = [layers for layers in self.gate_layer_sets if layers[-1] >= self.refusal_layer]
         if late:
             raise ValueError(f"gate layers must lie before refusal_layer {self.refusal_layer} (the gate decides "
@@ -256,6 +267,10 @@ class Profile(_Strict):
                if not 0 <= layer < self.n_layers]
         if bad:
             raise ValueError(f"layers {bad} are out of range for a {self.n_layers}-layer model")
+        stray = {name: sorted(set(alphas) - set(self.harvest.layers))
+                 for name, alphas in self.steering.ensemble_schedules.items()}
+        if any(stray.values()):
+            raise ValueError(f"ensemble schedules may only name hooked layers {self.harvest.layers}, got {stray}")
         return self
 
     def updated(self, **sections: dict) -> Profile:
@@ -293,6 +308,10 @@ def _profiles() -> dict[str, dict]:
         "smollm2": dict(
             name="smollm2", model=None, d_model=576, n_layers=30, corpus=corpus,
             harvest=dict(layers=[9, 11, 15, 17, 19]), sae=smollm2_sae,
+            # mid-heavy: the operating point's strength (0.8) from the middle layers on, tapering late; late-focused:
+            # the weight at 17 and 19 (9 and 11 carry no screened features: inert today)
+            steering=dict(ensemble_schedules={"mid_heavy": {9: 0.8, 11: 0.8, 15: 0.8, 17: 0.4, 19: 0.0},
+                                              "late_focused": {9: 0.0, 11: 0.0, 15: 0.4, 17: 0.8, 19: 0.8}}),
         ),
         # the nightly smoke and the integration tests: real model, two prompts per group, short replies
         "smollm2-smoke": dict(
@@ -309,7 +328,9 @@ def _profiles() -> dict[str, dict]:
             corpus=corpus,
             harvest=dict(layers=[10, 12, 16, 18, 20], train_tokens=50_000_000, heldout_tokens=500_000,
                          context_len=1024, batch_sequences=8),
-            steering=dict(gate_layer_sets=[[12], [14], [16], [12, 14], [14, 16]], refusal_layer=18),
+            steering=dict(gate_layer_sets=[[12], [14], [16], [12, 14], [14, 16]], refusal_layer=18,
+                          ensemble_schedules={"mid_heavy": {10: 0.8, 12: 0.8, 16: 0.8, 18: 0.8, 20: 0.4},
+                                              "late_focused": {10: 0.0, 12: 0.0, 16: 0.4, 18: 0.8, 20: 0.8}}),
             sae=dict(n_latents=16384, k=32, k_start=64, batch_tokens=16384, aux_k=2048,
                      dead_window_tokens=10_000_000),
         ),
@@ -330,7 +351,8 @@ def _profiles() -> dict[str, dict]:
             behaviors=dict(screen_candidates=3, screen_decode_candidates=2, screen_seeds=1, screen_harmful_batch=2,
                            screen_benign_prompts=3, sidecar_features=2),
             steering=dict(gate_layer_sets=[[1], [1, 2]], refusal_layer=3, gate_folds=2, refusal_prompts=4,
-                          alpha_grid=[0.0, 1.0],
+                          alpha_grid=[0.0, 1.0], ensemble_schedules={"mid_heavy": {1: 1.0, 3: 1.0},
+                                                                      "late_focused": {1: 0.0, 3: 1.0}},
                           overhead_prompts=1, overhead_new_tokens=4, overhead_rounds=1),
         ),
     }

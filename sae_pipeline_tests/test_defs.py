@@ -184,6 +184,29 @@ def test_tiny_steering_chain_from_the_screen_to_an_applicable_operating_point(
         chosen = _checked(defs, "operating_point", instance)
         [check] = chosen.get_asset_check_evaluations()
         metadata = chosen.get_asset_materialization_events()[0].event_specific_data.materialization.metadata
+
+        # the multi-layer ensemble of the same candidate: named schedules, grid, ablation, reverse, then the metrics
+        assert _materialize(defs, ["baseline_metrics", "ensemble_directions"], instance).success
+        sweep_keys = ["mid_heavy", "late_focused", "grid_L1_plus", "grid_L1_minus", "grid_L3_plus", "grid_L3_minus",
+                      "without_L1", "without_L3", "reverse"]
+        ran = {}
+        for key in sweep_keys:
+            result = _checked(defs, "ensemble_sweep", instance, key)
+            assert result.success and all(c.passed for c in result.get_asset_check_evaluations())
+            ran[key] = result.get_asset_materialization_events()[0].event_specific_data.materialization.metadata
+        assert ran["grid_L1_plus"]["skipped"].value and "inert" in ran["grid_L1_plus"]["reason"].value
+        assert json.loads(ran["grid_L3_plus"]["schedule"].value)["alphas"] == {"1": 0.0, "3": 1.1}  # late: fewer
+        ensemble = _checked(defs, "ensemble_metrics", instance)
+        [ensemble_check] = ensemble.get_asset_check_evaluations()
+        report = json.loads(Path(ensemble.get_asset_materialization_events()[0].event_specific_data.materialization
+                                 .metadata["path"].value).read_text())
+        assert {row["partition"] for row in report["schedules"]} == {"mid_heavy", "late_focused", "grid_L3_plus",
+                                                                     "grid_L3_minus"}
+        assert [row["layer"] for row in report["ablation"]] == [3] and report["chosen"]["active_layers"] == [3]
+        assert report["runs"]["without_L1"] == {"skipped": ran["without_L1"]["reason"].value}
+        assert report["components"]["sources"]["refusal_gate"]["sha256"]
+        assert ensemble_check.check_name == "ensemble_gates"
+        assert ensemble_check.passed == report["gates"]["passed"]
     assert check.check_name == "steering_gates"
     rows = {r.data["name"]: r.data for r in check.metadata["gates"].value.records}
     assert set(rows) == {*STRENGTH_GATES, "reverse_capability_recovery_min", "throughput_overhead_max"}

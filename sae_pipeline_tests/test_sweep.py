@@ -110,3 +110,33 @@ def test_reverse_needs_steer_debug(tiny, monkeypatch):
         with _candidate(1).applied(tiny.model, 1.0, reverse=True):
             flipped = tiny.model(input_ids=ids).logits
     assert not torch.equal(forward, flipped)
+
+
+def test_an_ensemble_spreads_the_candidate_over_its_schedule_and_skips_inert_layers(tiny):
+    from sae_pipeline.steering.ensemble import Ensemble, Schedule, ablations, grid_around
+
+    base = _candidate(1)  # features at 1, gate reading 2
+    refusals = {3: torch.ones(64), 4: 2 * torch.ones(64)}
+    ensemble = Ensemble(base, refusals, {3: "r3", 4: "r4"}, Schedule("mid", {0: 1.0, 1: 0.5, 3: 0.4, 4: 0.0}))
+    assert ensemble.steerable_layers() == [1, 3, 4] and ensemble.active_layers() == [1, 3, 4]
+    layers = ensemble.layers_at(1.0)
+    assert set(layers) == {1, 3}  # 0 is inert (nothing to steer), 4 is scheduled off
+    assert layers[1].alpha == 0.5 and layers[1].refusal_D is None and layers[1].gate is None
+    assert layers[3].sidecar is None and layers[3].beta == 0.4 * 2.0 and layers[3].gate is base.gate
+    assert ensemble.layers_at(0.5)[3].beta == 0.2 * 2.0
+    other = Ensemble(base, refusals, {3: "r3", 4: "r4"}, Schedule("mid", {0: 1.0, 1: 0.5, 3: 0.5, 4: 0.0}))
+    assert other.sha256 != ensemble.sha256
+    ids = torch.tensor([tiny.tokenizer("a request").input_ids])
+    with torch.no_grad():
+        clean = tiny.model(input_ids=ids).logits
+        with ensemble.applied(tiny.model, 1.0, reverse=False):
+            assert not torch.equal(tiny.model(input_ids=ids).logits, clean)
+        assert torch.equal(tiny.model(input_ids=ids).logits, clean)
+    grid = grid_around(ensemble.schedule, ensemble.active_layers(), 0.1)
+    assert [s.alphas for s in grid] == [{0: 1.0, 1: 0.6, 3: 0.4, 4: 0.0}, {0: 1.0, 1: 0.4, 3: 0.4, 4: 0.0},
+                                        {0: 1.0, 1: 0.5, 3: 0.5, 4: 0.0}, {0: 1.0, 1: 0.5, 3: 0.3, 4: 0.0},
+                                        {0: 1.0, 1: 0.5, 3: 0.4, 4: 0.1}]  # 4 cannot go below 0
+    assert [s.name for s in ablations(ensemble.schedule, ensemble.active_layers())] == [
+        "mid without L1", "mid without L3"]
+    with pytest.raises(ValueError, match="must follow the gate's layers"):
+        Ensemble(base, {2: torch.ones(64)}, {2: "r2"}, Schedule("early", {2: 1.0}))

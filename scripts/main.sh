@@ -36,7 +36,8 @@ done
 STEER_DEBUG=1 dagster asset materialize -m sae_pipeline.defs --select alpha_sweep --partition reverse || status=1
 dagster asset materialize -m sae_pipeline.defs --select operating_point || status=1
 # behaviour dictionaries: layer choice, each behaviour's ranked features per layer, the cross-talk filter (blocking
-# check `crosstalk`), the release
+# check `crosstalk`; `crosstalk_count` is recorded in the release), each behaviour's causal quick screen, the router,
+# the release
 dagster asset materialize -m sae_pipeline.defs --select behavior_layers || status=1
 behaviors=$(python -c "from sae_pipeline.config import load_profile; print(' '.join(load_profile('$profile').behaviors.behaviors))")
 for behavior in $behaviors; do
@@ -44,8 +45,20 @@ for behavior in $behaviors; do
     dagster asset materialize -m sae_pipeline.defs --select behavior_features --partition "$behavior|$layer" || status=1
   done
 done
-dagster asset materialize -m sae_pipeline.defs --select behavior_crosstalk || status=1
-# the behaviour release (sidecars + multi_behavior_config.json); blocked while the crosstalk check fails
+dagster asset materialize -m sae_pipeline.defs --select "behavior_crosstalk,behavior_router" || status=1
+for behavior in $behaviors; do
+  for layer in $layers; do
+    dagster asset materialize -m sae_pipeline.defs --select behavior_screen --partition "$behavior|$layer" || status=1
+  done
+done
 dagster asset materialize -m sae_pipeline.defs --select behavior_release || status=1
+# the release on the held-out sets: every behaviour on, each alone, reverse (STEER_DEBUG=1 for it alone), then
+# ensemble_behavior_metrics.json and its blocking behavior_gates check
+for behavior in all $behaviors; do
+  arm=$([ "$behavior" = all ] && echo all || echo "only_$behavior")
+  dagster asset materialize -m sae_pipeline.defs --select behavior_arms --partition "$arm" || status=1
+done
+STEER_DEBUG=1 dagster asset materialize -m sae_pipeline.defs --select behavior_arms --partition reverse || status=1
+dagster asset materialize -m sae_pipeline.defs --select behavior_evaluation || status=1
 python -m sae_pipeline.sae.summary --profile "$profile"
 exit $status

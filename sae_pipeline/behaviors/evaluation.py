@@ -23,7 +23,7 @@ from sae_pipeline.gates import GateResult, check_gates
 from sae_pipeline.hashing import config_hash, file_sha256
 from sae_pipeline.sae.model import TopKSAE
 from sae_pipeline.steering.behaviors import apply_behaviors, remove_behaviors
-from sae_pipeline.steering.runtime import REVERSE_TOKEN, SteeringError
+from sae_pipeline.steering.runtime import SteeringError
 from sae_pipeline.steering.sweep import reverse_capability_recovery, strength_gate_values
 
 ALL, REVERSE, ONLY = "all", "reverse", "only_"
@@ -73,10 +73,7 @@ class ReleasePolicy:
         patch = apply_behaviors(model, self.directory, self.alphas(alpha), behaviors=self.behaviors,
                                 accept_failed_gates=True)
         try:
-            if reverse:
-                with patch.request(REVERSE_TOKEN):
-                    yield
-            else:
+            with patch.reverse_if(reverse):
                 yield
         finally:
             remove_behaviors(model)

@@ -1,20 +1,24 @@
-"""Jobs: `main` materialises every stage (one job holds one partitioning, so the strength sweep, partitioned by
-alpha, is its own job `sweep`, the behaviour features and screens, partitioned by behaviour x layer, are `behaviors`
-and `screens`, and the behaviour release's evaluation arms are `arms`); scripts/main.sh drives them partition by partition."""
+"""Jobs: `main` materialises every stage. One job holds one partitioning, so each partitioned asset has its own:
+`sweep` (the strength sweep, by alpha), `ensemble` (the multi-layer ensemble's schedules), `behaviors` and `screens`
+(behaviour features and screens, by behaviour x layer) and `arms` (the behaviour release's evaluation arms);
+scripts/main.sh drives them partition by partition."""
 
 import dagster as dg
 
-PARTITIONED = ("alpha_sweep", "behavior_features", "behavior_screen", "behavior_arms")
+PARTITIONED = ("alpha_sweep", "ensemble_sweep", "behavior_features", "behavior_screen", "behavior_arms")
 main_job = dg.define_asset_job(
     "main", selection=dg.AssetSelection.all() - dg.AssetSelection.assets(*PARTITIONED),
-    description="Every stage on the active profile except the partitioned ones (strength sweep, behaviour features and "
-                "screens, behaviour arms).")
+    description="Every stage on the active profile except the partitioned ones (strength sweep, ensemble schedules, "
+                "behaviour features and screens, behaviour arms).")
 behaviors_job = dg.define_asset_job("behaviors", selection=dg.AssetSelection.assets("behavior_features"),
                                     description="Each behaviour's ranked features at each layer.")
 screens_job = dg.define_asset_job("screens", selection=dg.AssetSelection.assets("behavior_screen"),
                                   description="Each behaviour's causal quick screen at each layer.")
 sweep_job = dg.define_asset_job("sweep", selection=dg.AssetSelection.assets("alpha_sweep"),
                                 description="The candidate operating point at each strength and reverse-safety.")
+ensemble_job = dg.define_asset_job("ensemble", selection=dg.AssetSelection.assets("ensemble_sweep"),
+                                   description="The multi-layer ensemble: named schedules, grid, layer ablation, "
+                                               "reverse-safety (in that order).")
 behavior_arms_job = dg.define_asset_job(
     "arms", selection=dg.AssetSelection.assets("behavior_arms"),
     description="The behaviour release on the held-out sets: every behaviour on, each alone, reverse-safety.")

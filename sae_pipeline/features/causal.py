@@ -7,8 +7,8 @@ removed, as the runtime's feature rule does) or s = +1 (amplified).
   stage 2, the `decode_candidates` whose best sign moved that log-prob most: greedy replies (up to max_new_tokens)
     on a harmful mini-batch per seed, both signs, judged for refusal; then, at the sign that raised refusal more
     (the wanted sign), the false-refusal rate on the benign prompts.
-Selection: a latent must raise harmful refusal (mean gain over the seeds > 0: an effect in the wanted direction)
-without raising the benign false-refusal rate by more than `max_benign_spike`; of those the `keep` with the largest
+Selection: a latent must raise harmful refusal in every seed's mini-batch (an effect in the wanted direction that
+one batch's noise does not explain: a mean gain of one prompt in one seed kept noise before) without raising the benign false-refusal rate by more than `max_benign_spike`; of those the `keep` with the largest
 gain (ties: the log-prob shift) are kept, each with its wanted sign. None may qualify: then the layer has no steering
 features and the evaluation runs the refusal mode alone.
 Replies live in memory only: the judge reads them and they are dropped; only rates and log-probs are returned.
@@ -200,7 +200,8 @@ def screen_features(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         record.update({**effects, "decoded": True, "harmful_refusal_gain": gain,
                        "benign_spike": effects["benign_false_refusal_change"] > cfg.screen_max_benign_spike})
 
-    eligible = [r for r in records if r["decoded"] and not r["benign_spike"] and r["harmful_refusal_gain"] > 0]
+    eligible = [r for r in records if r["decoded"] and not r["benign_spike"]
+                and min(r["harmful_refusal_gain_by_seed"]) > 0]
     eligible.sort(key=lambda r: (-r["harmful_refusal_gain"],
                                  -(r["logprob_shift_minus"] if r["wanted_sign"] < 0 else r["logprob_shift_plus"])))
     kept = eligible[:cfg.screen_keep]

@@ -177,6 +177,15 @@ class SteeringPatch:
         finally:
             self.scale = 1.0
 
+    @contextmanager
+    def reverse_if(self, reverse: bool) -> Iterator[None]:
+        """Calls inside the block run reverse-safety when asked (an audit: needs STEER_DEBUG=1), else as patched."""
+        if reverse:
+            with self.request(REVERSE_TOKEN):
+                yield
+        else:
+            yield
+
     def _model_pre_hook(self, _module, args, kwargs):
         """Tell the layer hooks whether this call is a prefill and which of its tokens may decide the refusal."""
         input_ids = kwargs.get("input_ids", args[0] if args else None)

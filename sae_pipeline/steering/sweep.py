@@ -16,7 +16,7 @@ meets every gate but the one steering is for); the steering_gates check then fai
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,7 +30,7 @@ from sae_pipeline.features.gate import load_refusal_gate
 from sae_pipeline.gates import GateResult, check_gates
 from sae_pipeline.hashing import config_hash
 from sae_pipeline.sae.model import TopKSAE
-from sae_pipeline.steering.runtime import REVERSE_TOKEN, LayerSteering, ProbeGate, SteeringError, patched
+from sae_pipeline.steering.runtime import LayerSteering, ProbeGate, SteeringError, patched
 from sae_pipeline.steering.sidecar import DenseSidecar, load_dense
 
 # gates that depend on the strength; the reverse-safety and throughput gates are properties of the candidate
@@ -69,12 +69,8 @@ class Candidate:
     @contextmanager
     def applied(self, model: nn.Module, alpha: float, reverse: bool) -> Iterator[None]:
         """The harness's Steering protocol: hooks at strength alpha (reverse-safety: the runtime's control token)."""
-        with patched(model, self.layers_at(alpha), self.gate_skip) as patch:
-            if reverse:
-                with patch.request(REVERSE_TOKEN):
-                    yield
-            else:
-                yield
+        with patched(model, self.layers_at(alpha), self.gate_skip) as patch, patch.reverse_if(reverse):
+            yield
 
 
 def load_candidate(gate_dir: Path, sidecar_infos: dict[int, Path], refusal_beta: float, epsilon: float,
@@ -154,12 +150,18 @@ def operating_point_results(gates: dict[str, Gate], baseline: dict, steered: dic
 
 def choose_alpha(results: dict[float, list[GateResult]]) -> float:
     """The rule in the module docstring, from each alpha's per-strength gate results."""
-    passing = [alpha for alpha, gates in results.items() if all(g.passed for g in gates)]
-    if passing:
-        return min(passing)
+    return choose_least_intervention(results, lambda alpha: alpha)
 
-    def rank(alpha: float) -> tuple:
-        job = next(g for g in results[alpha] if g.name == "harmful_completion_reduction_min")
-        return job.passed, sum(g.passed for g in results[alpha]), job.value, -alpha
+
+def choose_least_intervention(results: dict, strength: Callable[[object], float]):
+    """The key of `results` (key -> per-strength gate results) the module docstring's rule picks, `strength` saying
+    how much intervention each key is (an alpha; a schedule's summed alphas)."""
+    passing = [key for key, gates in results.items() if all(g.passed for g in gates)]
+    if passing:
+        return min(passing, key=strength)
+
+    def rank(key) -> tuple:
+        job = next(g for g in results[key] if g.name == "harmful_completion_reduction_min")
+        return job.passed, sum(g.passed for g in results[key]), job.value, -strength(key)
 
     return max(results, key=rank)
