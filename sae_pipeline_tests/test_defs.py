@@ -20,14 +20,16 @@ def test_default_definitions_load():
     assert {key.to_user_string() for key in defs.resolve_all_asset_keys()} == {
         "corpus", "activations", "sae", "prompt_sets", "refusal_judge", "baseline_metrics", "feature_scores",
         "feature_ranking", "refusal_gate", "causal_screen", "sidecars", "alpha_sweep", "operating_point",
+        "ensemble_directions", "ensemble_sweep", "ensemble_metrics",
         "behavior_layers", "behavior_features", "behavior_crosstalk", "behavior_router", "behavior_screen",
         "behavior_release",
         "behavior_arms", "behavior_evaluation"}
     checks = {key.name for key in defs.resolve_asset_graph().asset_check_keys}
     assert checks == {"sae_quality", "datasets_lock", "splits_disjoint", "dataset_sizes", "judge_accuracy",
                       "baseline_complete", "redaction", "sweep_redaction", "steering_gates", "crosstalk",
-                      "crosstalk_count", "arm_redaction", "behavior_gates"}
-    assert all(defs.resolve_job_def(name) is not None for name in ("main", "sweep", "behaviors", "screens", "arms"))
+                      "crosstalk_count", "arm_redaction", "behavior_gates", "ensemble_redaction", "ensemble_gates"}
+    assert all(defs.resolve_job_def(name) is not None
+               for name in ("main", "sweep", "ensemble", "behaviors", "screens", "arms"))
 
 
 def _tiny_defs(extra_assets=(), **overrides):

@@ -35,6 +35,18 @@ for alpha in $grid; do
 done
 STEER_DEBUG=1 dagster asset materialize -m sae_pipeline.defs --select alpha_sweep --partition reverse || status=1
 dagster asset materialize -m sae_pipeline.defs --select operating_point || status=1
+# the multi-layer ensemble of the same candidate: a refusal direction per layer, the named schedules, the grid around
+# the better one, the layer ablation, reverse-safety (in that order), then ensemble_metrics and its ensemble_gates
+dagster asset materialize -m sae_pipeline.defs --select ensemble_directions || status=1
+parts=$(python -c "from sae_pipeline.defs.definitions import build_defs; from sae_pipeline.config import load_profile; import dagster as dg; d = build_defs(load_profile('$profile')); print(' '.join(d.resolve_assets_def('ensemble_sweep').partitions_def.get_partition_keys()))" 2>/dev/null)
+for part in $parts; do
+  if [ "$part" = reverse ]; then
+    STEER_DEBUG=1 dagster asset materialize -m sae_pipeline.defs --select ensemble_sweep --partition reverse || status=1
+  else
+    dagster asset materialize -m sae_pipeline.defs --select ensemble_sweep --partition "$part" || status=1
+  fi
+done
+dagster asset materialize -m sae_pipeline.defs --select ensemble_metrics || status=1
 # behaviour dictionaries: layer choice, each behaviour's ranked features per layer, the cross-talk filter (blocking
 # check `crosstalk`; `crosstalk_count` is recorded in the release), each behaviour's causal quick screen, the router,
 # the release

@@ -99,7 +99,8 @@ def write_release(directory: Path, sidecars: dict[int, dict[str, DenseSidecar]],
             dense, sae8 = directory / f"{behavior}_l{layer}.safetensors", directory / f"{behavior}_l{layer}.sae8"
             entry = behaviors.setdefault(behavior, {"alpha": alphas[behavior], "alphas": {}, "sidecars": {}})
             entry["sidecars"][str(layer)] = {
-                "features": len(sidecar.tau_N), "feature_ids": (feature_ids or {}).get(layer, {}).get(behavior), "dense": _pinned(dense, directory, save_dense(sidecar, dense)),
+                "features": len(sidecar.tau_N), "feature_ids": (feature_ids or {}).get(layer, {}).get(behavior),
+                "dense": _pinned(dense, directory, save_dense(sidecar, dense)),
                 "sae8": _pinned(sae8, directory, write_sae8(sidecar, sae8, nnz))}
         grouped, sizes = concat_sidecars(by_behavior)
         dense, sae8 = directory / f"grouped_l{layer}.safetensors", directory / f"grouped_l{layer}.sae8"

@@ -8,8 +8,9 @@ removed, as the runtime's feature rule does) or s = +1 (amplified).
     on a harmful mini-batch per seed, both signs, judged for refusal; then, at the sign that raised refusal more
     (the wanted sign), the false-refusal rate on the benign prompts.
 Selection: a latent must raise harmful refusal in every seed's mini-batch (an effect in the wanted direction that
-one batch's noise does not explain: a mean gain of one prompt in one seed kept noise before) without raising the benign false-refusal rate by more than `max_benign_spike`; of those the `keep` with the largest
-gain (ties: the log-prob shift) are kept, each with its wanted sign. None may qualify: then the layer has no steering
+one batch's noise does not explain: a mean gain of one prompt in one seed kept noise before) without raising the
+benign false-refusal rate by more than `max_benign_spike`; of those the `keep` with the largest gain (ties: the
+log-prob shift) are kept, each with its wanted sign. None may qualify: then the layer has no steering
 features and the evaluation runs the refusal mode alone.
 Replies live in memory only: the judge reads them and they are dropped; only rates and log-probs are returned.
 Each finished measurement is appended to a journal, so an interrupted screen resumes where it stopped and a change

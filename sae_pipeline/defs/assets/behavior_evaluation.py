@@ -3,7 +3,6 @@ reverse) -> behavior_evaluation (ensemble_behavior_metrics.json, the ablation ta
 behavior_gates (blocking)."""
 
 import json
-import os
 from pathlib import Path
 
 import dagster as dg
@@ -14,15 +13,14 @@ from sae_pipeline.behaviors.evaluation import (
     ensemble_behavior_metrics, release_readouts)
 from sae_pipeline.behaviors.release import CONFIG_FILE
 from sae_pipeline.config import Profile, artifacts_root, load_gates
-from sae_pipeline.defs.assets.evaluation import evaluation_metadata, redaction_scan
+from sae_pipeline.defs.assets.evaluation import redaction_check_spec, require_audit, steered_run
 from sae_pipeline.defs.lineage import required_metadata
 from sae_pipeline.defs.metadata import numbers, png_markdown, table
 from sae_pipeline.defs.resources import ModelResource
 from sae_pipeline.evaluation.datasets import load_prompt_sets
 from sae_pipeline.evaluation.generation import chat_ids
-from sae_pipeline.evaluation.harness import evaluate, load_metrics
+from sae_pipeline.evaluation.harness import load_metrics
 from sae_pipeline.evaluation.plots import rates_png
-from sae_pipeline.evaluation.run import build_judges, evaluation_root, select_primary
 from sae_pipeline.hashing import file_sha256
 from sae_pipeline.steering.overhead import measure_overhead
 from sae_pipeline.steering.behaviors import apply_behaviors, remove_behaviors
@@ -42,34 +40,24 @@ def build_behavior_evaluation_assets(profile: Profile) -> list:
     arms = dg.StaticPartitionsDefinition(arm_names(behaviors))
 
     @dg.asset(group_name=GROUP, deps=["behavior_release", "refusal_judge"], partitions_def=arms, kinds={"pytorch"},
-              check_specs=[dg.AssetCheckSpec(
-                  ARM_REDACTION, asset="behavior_arms", blocking=True,
-                  description="No text generated from a harmful prompt under steering in any file the run wrote")],
+              check_specs=[redaction_check_spec(ARM_REDACTION, "behavior_arms")],
               description="The behaviour release on the held-out sets with one arm's behaviours on (metrics.json "
                           f"with bootstrap CIs): `{ALL}`, `{ONLY}<behaviour>` alone, `{REVERSE}` (every behaviour "
                           "flipped, needs STEER_DEBUG=1).")
     def behavior_arms(context: dg.AssetExecutionContext, model: ModelResource):
         arm = context.partition_key
         reverse = arm == REVERSE
-        if reverse and os.environ.get("STEER_DEBUG") != "1":
-            raise dg.Failure("the reverse-safety arm is an audit run: set STEER_DEBUG=1 to materialise it")
+        require_audit(reverse)
         directory = _release_dir(context.instance)
         enabled = arm_behaviors(arm, behaviors)
         policy = ReleasePolicy(directory, enabled)
         loaded = model.load(profile, dtype=eval_cfg.model_dtype)
-        sets = load_prompt_sets()
-        judges, _ = build_judges(sets)
-        result = evaluate(loaded, sets, select_primary(judges, eval_cfg.refusal_judge), eval_cfg, evaluation_root(),
-                          alpha=RELEASE_ALPHA, reverse_safety=reverse, steering=policy,
-                          readouts=release_readouts(directory, enabled))
-        metadata = evaluation_metadata(result, f"behaviour arm {arm}, 95% bootstrap CIs")
-        passed, scan = redaction_scan(context.instance, result.directory)
+        _, metadata, check = steered_run(context.instance, loaded, eval_cfg, policy, RELEASE_ALPHA, reverse,
+                                         release_readouts(directory, enabled), f"behaviour arm {arm}", ARM_REDACTION)
         yield dg.MaterializeResult(
             metadata={**metadata, "arm": arm, "behaviors": ",".join(enabled), "policy_sha256": policy.sha256,
-                      "release_config_sha256": file_sha256(directory / CONFIG_FILE),
-                      "redaction_leaking_files": scan["leaking_files"]},
-            check_results=[dg.AssetCheckResult(check_name=ARM_REDACTION, passed=passed,
-                                               severity=dg.AssetCheckSeverity.ERROR, metadata=scan)])
+                      "release_config_sha256": file_sha256(directory / CONFIG_FILE)},
+            check_results=[check])
 
     def arm_metrics(instance: dg.DagsterInstance, directory: Path) -> tuple[dict, dict]:
         """arm -> metrics.json (verified, of this release), arm -> {path, metrics_sha256}."""

@@ -58,7 +58,9 @@ def build_behavior_screen_assets(profile: Profile, partitions: dg.MultiPartition
         judges, _ = build_judges(sets)
         primary = select_primary(judges, profile.evaluation.refusal_judge)
         harmful = [r.prompt for r in sets.harmful if r.split == screen_cfg.split and r.category == behavior]
-        benign = [r.prompt for r in sets.benign if r.split == screen_cfg.split]
+        # the benign slice both sets the latents' sigmas and measures false refusal: the whole benign tuning set
+        # (1,062 prompts) would triple the screen's time for a sigma no steadier at this size
+        benign = [r.prompt for r in sets.benign if r.split == screen_cfg.split][:screen_cfg.screen_benign_prompts]
         path = screen_path(report_path, behavior, layer)
         journal = Journal(path.with_suffix(".journal.jsonl"), journal_key(
             {"sae": sae_cfg["sae_hash"], "model": loaded.model_hash, "dtype": profile.evaluation.model_dtype,

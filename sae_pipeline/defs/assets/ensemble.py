@@ -7,7 +7,6 @@ with layer l moved by +-step; `without_L{l}`, the chosen schedule (best of the n
 move changes nothing (an inert layer, an alpha already 0) records why and runs nothing."""
 
 import json
-import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -16,7 +15,7 @@ import dagster as dg
 import torch
 
 from sae_pipeline.config import Profile, artifacts_root, load_gates
-from sae_pipeline.defs.assets.evaluation import evaluation_metadata, redaction_scan
+from sae_pipeline.defs.assets.evaluation import redaction_check_spec, require_audit, steered_run
 from sae_pipeline.defs.assets.operating_point import build_candidate
 from sae_pipeline.defs.lineage import required_metadata
 from sae_pipeline.defs.metadata import numbers, table
@@ -24,8 +23,7 @@ from sae_pipeline.defs.resources import ModelResource
 from sae_pipeline.evaluation.datasets import load_prompt_sets
 from sae_pipeline.evaluation.determinism import deterministic
 from sae_pipeline.evaluation.generation import chat_ids
-from sae_pipeline.evaluation.harness import evaluate, load_metrics
-from sae_pipeline.evaluation.run import build_judges, evaluation_root, select_primary
+from sae_pipeline.evaluation.harness import load_metrics
 from sae_pipeline.features.refusal import refusal_direction
 from sae_pipeline.hashing import config_hash, file_sha256
 from sae_pipeline.model.loading import LoadedModel
@@ -141,19 +139,16 @@ def build_ensemble_assets(profile: Profile) -> list:
         return dropped[0]
 
     @dg.asset(group_name=GROUP, partitions_def=parts, kinds={"pytorch"},
-              deps=[ensemble_directions, "refusal_gate", dg.AssetDep("sidecars", partition_mapping=dg.AllPartitionMapping()),
-                    "refusal_judge", "baseline_metrics"],
-              check_specs=[dg.AssetCheckSpec(
-                  ENSEMBLE_REDACTION, asset="ensemble_sweep", blocking=True,
-                  description="No text generated from a harmful prompt under steering in any file the run wrote")],
+              deps=[ensemble_directions, "refusal_gate", "refusal_judge", "baseline_metrics",
+                    dg.AssetDep("sidecars", partition_mapping=dg.AllPartitionMapping())],
+              check_specs=[redaction_check_spec(ENSEMBLE_REDACTION, "ensemble_sweep")],
               description="One schedule of the multi-layer ensemble on the held-out sets (metrics.json with "
                           "bootstrap CIs): the named schedules, the +-step grid around the better one, the chosen "
                           "schedule with one layer off, and reverse-safety (STEER_DEBUG=1).")
     def ensemble_sweep(context: dg.AssetExecutionContext, model: ModelResource):
         key = context.partition_key
         reverse = key == REVERSE
-        if reverse and os.environ.get("STEER_DEBUG") != "1":
-            raise dg.Failure("the reverse-safety partition is an audit run: set STEER_DEBUG=1 to materialise it")
+        require_audit(reverse)
         loaded = model.load(profile, dtype=eval_cfg.model_dtype)
         ensemble, readouts, sources = load_ensemble(context.instance, loaded, Schedule("none", {}))
         schedule = resolve(context.instance, key, ensemble.steerable_layers())
@@ -163,18 +158,14 @@ def build_ensemble_assets(profile: Profile) -> list:
                                       metadata={"note": "nothing was generated"})
             return
         ensemble = replace(ensemble, schedule=schedule)
-        sets = load_prompt_sets()
-        judges, _ = build_judges(sets)
-        result = evaluate(loaded, sets, select_primary(judges, eval_cfg.refusal_judge), eval_cfg, evaluation_root(),
-                          alpha=1.0, reverse_safety=reverse, steering=ensemble, readouts=readouts)
-        metadata = evaluation_metadata(result, f"ensemble {schedule.name}{' reversed' if reverse else ''}, 95% CIs")
-        passed, scan = redaction_scan(context.instance, result.directory)
+        _, metadata, check = steered_run(context.instance, loaded, eval_cfg, ensemble, 1.0, reverse, readouts,
+                                         f"ensemble {schedule.name}{' reversed' if reverse else ''}",
+                                         ENSEMBLE_REDACTION)
         yield dg.MaterializeResult(metadata={
             **metadata, "skipped": False, "ensemble_sha256": ensemble.sha256, "base_sha256": ensemble.base.sha256,
             "schedule": json.dumps({"name": schedule.name, "alphas": {str(k): v for k, v in schedule.alphas.items()}}),
-            "redaction_leaking_files": scan["leaking_files"], "sources": dg.MetadataValue.json(sources)})
-        yield dg.AssetCheckResult(check_name=ENSEMBLE_REDACTION, passed=passed, severity=dg.AssetCheckSeverity.ERROR,
-                                  metadata=scan)
+            "sources": dg.MetadataValue.json(sources)})
+        yield check
 
     @dg.asset(group_name=GROUP, deps=[dg.AssetDep(ensemble_sweep, partition_mapping=dg.AllPartitionMapping()),
                                       "baseline_metrics"], kinds={"json"},

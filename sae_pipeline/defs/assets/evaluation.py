@@ -6,7 +6,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from sae_pipeline.config import Profile, artifacts_root, load_gates
+from sae_pipeline.config import EvalConfig, Profile, artifacts_root, load_gates
 from sae_pipeline.defs.checks import (
     DATASET_SIZES, DATASETS_LOCK, JUDGE_ACCURACY, SPLITS_DISJOINT, gate_check_result, problems_check_result)
 from sae_pipeline.defs.lineage import required_metadata
@@ -15,12 +15,13 @@ from sae_pipeline.defs.resources import ModelResource
 from sae_pipeline.evaluation.datasets import (
     FILES, load_prompt_sets, lock_mismatches, size_shortfalls, split_overlaps)
 from sae_pipeline.evaluation.harness import (
-    EvalResult, evaluate, load_fingerprints, load_metrics, load_records, select_prompts)
+    EvalResult, Steering, evaluate, load_fingerprints, load_metrics, load_records, select_prompts)
 from sae_pipeline.evaluation.plots import rates_png
 from sae_pipeline.evaluation.redaction import ensure_clean, scan_paths
 from sae_pipeline.evaluation.run import build_judges, evaluation_root, judge_gate_checks, select_primary
 from sae_pipeline.evaluation.tracking import flatten_scalars, log_scalars
 from sae_pipeline.gates import check_gates
+from sae_pipeline.model.loading import LoadedModel
 
 GROUP = "evaluation"
 
@@ -83,6 +84,32 @@ def redaction_scan(instance: dg.DagsterInstance, directory: Path) -> tuple[bool,
         "files_scanned": report.files_scanned, "bytes_scanned": report.bytes_scanned,
         "fingerprint_shingles": fingerprints.size, "leaking_files": len(report.leaks),
         "leaks": dg.MetadataValue.md("\n".join(report.leaks) or "none")}
+
+
+def redaction_check_spec(name: str, asset: str) -> dg.AssetCheckSpec:
+    """The blocking redaction check of an asset whose runs steer the model on harmful prompts."""
+    return dg.AssetCheckSpec(name, asset=asset, blocking=True, description=(
+        "No text generated from a harmful prompt under steering in any file the run wrote"))
+
+
+def require_audit(reverse: bool) -> None:
+    if reverse and os.environ.get("STEER_DEBUG") != "1":
+        raise dg.Failure("the reverse-safety partition is an audit run: set STEER_DEBUG=1 to materialise it")
+
+
+def steered_run(instance: dg.DagsterInstance, loaded: LoadedModel, cfg: EvalConfig, steering: Steering,
+                alpha: float, reverse: bool, readouts: list, title: str, check_name: str
+                ) -> tuple[EvalResult, dict, dg.AssetCheckResult]:
+    """One harness run under `steering` on the held-out sets: the result, its metadata (with the leaking-file
+    count later steps refuse to build on) and the redaction check's result."""
+    sets = load_prompt_sets()
+    judges, _ = build_judges(sets)
+    result = evaluate(loaded, sets, select_primary(judges, cfg.refusal_judge), cfg, evaluation_root(), alpha=alpha,
+                      reverse_safety=reverse, steering=steering, readouts=readouts)
+    metadata = evaluation_metadata(result, f"{title}, 95% bootstrap CIs")
+    passed, scan = redaction_scan(instance, result.directory)
+    return result, {**metadata, "redaction_leaking_files": scan["leaking_files"]}, dg.AssetCheckResult(
+        check_name=check_name, passed=passed, severity=dg.AssetCheckSeverity.ERROR, metadata=scan)
 
 
 def build_evaluation_assets(profile: Profile) -> list:

@@ -1,7 +1,6 @@
 """The strength sweep and the operating point: alpha_sweep[alpha | reverse] -> operating_point, checked by
 steering_gates (blocking). The candidate is assembled from the latest refusal_gate and every layer's latest sidecars."""
 
-import os
 import shutil
 from pathlib import Path
 
@@ -9,14 +8,13 @@ import dagster as dg
 import torch
 
 from sae_pipeline.config import Profile, artifacts_root, load_gates
-from sae_pipeline.defs.assets.evaluation import evaluation_metadata, redaction_scan
+from sae_pipeline.defs.assets.evaluation import redaction_check_spec, require_audit, steered_run
 from sae_pipeline.defs.lineage import latest_metadata, required_metadata
 from sae_pipeline.defs.metadata import numbers, png_markdown, table
 from sae_pipeline.defs.resources import ModelResource
 from sae_pipeline.evaluation.datasets import load_prompt_sets
 from sae_pipeline.evaluation.generation import chat_ids
-from sae_pipeline.evaluation.harness import evaluate, load_metrics
-from sae_pipeline.evaluation.run import build_judges, evaluation_root, select_primary
+from sae_pipeline.evaluation.harness import load_metrics
 from sae_pipeline.evaluation.stability import FeatureReadout
 from sae_pipeline.model.loading import LoadedModel
 from sae_pipeline.steering.operating_point import load_operating_point, save_operating_point
@@ -61,35 +59,25 @@ def build_operating_point_assets(profile: Profile) -> list:
 
     @dg.asset(group_name=GROUP, deps=["refusal_gate", dg.AssetDep("sidecars", partition_mapping=every_layer),
                                       "refusal_judge"], partitions_def=sweep_partitions,
-              kinds={"pytorch"}, check_specs=[dg.AssetCheckSpec(
-                  SWEEP_REDACTION, asset="alpha_sweep", blocking=True,
-                  description="No text generated from a harmful prompt under steering in any file the runs wrote")],
+              kinds={"pytorch"}, check_specs=[redaction_check_spec(SWEEP_REDACTION, "alpha_sweep")],
               description="The candidate operating point on the held-out sets at one strength of the grid (metrics."
                           "json with bootstrap CIs); `reverse` runs it flipped (needs STEER_DEBUG=1).")
     def alpha_sweep(context: dg.AssetExecutionContext, model: ModelResource):
         reverse = context.partition_key == REVERSE
-        if reverse and os.environ.get("STEER_DEBUG") != "1":
-            raise dg.Failure("the reverse-safety partition is an audit run: set STEER_DEBUG=1 to materialise it")
+        require_audit(reverse)
         alpha = REVERSE_ALPHA if reverse else float(context.partition_key)
         loaded = model.load(profile, dtype=eval_cfg.model_dtype)
         candidate, readouts, sources = build_candidate(context.instance, profile, loaded)
-        sets = load_prompt_sets()
-        judges, _ = build_judges(sets)
-        result = evaluate(loaded, sets, select_primary(judges, eval_cfg.refusal_judge), eval_cfg, evaluation_root(),
-                          alpha=alpha, reverse_safety=reverse, steering=candidate, readouts=readouts)
-        label = "reverse-safety" if reverse else f"alpha {alpha:.2f}"
-        metadata = evaluation_metadata(result, f"{label}, 95% bootstrap CIs")
+        result, metadata, check = steered_run(context.instance, loaded, eval_cfg, candidate, alpha, reverse, readouts,
+                                              "reverse-safety" if reverse else f"alpha {alpha:.2f}", SWEEP_REDACTION)
         stability = result.metrics.get("feature_stability", {})
-        passed, scan = redaction_scan(context.instance, result.directory)
         yield dg.MaterializeResult(
             metadata={**metadata, "candidate_sha256": candidate.sha256, "alpha": alpha, "reverse": reverse,
-                      "redaction_leaking_files": scan["leaking_files"],
                       "feature_layers": ",".join(map(str, candidate.features)) or "none",
                       "gate_layers": ",".join(map(str, candidate.gate.layers)),
                       **numbers({"sign_flips": stability.get("sign_flips", 0)}),
                       "sources": dg.MetadataValue.json(sources)},
-            check_results=[dg.AssetCheckResult(check_name=SWEEP_REDACTION, passed=passed,
-                                               severity=dg.AssetCheckSeverity.ERROR, metadata=scan)])
+            check_results=[check])
 
     @dg.asset(group_name=GROUP, deps=["refusal_gate", dg.AssetDep("sidecars", partition_mapping=every_layer),
                                       dg.AssetDep(alpha_sweep, partition_mapping=dg.AllPartitionMapping())],
