@@ -233,6 +233,18 @@ def test_tiny_steering_chain_from_the_screen_to_an_applicable_operating_point(
         assert torch.equal(tiny.model(input_ids=ids).logits, before)
 
 
+def _each_behavior_and_layer(defs, asset, instance) -> dict:
+    """Materialise every (behaviour, layer) partition of the tiny behaviour test; their metadata by pair."""
+    made = {}
+    for behavior in ("chem", "bio"):
+        for layer in ("1", "3"):
+            result = _materialize(defs, asset, instance, dg.MultiPartitionKey({"behavior": behavior, "layer": layer}))
+            assert result.success
+            made[behavior, layer] = result.get_asset_materialization_events()[0] \
+                .event_specific_data.materialization.metadata
+    return made
+
+
 def test_tiny_behavior_release_from_layer_choice_to_its_evaluation(artifacts_with_encoder, tmp_path, monkeypatch,
                                                                    tiny):
     from sae_pipeline import apply_behaviors, remove_behaviors
@@ -251,14 +263,7 @@ def test_tiny_behavior_release_from_layer_choice_to_its_evaluation(artifacts_wit
         layers = json.loads(Path(metadata["path"].value).read_text())
         assert layers["eligible"] == [3] and layers["layers"] == {"chem": [3], "bio": [3]}
         assert layers["sae_gate_failures"]["1"] == ["not trained"] and 0 <= layers["auroc"]["chem"]["1"] <= 1
-        made = {}
-        for behavior in ("chem", "bio"):
-            for layer in ("1", "3"):
-                key = dg.MultiPartitionKey({"behavior": behavior, "layer": layer})
-                result = _materialize(defs, "behavior_features", instance, key)
-                assert result.success
-                made[behavior, layer] = result.get_asset_materialization_events()[0] \
-                    .event_specific_data.materialization.metadata
+        made = _each_behavior_and_layer(defs, "behavior_features", instance)
         assert made["chem", "1"]["chosen"].value is False and "chose layers [3]" in made["chem", "1"]["reason"].value
         rows = json.loads(Path(made["bio", "3"]["path"].value).read_text())
         assert Path(made["bio", "3"]["path"].value).name == "top16_ranking_l3_bio.json"
@@ -279,14 +284,7 @@ def test_tiny_behavior_release_from_layer_choice_to_its_evaluation(artifacts_wit
         checked = _checked(defs, "behavior_crosstalk", instance)
         assert checked.success  # the count check fails without blocking
         checks = {c.check_name: c for c in checked.get_asset_check_evaluations()}
-        screens = {}
-        for behavior in ("chem", "bio"):
-            for layer in ("1", "3"):
-                key = dg.MultiPartitionKey({"behavior": behavior, "layer": layer})
-                result = _materialize(defs, "behavior_screen", instance, key)
-                assert result.success
-                screens[behavior, layer] = result.get_asset_materialization_events()[0] \
-                    .event_specific_data.materialization.metadata
+        screens = _each_behavior_and_layer(defs, "behavior_screen", instance)
         assert screens["chem", "1"]["screened"].value is False and "not hooked" in screens["chem", "1"]["reason"].value
         screen = json.loads(Path(screens["bio", "3"]["path"].value).read_text())
         assert len(screen["records"]) == 3 and sum(r["decoded"] for r in screen["records"]) == 2
