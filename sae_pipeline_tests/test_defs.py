@@ -207,6 +207,8 @@ def test_tiny_steering_chain_from_the_screen_to_an_applicable_operating_point(
         assert [row["layer"] for row in report["ablation"]] == [3] and report["chosen"]["active_layers"] == [3]
         assert report["runs"]["without_L1"] == {"skipped": ran["without_L1"]["reason"].value}
         assert report["components"]["sources"]["refusal_gate"]["sha256"]
+        assert ensemble.get_asset_materialization_events()[0].event_specific_data.materialization.metadata[
+            "rates"].value.startswith("![schedules](data:image/png;base64,")
         assert ensemble_check.check_name == "ensemble_gates"
         assert ensemble_check.passed == report["gates"]["passed"]
     assert check.check_name == "steering_gates"

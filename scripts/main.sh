@@ -38,7 +38,7 @@ dagster asset materialize -m sae_pipeline.defs --select operating_point || statu
 # the multi-layer ensemble of the same candidate: a refusal direction per layer, the named schedules, the grid around
 # the better one, the layer ablation, reverse-safety (in that order), then ensemble_metrics and its ensemble_gates
 dagster asset materialize -m sae_pipeline.defs --select ensemble_directions || status=1
-parts=$(python -c "from sae_pipeline.defs.definitions import build_defs; from sae_pipeline.config import load_profile; import dagster as dg; d = build_defs(load_profile('$profile')); print(' '.join(d.resolve_assets_def('ensemble_sweep').partitions_def.get_partition_keys()))" 2>/dev/null)
+parts=$(python -c "from sae_pipeline.defs.definitions import build_defs; from sae_pipeline.config import load_profile; import dagster as dg; d = build_defs(load_profile('$profile')); print(' '.join(d.resolve_assets_def('ensemble_sweep').partitions_def.get_partition_keys()))")
 for part in $parts; do
   if [ "$part" = reverse ]; then
     STEER_DEBUG=1 dagster asset materialize -m sae_pipeline.defs --select ensemble_sweep --partition reverse || status=1

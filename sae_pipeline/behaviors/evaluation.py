@@ -16,14 +16,14 @@ from pathlib import Path
 
 from torch import nn
 
-from sae_pipeline.behaviors.release import CONFIG_FILE, read_release
+from sae_pipeline.behaviors.release import CONFIG_FILE, Release, read_release
 from sae_pipeline.config import Gate
 from sae_pipeline.evaluation.stability import FeatureReadout
 from sae_pipeline.gates import GateResult, check_gates
 from sae_pipeline.hashing import config_hash, file_sha256
 from sae_pipeline.sae.model import TopKSAE
-from sae_pipeline.steering.behaviors import apply_behaviors, remove_behaviors
-from sae_pipeline.steering.runtime import SteeringError
+from sae_pipeline.steering.behaviors import behavior_layers
+from sae_pipeline.steering.runtime import SteeringError, patched
 from sae_pipeline.steering.sweep import reverse_capability_recovery, strength_gate_values
 
 ALL, REVERSE, ONLY = "all", "reverse", "only_"
@@ -45,56 +45,45 @@ def arm_behaviors(arm: str, behaviors: Sequence[str]) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class ReleasePolicy:
-    """A release with a subset of its behaviours on, as the harness's Steering: alpha multiplies every behaviour's
-    alphas (1.0: as released). The release is evaluated whatever its recorded gates say: this is how they are
-    measured."""
+    """A release (read once) with a subset of its behaviours on, as the harness's Steering: alpha multiplies every
+    behaviour's alphas (1.0: as released). The release is evaluated whatever its recorded gates say: this is how
+    they are measured."""
 
-    directory: Path
+    release: Release
+    config_sha256: str
     behaviors: tuple[str, ...]
     name: str = "behaviour release"
 
+    @classmethod
+    def load(cls, directory: Path, behaviors: Sequence[str]) -> ReleasePolicy:
+        return cls(read_release(directory, accept_failed_gates=True), file_sha256(directory / CONFIG_FILE),
+                   tuple(behaviors))
+
     @property
     def sha256(self) -> str:
-        return config_hash({"release": file_sha256(self.directory / CONFIG_FILE), "behaviors": list(self.behaviors)})
-
-    def alphas(self, alpha: float) -> dict[str, dict[int, float]]:
-        release = read_release(self.directory, accept_failed_gates=True)
-        out: dict[str, dict[int, float]] = {}
-        for layer, groups in release.groups.items():
-            for name, value in groups.alphas.items():
-                out.setdefault(name, {})[layer] = alpha * value
-        if release.refusal is not None:
-            for name, value in release.alphas.items():
-                out.setdefault(name, {})[release.refusal.layer] = alpha * value
-        return {name: layers for name, layers in out.items() if name in self.behaviors}
+        return config_hash({"release": self.config_sha256, "behaviors": list(self.behaviors)})
 
     @contextmanager
     def applied(self, model: nn.Module, alpha: float, reverse: bool) -> Iterator[None]:
-        patch = apply_behaviors(model, self.directory, self.alphas(alpha), behaviors=self.behaviors,
-                                accept_failed_gates=True)
-        try:
-            with patch.reverse_if(reverse):
-                yield
-        finally:
-            remove_behaviors(model)
+        layers, gate_skip = behavior_layers(self.release, behaviors=self.behaviors, scale=alpha)
+        with patched(model, layers, gate_skip) as patch, patch.reverse_if(reverse):
+            yield
 
-
-def release_readouts(directory: Path, behaviors: Sequence[str]) -> list[FeatureReadout]:
-    """The enabled behaviours' features per layer, read through the SAE they came from (hash-checked), for the
-    sign-flip check."""
-    release = read_release(directory, accept_failed_gates=True)
-    readouts = []
-    for layer, groups in sorted(release.groups.items()):
-        pinned = release.config["sae"][str(layer)]
-        sae, sae_cfg = TopKSAE.load(Path(pinned["path"]))
-        if sae_cfg["sae_hash"] != pinned["sae_hash"]:
-            raise SteeringError(f"layer {layer}: the release was cut from SAE {pinned['sae_hash'][:12]}, the SAE is "
-                                f"now {sae_cfg['sae_hash'][:12]}")
-        ids = [i for name in groups.sizes if name in behaviors
-               for i in release.config["behaviors"][name]["sidecars"][str(layer)]["feature_ids"]]
-        if ids:
-            readouts.append(FeatureReadout(layer, sae, ids))
-    return readouts
+    def readouts(self) -> list[FeatureReadout]:
+        """The enabled behaviours' features per layer, read through the SAE they came from (hash-checked), for the
+        sign-flip check."""
+        readouts = []
+        for layer, groups in sorted(self.release.groups.items()):
+            pinned = self.release.config["sae"][str(layer)]
+            sae, sae_cfg = TopKSAE.load(Path(pinned["path"]))
+            if sae_cfg["sae_hash"] != pinned["sae_hash"]:
+                raise SteeringError(f"layer {layer}: the release was cut from SAE {pinned['sae_hash'][:12]}, the "
+                                    f"SAE is now {sae_cfg['sae_hash'][:12]}")
+            ids = [i for name in groups.sizes if name in self.behaviors
+                   for i in self.release.config["behaviors"][name]["sidecars"][str(layer)]["feature_ids"]]
+            if ids:
+                readouts.append(FeatureReadout(layer, sae, ids))
+        return readouts
 
 
 def _rate(metrics: dict, *path: str) -> dict:

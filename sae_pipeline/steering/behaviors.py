@@ -52,25 +52,12 @@ def _subset(groups: LayerGroups, keep: Sequence[str]) -> LayerGroups | None:
     return LayerGroups(joined, sizes, {name: groups.alphas[name] for name in names})
 
 
-def apply_behaviors(model: nn.Module, sae_paths_per_behavior: str | Path | dict,
-                    alphas_per_behavior: dict[str, float | dict[int, float]] | None = None, steer_on: bool = True,
-                    reverse_token: str = REVERSE_TOKEN, no_steer_token: str = NO_STEER_TOKEN,
-                    behaviors: Sequence[str] | None = None, epsilon: float | None = None,
-                    accept_failed_gates: bool = False) -> SteeringPatch:
-    """Attach per-behaviour steering. sae_paths_per_behavior: a release directory (`behaviors/release`, applied as
-    evaluated, its alphas unless overridden; one that failed its gates only with accept_failed_gates) or
-    {behaviour: {layer: sidecar file (dense or .sae8)}} (the feature rule alone). alphas_per_behavior: {behaviour:
-    alpha or {layer: alpha}} overrides. behaviors: the subset to enable (default all). epsilon: the firing threshold
-    (default the release's, else 0.02). steer_on=False attaches the hooks inert. remove_behaviors(model) detaches
-    them."""
-    if (reverse_token, no_steer_token) != (REVERSE_TOKEN, NO_STEER_TOKEN):
-        raise SteeringError(f"control tokens are fixed: {REVERSE_TOKEN} and {NO_STEER_TOKEN}")
-    if isinstance(sae_paths_per_behavior, dict):
-        release, release_epsilon = Release(_from_paths(sae_paths_per_behavior), None, {}, {}), DEFAULT_EPSILON
-    else:
-        release = read_release(Path(sae_paths_per_behavior), accept_failed_gates)
-        release_epsilon = float(release.config.get("epsilon", DEFAULT_EPSILON))
-    epsilon = release_epsilon if epsilon is None else epsilon
+def behavior_layers(release: Release, alphas_per_behavior: dict[str, float | dict[int, float]] | None = None,
+                    behaviors: Sequence[str] | None = None, steer_on: bool = True, epsilon: float | None = None,
+                    scale: float = 1.0) -> tuple[dict[int, LayerSteering], int]:
+    """The hooks a release asks for (see apply_behaviors; scale multiplies every behaviour's alpha) and the gate's
+    gate_skip, checked before anything is attached."""
+    epsilon = float(release.config.get("epsilon", DEFAULT_EPSILON)) if epsilon is None else epsilon
     refusal = release.refusal
     hooked = {layer: set(groups.sizes) for layer, groups in release.groups.items()}
     if refusal is not None:
@@ -91,8 +78,8 @@ def apply_behaviors(model: nn.Module, sae_paths_per_behavior: str | Path | dict,
     def alpha_of(name: str, layer: int, default: float) -> float:
         override = (alphas_per_behavior or {}).get(name)
         if isinstance(override, dict):
-            return per_layer[name].get(layer, default)
-        return default if override is None else float(override)
+            return scale * per_layer[name].get(layer, default)
+        return scale * (default if override is None else float(override))
 
     steering = {}
     for layer, groups in sorted(release.groups.items()):
@@ -111,7 +98,28 @@ def apply_behaviors(model: nn.Module, sae_paths_per_behavior: str | Path | dict,
                                           router=refusal.router, route_scale_C=scale_C)
     if not steering:
         raise SteeringError(f"no layer steers any of the behaviours {list(behaviors or [])}")
-    return apply_patch_layers(model, steering, refusal.gate_skip if refusal is not None else 1)
+    return steering, refusal.gate_skip if refusal is not None else 1
+
+
+def apply_behaviors(model: nn.Module, sae_paths_per_behavior: str | Path | dict,
+                    alphas_per_behavior: dict[str, float | dict[int, float]] | None = None, steer_on: bool = True,
+                    reverse_token: str = REVERSE_TOKEN, no_steer_token: str = NO_STEER_TOKEN,
+                    behaviors: Sequence[str] | None = None, epsilon: float | None = None,
+                    accept_failed_gates: bool = False) -> SteeringPatch:
+    """Attach per-behaviour steering. sae_paths_per_behavior: a release directory (`behaviors/release`, applied as
+    evaluated, its alphas unless overridden; one that failed its gates only with accept_failed_gates) or
+    {behaviour: {layer: sidecar file (dense or .sae8)}} (the feature rule alone). alphas_per_behavior: {behaviour:
+    alpha or {layer: alpha}} overrides. behaviors: the subset to enable (default all). epsilon: the firing threshold
+    (default the release's, else 0.02). steer_on=False attaches the hooks inert. remove_behaviors(model) detaches
+    them."""
+    if (reverse_token, no_steer_token) != (REVERSE_TOKEN, NO_STEER_TOKEN):
+        raise SteeringError(f"control tokens are fixed: {REVERSE_TOKEN} and {NO_STEER_TOKEN}")
+    if isinstance(sae_paths_per_behavior, dict):
+        release = Release(_from_paths(sae_paths_per_behavior), None, {}, {})
+    else:
+        release = read_release(Path(sae_paths_per_behavior), accept_failed_gates)
+    layers, gate_skip = behavior_layers(release, alphas_per_behavior, behaviors, steer_on, epsilon)
+    return apply_patch_layers(model, layers, gate_skip)
 
 
 def remove_behaviors(model: nn.Module) -> None:

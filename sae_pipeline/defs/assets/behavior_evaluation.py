@@ -10,8 +10,8 @@ import torch
 
 from sae_pipeline.behaviors.evaluation import (
     ALL, ONLY, REVERSE, ReleasePolicy, ablation_rows, arm_behaviors, arm_names, behavior_results,
-    ensemble_behavior_metrics, release_readouts)
-from sae_pipeline.behaviors.release import CONFIG_FILE
+    ensemble_behavior_metrics)
+from sae_pipeline.behaviors.release import CONFIG_FILE, read_release
 from sae_pipeline.config import Profile, artifacts_root, load_gates
 from sae_pipeline.defs.assets.evaluation import redaction_check_spec, require_audit, steered_run
 from sae_pipeline.defs.lineage import required_metadata
@@ -23,7 +23,7 @@ from sae_pipeline.evaluation.harness import load_metrics
 from sae_pipeline.evaluation.plots import rates_png
 from sae_pipeline.hashing import file_sha256
 from sae_pipeline.steering.overhead import measure_overhead
-from sae_pipeline.steering.behaviors import apply_behaviors, remove_behaviors
+from sae_pipeline.steering.behaviors import behavior_layers
 
 GROUP = "behaviors"
 ARM_REDACTION = "arm_redaction"
@@ -48,15 +48,14 @@ def build_behavior_evaluation_assets(profile: Profile) -> list:
         arm = context.partition_key
         reverse = arm == REVERSE
         require_audit(reverse)
-        directory = _release_dir(context.instance)
         enabled = arm_behaviors(arm, behaviors)
-        policy = ReleasePolicy(directory, enabled)
+        policy = ReleasePolicy.load(_release_dir(context.instance), enabled)
         loaded = model.load(profile, dtype=eval_cfg.model_dtype)
         _, metadata, check = steered_run(context.instance, loaded, eval_cfg, policy, RELEASE_ALPHA, reverse,
-                                         release_readouts(directory, enabled), f"behaviour arm {arm}", ARM_REDACTION)
+                                         policy.readouts(), f"behaviour arm {arm}", ARM_REDACTION)
         yield dg.MaterializeResult(
             metadata={**metadata, "arm": arm, "behaviors": ",".join(enabled), "policy_sha256": policy.sha256,
-                      "release_config_sha256": file_sha256(directory / CONFIG_FILE)},
+                      "release_config_sha256": policy.config_sha256},
             check_results=[check])
 
     def arm_metrics(instance: dg.DagsterInstance, directory: Path) -> tuple[dict, dict]:
@@ -81,7 +80,8 @@ def build_behavior_evaluation_assets(profile: Profile) -> list:
                           "behaviour alone), behavioural cross-talk and the representation cross-talk maxima.")
     def behavior_evaluation(context: dg.AssetExecutionContext, model: ModelResource) -> dg.MaterializeResult:
         directory = _release_dir(context.instance)
-        config = json.loads((directory / CONFIG_FILE).read_text())
+        release = read_release(directory, accept_failed_gates=True)  # every file verified against its sha256
+        config = release.config
         metrics, pinned = arm_metrics(context.instance, directory)
         baseline_path = Path(required_metadata(context.instance, dg.AssetKey("baseline_metrics"))["path"])
         baseline = load_metrics(baseline_path)
@@ -91,9 +91,7 @@ def build_behavior_evaluation_assets(profile: Profile) -> list:
         steering_cfg = profile.steering
         prompts = [r.prompt for r in load_prompt_sets().benign if r.split == "tuning"][:steering_cfg.overhead_prompts]
         device = next(loaded.model.parameters()).device
-        patch = apply_behaviors(loaded.model, directory, accept_failed_gates=True)
-        layers, gate_skip = {layer: state.config for layer, state in patch.layers.items()}, patch.gate_skip
-        remove_behaviors(loaded.model)
+        layers, gate_skip = behavior_layers(release)
         overhead = measure_overhead(loaded.model, [torch.tensor([chat_ids(loaded.tokenizer, p)], device=device)
                                                    for p in prompts], layers, gate_skip,
                                     steering_cfg.overhead_new_tokens, steering_cfg.overhead_rounds)

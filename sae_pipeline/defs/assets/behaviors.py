@@ -294,11 +294,11 @@ def build_behavior_assets(profile: Profile) -> list:
                                                    "candidates": entry["candidates"][behavior],
                                                    "screen": {"path": screened["path"], "sha256": screened["sha256"]}}
                 selection, ids = directions[behavior], screen["selected"]
+                rows_N = [selection.feature_ids.index(i) for i in ids]
                 rows.append({"layer": int(layer), "behavior": behavior, "features": len(ids),
-                             "flagged": sum(bool(selection.flagged_N[selection.feature_ids.index(i)]) for i in ids)})
+                             "flagged": int(selection.flagged_N[rows_N].sum())})
                 if not ids:
                     continue  # the screen kept none: the behaviour steers by its refusal routing alone here
-                rows_N = [selection.feature_ids.index(i) for i in ids]
                 sidecars.setdefault(int(layer), {})[behavior] = behavior_sidecar(
                     sae, ids, selection.directions_ND[rows_N], screen["signs"])
                 ids_by_layer.setdefault(int(layer), {})[behavior] = ids

@@ -18,12 +18,13 @@ from sae_pipeline.config import Profile, artifacts_root, load_gates
 from sae_pipeline.defs.assets.evaluation import redaction_check_spec, require_audit, steered_run
 from sae_pipeline.defs.assets.operating_point import build_candidate
 from sae_pipeline.defs.lineage import required_metadata
-from sae_pipeline.defs.metadata import numbers, table
+from sae_pipeline.defs.metadata import numbers, png_markdown, table
 from sae_pipeline.defs.resources import ModelResource
 from sae_pipeline.evaluation.datasets import load_prompt_sets
 from sae_pipeline.evaluation.determinism import deterministic
 from sae_pipeline.evaluation.generation import chat_ids
 from sae_pipeline.evaluation.harness import load_metrics
+from sae_pipeline.evaluation.plots import rates_png
 from sae_pipeline.features.refusal import refusal_direction
 from sae_pipeline.hashing import config_hash, file_sha256
 from sae_pipeline.model.loading import LoadedModel
@@ -122,8 +123,8 @@ def build_ensemble_assets(profile: Profile) -> list:
         """The schedule a partition evaluates, or why it evaluates nothing."""
         if key in named:
             return named[key]
-        base = best(instance, named)
         if key in grid_keys:
+            base = best(instance, named)
             layer, side = grid_keys[key]
             moved = [s for s in grid_around(base, [layer], cfg.ensemble_grid_step) if s.name.endswith(
                 f"L{layer}{'+' if side == 'plus' else '-'}{cfg.ensemble_grid_step:g}")]
@@ -244,6 +245,11 @@ def build_ensemble_assets(profile: Profile) -> list:
             **numbers({"throughput_overhead": overhead.overhead,
                        "reverse_capability_recovery": report["reverse_capability_recovery"]}),
             "schedules": table(schedules), "ablation": table(ablation) if ablation else "no layer to ablate",
+            "rates": png_markdown(rates_png({
+                "harmful completed": {runs[k][0].name: runs[k][1]["harmful_completion_rate"]["overall"]
+                                      for k in searched},
+                "benign falsely refused": {runs[k][0].name: runs[k][1]["benign_false_refusal_rate"]["overall"]
+                                           for k in searched}}, "ensemble schedules, 95% CIs"), "schedules"),
             "gates": table([g._asdict() for g in verdict])})
 
     @dg.asset_check(asset=ensemble_metrics, name=ENSEMBLE_GATES, blocking=True,
