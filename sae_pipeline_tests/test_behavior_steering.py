@@ -111,8 +111,10 @@ def test_a_release_directory_applies_as_written_and_fails_closed_when_tampered(t
     release = tmp_path / "release"
     sidecars = {LAYER: {"chem": _sidecar(3, 0), "bio": _sidecar(3, 1)}}
     config = write_release(release, sidecars, {"chem": 0.5, "bio": 0.3}, nnz_per_feature=16,
-                           provenance={"sae": {str(LAYER): {"sae_hash": "x"}}})
+                           provenance={"sae": {str(LAYER): {"sae_hash": "x"}}},
+                           dictionaries={LAYER: {"chem": [4, 1, 9], "bio": [2, 3, 5, 7]}})
     assert config["layers"][str(LAYER)]["groups"] == [["chem", 3], ["bio", 3]]
+    assert read_release(release).config["dictionaries"] == {str(LAYER): {"chem": [4, 1, 9], "bio": [2, 3, 5, 7]}}
     assert sidecar_groups(release / f"grouped_l{LAYER}.sae8") == {"chem": 3, "bio": 3}
     assert sidecar_groups(release / f"grouped_l{LAYER}.safetensors") == {"chem": 3, "bio": 3}
     assert sidecar_groups(release / f"chem_l{LAYER}.sae8") is None
@@ -126,6 +128,9 @@ def test_a_release_directory_applies_as_written_and_fails_closed_when_tampered(t
     swapped["layers"][str(LAYER)]["groups"] = [["bio", 3], ["chem", 3]]  # each alpha would steer the other's rows
     (release / CONFIG_FILE).write_text(json.dumps(swapped))
     with pytest.raises(SidecarError, match="differ from the sidecar's"):
+        read_release(release)
+    write_release(release, sidecars, {"chem": 0.5, "bio": 0.3}, 16, {}, dictionaries={LAYER: {"cyber": [1]}})
+    with pytest.raises(SidecarError, match=r"does not steer: \{'2': \['cyber'\]\}"):
         read_release(release)
     write_release(release, sidecars, {"chem": 0.5, "bio": 0.3}, nnz_per_feature=16, provenance={})
     grouped = release / f"grouped_l{LAYER}.safetensors"
@@ -193,3 +198,22 @@ def test_a_release_carries_the_per_behaviour_refusal_mode_and_its_gates(tiny, id
     with pytest.raises(SidecarError, match="router.safetensors does not match"):
         read_release(release, accept_failed_gates=True)
     assert getattr(tiny.model, "_sae_pipeline_steering", None) is None
+
+
+def test_the_screen_counts_the_dictionary_signs_a_steered_feature_flips(tiny):
+    from sae_pipeline.behaviors.screen import steered_sign_flips
+    from sae_pipeline.evaluation.generation import chat_ids
+    from sae_pipeline.evaluation.stability import FeatureReadout, mean_pre_acts
+    from sae_pipeline.sae.model import TopKSAE
+
+    sae = TopKSAE(64, 32, 8)
+    sae.init_tied(torch.Generator().manual_seed(0))
+    prompts = [chat_ids(tiny.tokenizer, p) for p in ("bake a cake", "sort a list in python", "name three birds")]
+    means_PF = mean_pre_acts(tiny.model, prompts, [FeatureReadout(LAYER, sae, list(range(32)))])
+    feature = int(means_PF.min(0).values.argmax())  # positive on every prompt: removing it hard turns it negative
+    assert means_PF[:, feature].min() > 0
+    own_D = torch.nn.functional.normalize(sae.W_enc_DF[:, feature].detach(), dim=0)[None]
+    flips = steered_sign_flips(tiny.model, prompts, sae, LAYER, list(range(32)), [feature], own_D, [-1], 500.0, 0.0)
+    assert flips[feature] >= len(prompts), "its own sign flips on every prompt, at least"
+    calm = steered_sign_flips(tiny.model, prompts, sae, LAYER, list(range(32)), [feature], own_D, [-1], 0.0, 0.0)
+    assert calm == {feature: 0}

@@ -81,6 +81,7 @@ def test_the_router_learns_whose_request_it_is_and_routes_as_the_runtime_does():
     assert fit.cv_accuracy > 0.95 and fit.router.layers == (1, 3)
     assert sum(fit.cv_confusion["chem"].values()) == 20
     assert sum(fit.cv_confusion[name][name] for name in names) == round(fit.cv_accuracy * 60)
+    assert (fit.cv_routed_N == torch.tensor([names.index(b) for b in labels])).double().mean() == fit.cv_accuracy
     assert route(fit.router, x_PD) == [names[i] for i in
                                        (x_PD.float() @ fit.router.weight_DC + fit.router.bias_C).argmax(-1).tolist()]
     assert sum(r == t for r, t in zip(route(fit.router, x_PD), labels)) >= 57

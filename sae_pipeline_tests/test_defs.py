@@ -291,6 +291,7 @@ def test_tiny_behavior_release_from_layer_choice_to_its_evaluation(artifacts_wit
         screen = json.loads(Path(screens["bio", "3"]["path"].value).read_text())
         assert len(screen["records"]) == 3 and sum(r["decoded"] for r in screen["records"]) == 2
         assert all(r["benign_false_refusal"] <= 0.03 for r in screen["records"] if r["selected"])
+        assert all(r["benign_sign_flips"] == 0 for r in screen["records"] if r["selected"])
         assert screen["selected"] == [r["feature_id"] for r in screen["records"] if r["selected"]]
         released = _checked(defs, "behavior_release", instance)
         assert released.success
@@ -321,6 +322,7 @@ def test_tiny_behavior_release_from_layer_choice_to_its_evaluation(artifacts_wit
         assert config["rankings"]["bio|3"]["screen"]["sha256"] == screens["bio", "3"]["sha256"].value
         assert config["behaviors"]["chem"]["alpha"] == 0.8 and set(config["rankings"]) == {"chem|3", "bio|3"}
         assert config["refusal"]["behaviors"] == ["chem", "bio"] and config["refusal"]["layer"] == 3
+        assert config["dictionaries"] == {"3": {b: report["behaviors"][b]["feature_ids"] for b in ("chem", "bio")}}
         # the release records the count it failed: applied only when accepted explicitly
         assert not config["gates"]["passed"]
         with pytest.raises(SidecarError, match="crosstalk_shortfall_max"):
@@ -352,6 +354,9 @@ def test_tiny_behavior_release_from_layer_choice_to_its_evaluation(artifacts_wit
         assert set(ensemble["arms"]) == {"all", "only_chem", "only_bio", "reverse"}
         assert ensemble["representation_crosstalk"]["3"]["chem|bio"] == report["pair_max_cos"]["chem|bio"]
         assert ensemble["global"]["throughput"]["steered_tokens_per_s"]
+        # sign flips read every behaviour's whole dictionary, counted per behaviour and layer
+        assert set(ensemble["global"]["sign_flips_by_behavior_layer"]) == {"chem|3", "bio|3"}
+        assert sum(ensemble["global"]["sign_flips_by_behavior_layer"].values()) == ensemble["global"]["sign_flips"]
         rows = {r.data["name"]: r.data for r in gates_check.metadata["gates"].value.records}
         assert set(rows) == set(yaml.safe_load(gates_path.read_text())["behavior_evaluation"])
         assert gates_check.passed == all(r["passed"] for r in rows.values()) == ensemble["gates"]["passed"]

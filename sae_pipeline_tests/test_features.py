@@ -146,6 +146,9 @@ def test_probe_gate_fit_respects_the_benign_budget_and_folds_exactly():
     benign = torch.randn(120, 16, generator=generator) - 2.5 * direction_D
     fit = fit_probe_gate(harmful, benign, max_benign_fire=0.05)
     assert fit.cv_benign_fire <= 0.05 + 1 / 120 and fit.cv_harmful_fire > 0.9
+    # the out-of-fold margins behind those rates: harmful rows first, firing where positive
+    assert (fit.cv_margin_N[:len(harmful)] > 0).double().mean() == fit.cv_harmful_fire
+    assert (fit.cv_margin_N[len(harmful):] > 0).double().mean() == fit.cv_benign_fire
     scores = lambda x: x.double() @ fit.gate.weight_D.double() + fit.gate.bias  # noqa: E731
     assert (scores(harmful) > 0).double().mean() > 0.9 and (scores(benign) > 0).double().mean() <= 0.1
     # swapping the classes' sides must flip the probe: it reads the data, not the order of the arguments

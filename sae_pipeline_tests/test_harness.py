@@ -12,7 +12,7 @@ from sae_pipeline.evaluation.harness import (
     select_prompts)
 from sae_pipeline.evaluation.judges import ComplianceProxyScorer, PrefixRefusalJudge, measure_judge
 from sae_pipeline.evaluation.redaction import RedactionError
-from sae_pipeline.evaluation.stability import FeatureReadout
+from sae_pipeline.evaluation.stability import FeatureReadout, flips_by_readout
 from sae_pipeline.model.hooks import mlp_module
 from sae_pipeline.sae.model import TopKSAE
 
@@ -137,6 +137,19 @@ def test_feature_stability_counts_sign_flips_under_steering(tiny, tiny_profile, 
     stability = flipped.metrics["feature_stability"]
     assert stability["features"] == 4 and stability["questions"] == 3
     assert stability["sign_flips"] > 0 and stability["flip_rate"]["rate"] > 0
+    assert stability["sign_flips_by_readout"] == {"features|3": stability["sign_flips"]}
+
+
+def test_flips_are_counted_per_behaviour_and_layer():
+    sae = TopKSAE(8, 16, 2)
+    readouts = [FeatureReadout(3, sae, [0, 1], "chem"), FeatureReadout(3, sae, [5], "bio"),
+                FeatureReadout(4, sae, [2], "chem")]
+    # two prompts x four features, prompt-major
+    flags = [True, False, True, False,
+             False, True, True, True]
+    assert flips_by_readout(flags, readouts) == {"chem|3": 2, "bio|3": 2, "chem|4": 1}
+    with pytest.raises(ValueError, match="do not tile"):
+        flips_by_readout(flags[:-1], readouts)
 
 
 def test_task_answers_must_go_beyond_echoing_the_question():

@@ -70,19 +70,18 @@ class ReleasePolicy:
             yield
 
     def readouts(self) -> list[FeatureReadout]:
-        """The enabled behaviours' features per layer, read through the SAE they came from (hash-checked), for the
-        sign-flip check."""
+        """Each enabled behaviour's dictionary (the latents the cross-talk filter kept) per layer, read through the
+        SAE it came from (hash-checked), for the sign-flip check: steering must not change what any of them says
+        about clean domain questions, steered or not."""
         readouts = []
-        for layer, groups in sorted(self.release.groups.items()):
-            pinned = self.release.config["sae"][str(layer)]
+        for layer, dictionaries in sorted(self.release.config["dictionaries"].items(), key=lambda kv: int(kv[0])):
+            pinned = self.release.config["sae"][layer]
             sae, sae_cfg = TopKSAE.load(Path(pinned["path"]))
             if sae_cfg["sae_hash"] != pinned["sae_hash"]:
                 raise SteeringError(f"layer {layer}: the release was cut from SAE {pinned['sae_hash'][:12]}, the "
                                     f"SAE is now {sae_cfg['sae_hash'][:12]}")
-            ids = [i for name in groups.sizes if name in self.behaviors
-                   for i in self.release.config["behaviors"][name]["sidecars"][str(layer)]["feature_ids"]]
-            if ids:
-                readouts.append(FeatureReadout(layer, sae, ids))
+            readouts += [FeatureReadout(int(layer), sae, ids, name) for name, ids in sorted(dictionaries.items())
+                         if name in self.behaviors and ids]
         return readouts
 
 
@@ -183,6 +182,7 @@ def ensemble_behavior_metrics(baseline: dict, arms: dict[str, dict], behaviors: 
                            "perplexity": every["capability"]["perplexity"],
                            "baseline_perplexity": baseline["capability"]["perplexity"]},
             "sign_flips": strength["sign_flips_max"],
+            "sign_flips_by_behavior_layer": every.get("feature_stability", {}).get("sign_flips_by_readout", {}),
             "reverse_capability_recovery": round(reverse_capability_recovery(baseline, arms[REVERSE]), 6),
             "throughput": overhead},
         "ablation": ablation_rows(baseline, arms, behaviors),

@@ -32,7 +32,7 @@ from sae_pipeline.steering.sidecar import (DenseSidecar, SidecarError, load_dens
 from sae_pipeline.tensorfiles import TensorFileError, load_tensors, save_tensors
 
 CONFIG_FILE = "multi_behavior_config.json"
-CONFIG_VERSION = 2  # 2: the per-behaviour refusal mode and the recorded gates
+CONFIG_VERSION = 3  # 2: the per-behaviour refusal mode and the recorded gates; 3: the dictionaries
 
 
 class LayerGroups(NamedTuple):
@@ -83,12 +83,13 @@ def _pinned(path: Path, directory: Path, sha256: str | None = None) -> dict:
 
 def write_release(directory: Path, sidecars: dict[int, dict[str, DenseSidecar]], alphas: dict[str, float],
                   nnz_per_feature: int, provenance: dict, refusal: RefusalRouting | None = None,
-                  gates: list[dict] | None = None, feature_ids: dict[int, dict[str, list[int]]] | None = None
-                  ) -> dict:
+                  gates: list[dict] | None = None, feature_ids: dict[int, dict[str, list[int]]] | None = None,
+                  dictionaries: dict[int, dict[str, list[int]]] | None = None) -> dict:
     """Dense and SAE8 sidecars per behaviour and layer, a grouped pair per layer, the refusal mode, and the config
     pinning them. sidecars: layer -> behaviour -> sidecar; alphas: behaviour -> alpha (every layer); gates: the
     results ({name, value, threshold, passed, ...}) the release was written under; feature_ids: the SAE latents
-    behind each sidecar's rows (recorded)."""
+    behind each sidecar's rows (recorded); dictionaries: layer -> behaviour -> the latents the cross-talk filter
+    kept, steered or not (the sign-flip check reads them on clean questions)."""
     directory.mkdir(parents=True, exist_ok=True)
     layers = {}
     behaviors = {b: {"alpha": alphas[b], "alphas": {}, "sidecars": {}}
@@ -109,6 +110,8 @@ def write_release(directory: Path, sidecars: dict[int, dict[str, DenseSidecar]],
                               "dense": _pinned(dense, directory, save_dense(grouped, dense, sizes)),
                               "sae8": _pinned(sae8, directory, write_sae8(grouped, sae8, nnz, sizes))}
     config = {**provenance, "version": CONFIG_VERSION, "layers": layers, "behaviors": behaviors,  # ours win
+              "dictionaries": {str(layer): {b: list(ids) for b, ids in by_behavior.items()}
+                               for layer, by_behavior in sorted((dictionaries or {}).items())},
               "gates": {"passed": all(g["passed"] for g in gates or []), "results": gates or []}}
     if refusal is not None:
         config["refusal"] = {
@@ -159,6 +162,9 @@ def read_release(directory: Path, accept_failed_gates: bool = False) -> Release:
             refusal = RefusalRouting(int(entry["layer"]), vector, gate, router, float(entry["beta_per_alpha"]),
                                      int(entry["gate_skip"]))
             alphas = {b: _alpha(config, b, str(refusal.layer)) for b in router.names}
+        stray = {layer: sorted(set(d) - set(config["behaviors"])) for layer, d in config["dictionaries"].items()}
+        if any(stray.values()):
+            raise SidecarError(f"the dictionaries name behaviours the release does not steer: {stray}")
         every = [a for groups in out.values() for a in groups.alphas.values()] + list(alphas.values())
         if not all(math.isfinite(a) for a in every):
             raise SidecarError(f"alphas must be finite, got {config['behaviors']}")

@@ -27,6 +27,7 @@ class RouterFit(NamedTuple):
     cv_accuracy: float
     cv_confusion: dict[str, dict[str, int]]  # true behaviour -> routed behaviour -> prompts, out of fold
     cv_by_l2: dict[float, float]
+    cv_routed_N: torch.Tensor  # at the chosen L2: each prompt's out-of-fold behaviour (an index into names)
 
 
 def _fit_scores(z_ND: torch.Tensor, label_N: torch.Tensor, classes: int, l2: float
@@ -71,7 +72,7 @@ def fit_router(summaries_PD: torch.Tensor, behaviors_P: Sequence[str], names: Se
     router = CategoryRouter(names, folded_DC.float(), (bias_C - mean_D @ folded_DC).float(), tuple(sorted(layers)))
     confusion = {true: {routed: int(((label_N == i) & (routed_N == j)).sum()) for j, routed in enumerate(names)}
                  for i, true in enumerate(names)}
-    return RouterFit(router, l2, accuracy, confusion, by_l2)
+    return RouterFit(router, l2, accuracy, confusion, by_l2, routed_N)
 
 
 def route(router: CategoryRouter, summaries_PD: torch.Tensor) -> list[str]:

@@ -27,7 +27,7 @@ from sae_pipeline.evaluation.generation import (
     CANONICAL_REFUSAL, chat_ids, continuation_logprobs, generate_greedy, mean_next_token_kl, perplexity)
 from sae_pipeline.evaluation.judges import HarmfulnessScorer, JudgeAccuracy, RefusalJudge
 from sae_pipeline.evaluation.redaction import Fingerprints, RedactionError, RedactionGuard
-from sae_pipeline.evaluation.stability import FeatureReadout, sign_flips
+from sae_pipeline.evaluation.stability import FeatureReadout, flips_by_readout, sign_flips
 from sae_pipeline.hashing import config_hash
 from sae_pipeline.model.loading import LoadedModel
 
@@ -249,6 +249,7 @@ def evaluate(loaded: LoadedModel, sets: PromptSets, judges: Judges, cfg: EvalCon
         "feature_stability": {
             "features": sum(len(r.feature_ids) for r in readouts), "questions": len(clean_ids),
             "sign_flips": sum(flips),
+            "sign_flips_by_readout": flips_by_readout(flips, readouts),
             "flip_rate": rate(flips, "feature_stability")}
         if readouts else {"features": 0, "note": "no steering features selected (baseline)"},
         "throughput": {

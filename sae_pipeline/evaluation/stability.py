@@ -20,10 +20,11 @@ class FeatureReadout(NamedTuple):
     layer: int
     sae: TopKSAE
     feature_ids: list[int]
+    name: str = "features"  # whose features (a behaviour): flips are counted per name and layer
 
 
 @torch.no_grad()
-def _mean_pre_acts(model: PreTrainedModel, prompts: Sequence[list[int]], readouts: Sequence[FeatureReadout]
+def mean_pre_acts(model: PreTrainedModel, prompts: Sequence[list[int]], readouts: Sequence[FeatureReadout]
                    ) -> torch.Tensor:
     """(prompts, total selected features) mean pre-activation over each prompt's tokens (position 0 skipped:
     the attention sink)."""
@@ -43,7 +44,23 @@ def _mean_pre_acts(model: PreTrainedModel, prompts: Sequence[list[int]], readout
 def sign_flips(model: PreTrainedModel, prompts: Sequence[list[int]], readouts: Sequence[FeatureReadout],
                steered: Callable[[], AbstractContextManager] = nullcontext) -> list[bool]:
     """One flag per (prompt, feature): True where steering flips the sign of the feature's mean pre-activation."""
-    before_PF = _mean_pre_acts(model, prompts, readouts)
+    before_PF = mean_pre_acts(model, prompts, readouts)
     with steered():
-        after_PF = _mean_pre_acts(model, prompts, readouts)
+        after_PF = mean_pre_acts(model, prompts, readouts)
     return (torch.sign(before_PF) != torch.sign(after_PF)).flatten().tolist()
+
+
+def flips_by_readout(flags: Sequence[bool], readouts: Sequence[FeatureReadout]) -> dict[str, int]:
+    """`sign_flips`'s flags counted per readout, keyed "name|layer" (flags run prompt-major, features in readout
+    order)."""
+    sizes = [len(r.feature_ids) for r in readouts]
+    width = sum(sizes)
+    if width == 0 or len(flags) % width:
+        raise ValueError(f"{len(flags)} flags do not tile {width} features per prompt")
+    rows = torch.tensor(list(flags), dtype=torch.bool).view(-1, width)
+    counts, start = {}, 0
+    for readout, size in zip(readouts, sizes):
+        key = f"{readout.name}|{readout.layer}"
+        counts[key] = counts.get(key, 0) + int(rows[:, start:start + size].sum())
+        start += size
+    return counts

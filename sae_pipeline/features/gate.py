@@ -44,6 +44,7 @@ class GateFit(NamedTuple):
     cv_benign_fire: float
     cv_borderline_fire: float | None
     cv_by_l2: dict  # l2 -> (harmful fire, benign fire, borderline fire or None) out of fold, for the record
+    cv_margin_N: torch.Tensor  # at the chosen L2: each prompt's out-of-fold score minus the threshold, harmful first
 
 
 def template_prefix_length(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -105,14 +106,14 @@ def fit_probe_gate(harmful_PD: torch.Tensor, benign_PD: torch.Tensor, max_benign
         borderline_fire = fire(borderline_N) if borderline is not None else None
         by_l2[l2] = tuple(None if f is None else round(f, 6) for f in (harmful_fire, benign_fire, borderline_fire))
         if best is None or harmful_fire > best[0]:
-            best = (harmful_fire, benign_fire, borderline_fire, l2, threshold)
-    harmful_fire, benign_fire, borderline_fire, l2, threshold = best
+            best = (harmful_fire, benign_fire, borderline_fire, l2, threshold, out_of_fold_N - threshold)
+    harmful_fire, benign_fire, borderline_fire, l2, threshold, margin_N = best
     weight, bias = fit_logistic(z_ND, y_N, l2, sample_weight_N=weight_N)
     # fold standardisation and threshold in: (x - mean)/std . w + b - t  ==  x . (w/std) + (b - t - mean . w/std)
     weight_D = weight / std_D
     folded_bias = float(bias - threshold - mean_D @ weight_D)
     gate = ProbeGate(weight_D.float(), folded_bias, tuple(sorted(layers)))
-    return GateFit(gate, l2, harmful_fire, benign_fire, borderline_fire, by_l2)
+    return GateFit(gate, l2, harmful_fire, benign_fire, borderline_fire, by_l2, margin_N)
 
 
 GATE_INFO_FILE = "refusal_gate.json"

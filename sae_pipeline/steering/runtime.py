@@ -108,6 +108,15 @@ class FeatureGroups(NamedTuple):
         return cls(tuple(sizes), member_NG, torch.tensor([float(alphas[name]) for name in sizes]))
 
 
+def grouped_delta(z_BSN: torch.Tensor, A_sel_ND: torch.Tensor, member_NG: torch.Tensor, alpha_G: torch.Tensor,
+                  epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The feature rule with groups: each group whose features fire somewhere on a token (some z > epsilon) removes
+    alpha_g * z_j A_j of each of its features there. Returns (delta, whether any group fired (..., 1))."""
+    fire_BSG = ((z_BSN > epsilon).to(z_BSN.dtype) @ member_NG) > 0
+    weight_BSN = (fire_BSG.to(z_BSN.dtype) * alpha_G) @ member_NG.T
+    return -(z_BSN * weight_BSN) @ A_sel_ND, fire_BSG.any(-1, keepdim=True)
+
+
 @dataclass
 class LayerSteering:
     """What one hooked layer applies. sidecar: the selected features (None: the refusal mode alone, decided by a
@@ -248,12 +257,10 @@ class SteeringPatch:
                     if alpha != 0.0:
                         steered = steered - alpha * (z_BSN @ A_sel_ND) * fire_BS1
                 else:  # each group's rule on its own features
-                    fire_BSG = ((z_BSN > cfg.epsilon).to(x_BSD.dtype) @ member_NG) > 0
-                    fire_BS1 = fire_BSG.any(-1, keepdim=True)
                     group_alpha_G = alpha_G * alpha if self.scale >= 0 else -(alpha_G != 0).to(alpha_G.dtype)
+                    delta_BSD, fire_BS1 = grouped_delta(z_BSN, A_sel_ND, member_NG, group_alpha_G, cfg.epsilon)
                     if alpha != 0.0:
-                        weight_BSN = (fire_BSG.to(x_BSD.dtype) * group_alpha_G) @ member_NG.T
-                        steered = steered - (z_BSN * weight_BSN) @ A_sel_ND
+                        steered = steered + delta_BSD
             if refusal_D is not None and beta != 0.0:
                 if self.prompt_gate_BS is not None:  # a prefill: the prompt decides for the tokens that follow
                     fire_BS = None if fire_BS1 is None else fire_BS1.squeeze(-1)

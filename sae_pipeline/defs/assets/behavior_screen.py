@@ -1,21 +1,26 @@
 """behavior_screen[behavior x layer]: each behaviour's causal quick screen (issue #5), between the cross-talk filter
 and the release. The behaviour's kept features, best ranked first, are nudged along the filter's directions on its
 own harmful tuning prompts and a benign slice (features/causal.py, with the quick sizes of `behaviors`); a feature
-is kept only if it raised harmful refusal and the benign slice's false refusal stayed within the gate
-(`behaviors.screen_benign_false_refusal_max`). Interrupted screens resume from their journal."""
+is kept only if it raised harmful refusal, the benign slice's false refusal stayed within the gate
+(`behaviors.screen_benign_false_refusal_max`), and steering it alone by the release's rule flipped no sign of its
+behaviour's dictionary on that slice (`behaviors.screen_sign_flips_max`, behaviors/screen.py). Interrupted screens
+resume from their journal."""
 
 import json
 from pathlib import Path
 
 import dagster as dg
+import torch
 
 from sae_pipeline.behaviors.crosstalk import load_directions
+from sae_pipeline.behaviors.screen import steered_sign_flips
 from sae_pipeline.config import Profile, load_gates
 from sae_pipeline.defs.lineage import required_metadata
 from sae_pipeline.defs.metadata import numbers, table
 from sae_pipeline.defs.resources import ModelResource
 from sae_pipeline.evaluation.datasets import load_prompt_sets
 from sae_pipeline.evaluation.determinism import deterministic
+from sae_pipeline.evaluation.generation import chat_ids
 from sae_pipeline.evaluation.run import build_judges, select_primary
 from sae_pipeline.features.causal import Journal, journal_key, screen_features
 from sae_pipeline.hashing import file_sha256
@@ -38,7 +43,8 @@ def build_behavior_screen_assets(profile: Profile, partitions: dg.MultiPartition
                           "cross-talk-kept features nudged along their (possibly deflated) directions, refusal "
                           f"log-prob, then decoded refusal for the best {cfg.screen_decode_candidates} on its "
                           f"harmful tuning prompts and false refusal on {cfg.screen_benign_prompts} benign ones; at "
-                          f"most {cfg.sidecar_features} kept, each with its wanted sign.")
+                          f"most {cfg.sidecar_features} kept, each with its wanted sign, none that flips a sign in its "
+                          "behaviour's dictionary on the benign slice when steered alone.")
     def behavior_screen(context: dg.AssetExecutionContext, model: ModelResource) -> dg.MaterializeResult:
         keys = context.partition_key.keys_by_dimension
         behavior, layer = keys["behavior"], int(keys["layer"])
@@ -71,24 +77,34 @@ def build_behavior_screen_assets(profile: Profile, partitions: dg.MultiPartition
         with deterministic(screen_cfg.seed):
             result = screen_features(loaded.model, loaded.tokenizer, sae, layer, candidates, harmful, benign,
                                      primary.refusal, screen_cfg, journal, directions)
-        limit = load_gates().behaviors["screen_benign_false_refusal_max"].value
+        gates = load_gates().behaviors
+        limit, flips_limit = gates["screen_benign_false_refusal_max"].value, gates["screen_sign_flips_max"].value
         baseline_benign = result.baseline["benign_false_refusal"]
-        kept = []
         for record in result.records:
             record["benign_false_refusal"] = (baseline_benign + record["benign_false_refusal_change"]
                                               if record["decoded"] else None)
             if record["selected"] and record["benign_false_refusal"] > limit:
                 record["selected"] = False  # the issue's absolute bound on the benign slice
-            if record["selected"]:
-                kept.append(record)
+        kept = [r for r in result.records if r["selected"]]
+        if kept:
+            ids = [r["feature_id"] for r in kept]
+            flips = journal.measure(f"sign_flips:{ids}:{cfg.alpha}:{profile.steering.epsilon}", lambda: {
+                str(f): n for f, n in steered_sign_flips(
+                    loaded.model, [chat_ids(loaded.tokenizer, p) for p in benign], sae, layer,
+                    selection.feature_ids, ids, torch.stack([directions[f] for f in ids]),
+                    [r["wanted_sign"] for r in kept], cfg.alpha, profile.steering.epsilon).items()})
+            for record in kept:
+                record["benign_sign_flips"] = flips[str(record["feature_id"])]
+                record["selected"] = record["benign_sign_flips"] <= flips_limit
+            kept = [r for r in kept if r["selected"]]
         path.write_text(json.dumps({
             "behavior": behavior, "layer": layer, "sae_hash": sae_cfg["sae_hash"],
             "directions": entry["directions"], "config": screen_cfg.model_dump(mode="json"),
-            "benign_false_refusal_max": limit, "baseline": result.baseline,
+            "benign_false_refusal_max": limit, "sign_flips_max": flips_limit, "baseline": result.baseline,
             "selected": [r["feature_id"] for r in kept], "signs": [r["wanted_sign"] for r in kept],
             "records": result.records}, indent=2, sort_keys=True))
         shown = ("feature_id", "sigma", "logprob_shift_minus", "logprob_shift_plus", "harmful_refusal_gain",
-                 "benign_false_refusal", "selected")
+                 "benign_false_refusal", "benign_sign_flips", "selected")
         return dg.MaterializeResult(metadata={
             "screened": True, "path": dg.MetadataValue.path(str(path)), "sha256": file_sha256(path),
             "selected": ",".join(str(r["feature_id"]) for r in kept) or "none",

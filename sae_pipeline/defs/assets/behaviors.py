@@ -275,7 +275,7 @@ def build_behavior_assets(profile: Profile) -> list:
                              router_info["behaviors"])
         refusal = RefusalRouting(int(gate_info["layer"]), refusal_D, gate, router, profile.steering.refusal_beta,
                                  int(gate_info["gate_skip"]))
-        sidecars, saes, rankings, rows, ids_by_layer = {}, {}, {}, [], {}
+        sidecars, saes, rankings, rows, ids_by_layer, dictionaries = {}, {}, {}, [], {}, {}
         for layer, entry in report["layers"].items():
             sae, _ = TopKSAE.load(Path(entry["sae_path"]))  # its hash was just checked by crosstalk_measures
             directions = load_directions(Path(entry["directions"]["path"]), entry["directions"]["sha256"])
@@ -294,6 +294,7 @@ def build_behavior_assets(profile: Profile) -> list:
                                                    "candidates": entry["candidates"][behavior],
                                                    "screen": {"path": screened["path"], "sha256": screened["sha256"]}}
                 selection, ids = directions[behavior], screen["selected"]
+                dictionaries.setdefault(int(layer), {})[behavior] = selection.feature_ids
                 rows_N = [selection.feature_ids.index(i) for i in ids]
                 rows.append({"layer": int(layer), "behavior": behavior, "features": len(ids),
                              "flagged": int(selection.flagged_N[rows_N].sum())})
@@ -315,7 +316,7 @@ def build_behavior_assets(profile: Profile) -> list:
                                    "crosstalk": {"path": str(report_path), "sha256": file_sha256(report_path),
                                                  "pair_max_cos": {layer: e["pair_max_cos"]
                                                                   for layer, e in report["layers"].items()}}},
-                               refusal, recorded, ids_by_layer)
+                               refusal, recorded, ids_by_layer, dictionaries)
         sizes = {f"grouped_l{layer}_sae8_bytes": (directory / entry["sae8"]["path"]).stat().st_size
                  for layer, entry in config["layers"].items()}
         return dg.MaterializeResult(metadata={

@@ -1,0 +1,112 @@
+"""ONNX and INT8 exports of a fused side-net (issue #6), and an ONNX Runtime session that runs either.
+
+The graph is written node by node (opset 17), whitening folded into the first layer so that inference needs no
+preprocessing: delta = MatMul(alphas @ film * Relu(acts @ W1' + b1'), W2), with acts (batch, seq, d_model) dynamic
+in batch and sequence and alphas (behaviours,). INT8 is ONNX Runtime's static post-training quantisation (QDQ,
+per-channel weights) calibrated on activations that cover every behaviour and benign text; the FiLM product stays
+in float, since the alphas are a handful of run-time numbers, not a distribution to calibrate."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from sae_pipeline.fused.net import FusedNet
+from sae_pipeline.hashing import file_sha256
+
+OPSET = 17
+GATE_NODE = "film_gate"
+
+
+def _initializer(name: str, tensor: torch.Tensor) -> onnx.TensorProto:
+    return numpy_helper.from_array(tensor.detach().float().contiguous().numpy(), name)
+
+
+def onnx_model(net: FusedNet) -> onnx.ModelProto:
+    """The net as an ONNX graph, whitening folded in: W1' = W1 / std, b1' = b1 - W1' . mean."""
+    with torch.no_grad():
+        w1_HD = net.W1_HD * net.inv_std_D
+        b1_H = net.b1_H - w1_HD @ net.mean_D
+    d_model, behaviors = w1_HD.shape[1], len(net.behaviors)
+    nodes = [
+        helper.make_node("MatMul", ["acts", "W1_DH"], ["pre"]),
+        helper.make_node("Add", ["pre", "b1_H"], ["pre_biased"]),
+        helper.make_node("Relu", ["pre_biased"], ["hidden"]),
+        helper.make_node("MatMul", ["alphas", "film_GH"], ["gate_H"], name=GATE_NODE),
+        helper.make_node("Mul", ["hidden", "gate_H"], ["gated"]),
+        helper.make_node("MatMul", ["gated", "W2_HD"], ["delta"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "fused_side_net",
+        [helper.make_tensor_value_info("acts", TensorProto.FLOAT, ["batch", "seq", d_model]),
+         helper.make_tensor_value_info("alphas", TensorProto.FLOAT, [behaviors])],
+        [helper.make_tensor_value_info("delta", TensorProto.FLOAT, ["batch", "seq", d_model])],
+        [_initializer("W1_DH", w1_HD.T), _initializer("b1_H", b1_H), _initializer("film_GH", net.film_GH),
+         _initializer("W2_HD", net.W2_DH.T)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="sae-pipeline")
+    model.metadata_props.add(key="behaviors", value=",".join(net.behaviors))
+    onnx.checker.check_model(model)
+    return model
+
+
+def save_onnx(net: FusedNet, path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(onnx_model(net), str(path))
+    return file_sha256(path)
+
+
+class _Calibration:
+    """onnxruntime's CalibrationDataReader: batches of (acts, alphas) feeds, then None."""
+
+    def __init__(self, feeds: Iterable[tuple[torch.Tensor, torch.Tensor]]):
+        self._feeds = iter([{"acts": acts.float().numpy()[None], "alphas": alphas.float().numpy()}
+                            for acts, alphas in feeds])
+
+    def get_next(self) -> dict | None:
+        return next(self._feeds, None)
+
+
+def save_int8(float_path: Path, path: Path, feeds: Iterable[tuple[torch.Tensor, torch.Tensor]],
+              calibration_cache: Path) -> str:
+    """Static INT8 (QDQ, per-channel weights) from the float ONNX file, calibrated on feeds of (acts (tokens,
+    d_model), alphas); the calibration ranges are written to calibration_cache."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    quantize_static(float_path, path, _Calibration(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_exclude=[GATE_NODE],
+                    calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=calibration_cache)
+    return file_sha256(path)
+
+
+class OnnxSideNet:
+    """An exported side-net in ONNX Runtime (CUDA when onnxruntime-gpu is present and asked for, else CPU), called
+    as the torch net is: (acts, alphas) -> delta in the activations' dtype and device."""
+
+    def __init__(self, path: Path, providers: list[str] | None = None):
+        import onnxruntime
+
+        available = onnxruntime.get_available_providers()
+        wanted = providers or ["CPUExecutionProvider"]
+        missing = [p for p in wanted if p not in available]
+        if missing:
+            raise RuntimeError(f"ONNX Runtime lacks {missing} (it has {available}); install onnxruntime-gpu for "
+                               "CUDAExecutionProvider")
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = 1  # called per hooked layer per token: threads cost more than they save
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=wanted)
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.behaviors = tuple(meta.get("behaviors", "").split(","))
+
+    def __call__(self, acts: torch.Tensor, alphas_G: torch.Tensor) -> torch.Tensor:
+        shape = acts.shape
+        feed = {"acts": acts.detach().float().reshape(1, -1, shape[-1]).cpu().numpy(),
+                "alphas": alphas_G.detach().float().cpu().numpy()}
+        delta = np.asarray(self.session.run(["delta"], feed)[0])
+        return torch.from_numpy(delta).reshape(shape).to(acts.device, acts.dtype)

@@ -1,0 +1,140 @@
+"""Fused side-nets: the fold of a grouped sidecar, FiLM gates per behaviour, linear composition."""
+
+import pytest
+import torch
+
+from sae_pipeline.activations.store import WhiteningStats
+from sae_pipeline.fused.net import FusedNet
+from sae_pipeline.steering.runtime import FeatureGroups, grouped_delta
+from sae_pipeline.steering.sidecar import DenseSidecar
+
+D = 32
+GROUPS = {"chem": 3, "bio": 2}
+
+
+def _setup(tau: float = -10.0):
+    generator = torch.Generator().manual_seed(0)
+    directions = torch.nn.functional.normalize(torch.randn(5, D, generator=generator), dim=-1)
+    sidecar = DenseSidecar(directions, torch.randn(5, D, generator=generator), torch.full((5,), tau))
+    stats = WhiteningStats(torch.randn(D, generator=generator), torch.rand(D, generator=generator) + 0.5, 40)
+    acts = stats.mean_D + stats.std_D * torch.randn(40, D, generator=generator)
+    return sidecar, stats, acts
+
+
+def _runtime(sidecar: DenseSidecar, acts: torch.Tensor, alphas: dict[str, float], epsilon: float = 0.02):
+    groups = FeatureGroups.of(GROUPS, alphas)
+    z = torch.relu(acts @ sidecar.B_sel_ND.T - sidecar.tau_N)
+    return grouped_delta(z, sidecar.A_sel_ND, groups.member_NG, groups.alpha_G, epsilon)[0]
+
+
+def test_a_folded_sidecar_reproduces_the_runtime_rule_where_its_groups_fire():
+    sidecar, stats, acts = _setup()
+    net = FusedNet.from_sidecar(sidecar, GROUPS, stats)
+    assert net.hidden == 128 and net.behaviors == ("chem", "bio")
+    for alphas in ({"chem": 0.8, "bio": 0.0}, {"chem": 0.0, "bio": 1.3}, {"chem": 0.5, "bio": 0.25}):
+        expected = _runtime(sidecar, acts, alphas)
+        got = net(acts, torch.tensor(list(alphas.values())))
+        assert expected.norm() > 0 and torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_behaviours_compose_linearly_and_all_gates_at_zero_give_exactly_zero():
+    sidecar, stats, acts = _setup()
+    net = FusedNet.from_sidecar(sidecar, GROUPS, stats)
+    with torch.no_grad():  # any weights, not only the fold's
+        for parameter in net.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    chem, bio = net(acts, torch.tensor([1.0, 0.0])), net(acts, torch.tensor([0.0, 1.0]))
+    assert torch.allclose(net(acts, torch.tensor([0.7, 0.4])), 0.7 * chem + 0.4 * bio, atol=1e-5)
+    assert torch.equal(net(acts, torch.zeros(2)), torch.zeros_like(acts))
+    assert net(acts.bfloat16(), torch.tensor([1.0, 1.0])).dtype == torch.bfloat16
+
+
+def test_a_group_within_epsilon_is_where_the_fold_and_the_runtime_part():
+    sidecar, stats, acts = _setup()
+    # chem's three features sit 0.01 above their thresholds on token 0: on, but none above epsilon 0.02
+    tau = sidecar.tau_N.clone()
+    tau[:3] = acts[0] @ sidecar.B_sel_ND[:3].T - 0.01
+    sidecar = DenseSidecar(sidecar.A_sel_ND, sidecar.B_sel_ND, tau)
+    net = FusedNet.from_sidecar(sidecar, GROUPS, stats)
+    folded, runtime = net(acts, torch.tensor([1.0, 0.0])), _runtime(sidecar, acts, {"chem": 1.0, "bio": 0.0})
+    z = torch.relu(acts @ sidecar.B_sel_ND.T - tau)
+    loud = (z[:, :3] > 0.02).any(1)
+    assert not loud[0] and loud.any() and torch.allclose(folded[loud], runtime[loud], atol=1e-4)
+    assert torch.equal(runtime[0], torch.zeros(D)) and folded[0].norm() > 0.005  # the remainder distillation removes
+
+
+def test_bad_folds_fail_with_what_is_wrong():
+    sidecar, stats, _ = _setup()
+    with pytest.raises(ValueError, match="do not cover"):
+        FusedNet.from_sidecar(sidecar, {"chem": 3}, stats)
+    with pytest.raises(ValueError, match="more than the 4 hidden units"):
+        FusedNet.from_sidecar(sidecar, GROUPS, stats, hidden=4)
+    with pytest.raises(ValueError, match="positive std"):
+        FusedNet.from_sidecar(sidecar, GROUPS, WhiteningStats(stats.mean_D, torch.zeros(D), 40))
+    with pytest.raises(ValueError, match="distinct behaviour names"):
+        FusedNet(D, ("chem", "chem"))
+
+
+def _teacher_setup():
+    from sae_pipeline.fused.distill import Teacher
+
+    generator = torch.Generator().manual_seed(1)
+    directions = torch.nn.functional.normalize(torch.randn(5, D, generator=generator), dim=-1)
+    sidecar = DenseSidecar(directions, torch.randn(5, D, generator=generator) / D ** 0.5, torch.full((5,), 1.0))
+    acts = torch.randn(3000, D, generator=generator)
+    stats = WhiteningStats(acts.mean(0), acts.std(0), len(acts))
+    return Teacher(sidecar, FeatureGroups.of(GROUPS, {"chem": 1.0, "bio": 1.0}), 0.02), stats, acts
+
+
+def test_distillation_learns_the_teacher_from_scratch_and_never_leaves_a_better_fold():
+    from sae_pipeline.fused.distill import distill, fused_errors
+
+    teacher, stats, acts = _teacher_setup()
+    alphas = torch.tensor([0.8, 0.8])
+    scratch = FusedNet(D, tuple(GROUPS), hidden=16)
+    with torch.no_grad():
+        scratch.mean_D.copy_(stats.mean_D)
+        scratch.inv_std_D.copy_(1 / stats.std_D)
+    untrained = fused_errors(scratch, teacher, acts[2500:], alphas)
+    learned = distill(scratch, teacher, acts[:2000], acts[2000:2500], alphas, steps=300, batch_tokens=512, lr=1e-2,
+                      alpha_max=1.0, seed=0)
+    assert untrained.median_relative == pytest.approx(1.0, abs=1e-4) and learned.kept_step > 0
+    assert learned.losses[-1] < 0.2 * learned.losses[0]
+    assert fused_errors(scratch, teacher, acts[2500:], alphas).median_relative < 0.5
+    folded = FusedNet.from_sidecar(teacher.sidecar, GROUPS, stats)
+    fold_errors = fused_errors(folded, teacher, acts[2000:2500], alphas)
+    kept = distill(folded, teacher, acts[:2000], acts[2000:2500], alphas, steps=100, batch_tokens=512, lr=1e-2,
+                   alpha_max=1.0, seed=0)
+    assert (kept.validation.p95_relative, kept.validation.unsteered_p95_norm) <= (
+        fold_errors.p95_relative, fold_errors.unsteered_p95_norm)
+    assert kept.validation.gates_off_p95_norm == 0.0 and kept.validation.composition_max < 1e-4
+
+
+def test_onnx_matches_torch_at_any_batch_and_length_and_int8_stays_close(tmp_path):
+    from sae_pipeline.fused.export import OnnxSideNet, save_int8, save_onnx
+
+    teacher, stats, acts = _teacher_setup()
+    net = FusedNet.from_sidecar(teacher.sidecar, GROUPS, stats)
+    with torch.no_grad():  # the unused units too: parity must hold for any weights
+        net.W1_HD[5:].normal_(0, 0.2)
+        net.film_GH[:, 5:].normal_(0, 0.1)
+        net.W2_DH[:, 5:].normal_(0, 0.1)
+    path = tmp_path / "fused_l2.onnx"
+    sha = save_onnx(net, path)
+    runtime = OnnxSideNet(path)
+    assert runtime.behaviors == ("chem", "bio") and len(sha) == 64
+    alphas = torch.tensor([0.8, 0.3])
+    for shape in ((1, 7, D), (3, 2, D), (10, D)):
+        batch = acts[:int(torch.tensor(shape[:-1]).prod())].reshape(shape)
+        assert torch.allclose(runtime(batch, alphas), net(batch, alphas), atol=1e-4)
+    assert runtime(acts[:4].bfloat16(), alphas).dtype == torch.bfloat16
+    feeds = [(acts[i:i + 100], torch.tensor(a)) for i, a in zip(range(0, 1000, 100), [[1.0, 0.0], [0.0, 1.0]] * 5)]
+    int8 = tmp_path / "fused_l2.int8.onnx"
+    save_int8(path, int8, feeds, tmp_path / "calibration")
+    quantised, exact = OnnxSideNet(int8)(acts[2000:], alphas), net(acts[2000:], alphas)
+    relative = (quantised - exact).norm(dim=-1) / (exact.norm(dim=-1) + 1e-6)
+    # A8W8 on a toy layer: a few % off the float path (the error gates are measured on real activations)
+    assert int8.stat().st_size < 0.5 * path.stat().st_size and relative[exact.norm(dim=-1) > 0].median() < 0.15
+    assert (tmp_path / "calibration").exists()
+    with pytest.raises(RuntimeError, match="lacks \\['CUDAExecutionProvider'\\]"):
+        OnnxSideNet(path, ["CUDAExecutionProvider"])
