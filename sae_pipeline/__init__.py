@@ -33,9 +33,17 @@ def apply_behaviors(model, sae_paths_per_behavior, alphas_per_behavior=None, **k
     return apply(model, sae_paths_per_behavior, alphas_per_behavior, **kwargs)
 
 
+def apply_fused_behaviors(model, fused_paths_per_layer, alphas_per_behavior=None, **kwargs):
+    """Attach one fused side-net per layer (PyTorch .safetensors or ONNX / INT8 .onnx; see
+    sae_pipeline.fused.runtime); remove_behaviors detaches them."""
+    from sae_pipeline.fused.runtime import apply_fused_behaviors as apply
+
+    return apply(model, fused_paths_per_layer, alphas_per_behavior, **kwargs)
+
+
 def remove_behaviors(model) -> None:
     """Detach every behaviour steering hook; the model computes exactly as before."""
     remove_patch(model)
 
 
-__all__ = ["load_model", "apply_patch", "remove_patch", "apply_behaviors", "remove_behaviors"]
+__all__ = ["load_model", "apply_patch", "remove_patch", "apply_behaviors", "remove_behaviors", "apply_fused_behaviors"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sae_pipeline.activations.store import WhiteningStats
-from sae_pipeline.fused.net import FusedNet
+from sae_pipeline.fused.net import FusedNet, load_fused
 from sae_pipeline.steering.runtime import FeatureGroups, grouped_delta
 from sae_pipeline.steering.sidecar import DenseSidecar
 
@@ -138,3 +138,59 @@ def test_onnx_matches_torch_at_any_batch_and_length_and_int8_stays_close(tmp_pat
     assert (tmp_path / "calibration").exists()
     with pytest.raises(RuntimeError, match="lacks \\['CUDAExecutionProvider'\\]"):
         OnnxSideNet(path, ["CUDAExecutionProvider"])
+
+
+def test_fused_nets_steer_the_model_as_the_sidecars_they_fold_on_every_backend(tiny, tmp_path, monkeypatch):
+    from sae_pipeline.fused.export import save_onnx
+    from sae_pipeline.fused.net import FusedNetError, save_fused
+    from sae_pipeline import apply_fused_behaviors
+    from sae_pipeline.steering.behaviors import apply_behaviors, remove_behaviors
+    from sae_pipeline.steering.runtime import REVERSE_TOKEN, SteeringError
+    from sae_pipeline.steering.sidecar import save_dense
+
+    layer, generator = 2, torch.Generator().manual_seed(3)
+    parts = {}
+    for name, n in GROUPS.items():  # always firing: the fold is exact on every token
+        directions = torch.nn.functional.normalize(torch.randn(n, 64, generator=generator), dim=-1)
+        parts[name] = DenseSidecar(directions, directions.clone(), torch.full((n,), -10.0))
+        save_dense(parts[name], tmp_path / f"{name}.safetensors")
+    joined = DenseSidecar(*(torch.cat([getattr(parts[b], f) for b in GROUPS]) for f in DenseSidecar._fields))
+    net = FusedNet.from_sidecar(joined, GROUPS, WhiteningStats(torch.zeros(64), torch.ones(64), 1))
+    files = {"torch": tmp_path / "fused_l2.safetensors", "onnx": tmp_path / "fused_l2.onnx"}
+    sha = save_fused(net, files["torch"])
+    save_onnx(net, files["onnx"])
+    ids = torch.tensor([tiny.tokenizer("steer these words, please").input_ids])
+    alphas = {"chem": 0.5, "bio": {layer: 0.3}}
+
+    def logits(apply, prompt: str = "") -> torch.Tensor:
+        patch = apply()
+        try:
+            with torch.no_grad(), patch.request(prompt):
+                return tiny.model(input_ids=ids).logits
+        finally:
+            remove_behaviors(tiny.model)
+
+    paths = {b: {layer: tmp_path / f"{b}.safetensors"} for b in GROUPS}
+    sidecars = logits(lambda: apply_behaviors(tiny.model, paths, alphas))
+    with torch.no_grad():
+        clean = tiny.model(input_ids=ids).logits
+    assert not torch.allclose(sidecars, clean, atol=1e-3)
+    for backend, path in files.items():
+        fused = logits(lambda: apply_fused_behaviors(tiny.model, {layer: path}, alphas))
+        assert torch.allclose(fused, sidecars, atol=1e-4), backend
+    monkeypatch.setenv("STEER_DEBUG", "1")
+    assert torch.allclose(logits(lambda: apply_fused_behaviors(tiny.model, {layer: files["torch"]}, alphas),
+                                 REVERSE_TOKEN),
+                          logits(lambda: apply_behaviors(tiny.model, paths, alphas), REVERSE_TOKEN), atol=1e-4)
+    assert torch.equal(logits(lambda: apply_fused_behaviors(tiny.model, {layer: files["torch"]}, alphas),
+                              "<|no-steer|>"), clean)
+    with pytest.raises(SteeringError, match=r"unknown behaviours \['cyber'\]"):
+        apply_fused_behaviors(tiny.model, {layer: files["torch"]}, {"cyber": 1.0})
+    with pytest.raises(SteeringError, match=r"no net: \{'chem': \[5\]\}"):
+        apply_fused_behaviors(tiny.model, {layer: files["torch"]}, {"chem": {5: 1.0}})
+    with pytest.raises(SteeringError, match="no fused backend 'tflite'"):
+        apply_fused_behaviors(tiny.model, {layer: files["torch"]}, backend="tflite")
+    files["torch"].write_bytes(files["torch"].read_bytes()[:-4] + b"\1\2\3\4")
+    with pytest.raises(FusedNetError, match="sha256"):
+        load_fused(files["torch"], sha)
+    assert getattr(tiny.model, "_sae_pipeline_steering", None) is None

@@ -103,6 +103,7 @@ class OnnxSideNet:
         self.session = onnxruntime.InferenceSession(str(path), options, providers=wanted)
         meta = self.session.get_modelmeta().custom_metadata_map
         self.behaviors = tuple(meta.get("behaviors", "").split(","))
+        self.d_model = int(self.session.get_inputs()[0].shape[-1])
 
     def __call__(self, acts: torch.Tensor, alphas_G: torch.Tensor) -> torch.Tensor:
         shape = acts.shape

@@ -11,10 +11,16 @@ alone and the fold still adds their small remainder, which distillation (fused/d
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from sae_pipeline.activations.store import WhiteningStats
+from sae_pipeline.hashing import file_sha256
 from sae_pipeline.steering.sidecar import DenseSidecar
 
 HIDDEN = 128  # issue #6
@@ -37,11 +43,15 @@ class FusedNet(nn.Module):
     def hidden(self) -> int:
         return self.W1_HD.shape[0]
 
+    @property
+    def d_model(self) -> int:
+        return self.W1_HD.shape[1]
+
     def forward(self, acts_ND: torch.Tensor, alphas_G: torch.Tensor) -> torch.Tensor:
         """acts (..., d_model), alphas (behaviours,) -> delta (..., d_model) in the activations' dtype."""
         a_w = (acts_ND.float() - self.mean_D) * self.inv_std_D
         hidden_NH = torch.relu(a_w @ self.W1_HD.T + self.b1_H)
-        gate_H = alphas_G.float() @ self.film_GH
+        gate_H = alphas_G.to(self.film_GH.device).float() @ self.film_GH
         return ((hidden_NH * gate_H) @ self.W2_DH.T).to(acts_ND.dtype)
 
     @classmethod
@@ -71,3 +81,33 @@ class FusedNet(nn.Module):
                 net.film_GH[g, start:start + size] = 1.0
                 start += size
         return net
+
+
+class FusedNetError(ValueError):
+    """A fused net file is missing, unreadable, malformed or does not match its recorded sha256."""
+
+
+def save_fused(net: FusedNet, path: Path) -> str:
+    """safetensors, the behaviours' order in its header; returns the file's sha256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({name: t.detach().float().cpu().contiguous() for name, t in net.state_dict().items()}, path,
+              metadata={"behaviors": json.dumps(list(net.behaviors))})
+    return file_sha256(path)
+
+
+def load_fused(path: Path, sha256: str | None = None) -> FusedNet:
+    """The net in `path`, verified against sha256 when one is recorded; fails closed with FusedNetError."""
+    try:
+        if sha256 is not None and file_sha256(path) != sha256:
+            raise FusedNetError(f"{path} does not match its recorded sha256")
+        with safe_open(path, "pt") as f:
+            behaviors = tuple(json.loads((f.metadata() or {})["behaviors"]))
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        hidden, d_model = tensors["W1_HD"].shape
+        net = FusedNet(d_model, behaviors, hidden)
+        net.load_state_dict(tensors)
+        return net
+    except (OSError, SafetensorError, KeyError, ValueError, RuntimeError) as err:
+        if isinstance(err, FusedNetError):
+            raise
+        raise FusedNetError(f"cannot read the fused net {path}: {err}") from err

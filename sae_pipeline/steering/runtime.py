@@ -26,7 +26,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -132,6 +132,18 @@ class LayerSteering:
     groups: FeatureGroups | None = None
     router: CategoryRouter | None = None  # per-behaviour refusal strengths, after the gate
     route_scale_C: torch.Tensor | None = None  # per router category: the multiplier on beta (0: that behaviour off)
+    # instead of a sidecar, a fused side-net (fused/): delta = fused(x, alpha * fused_alpha_G), linear in the alphas
+    fused: FusedSideNet | None = None
+    fused_alpha_G: torch.Tensor | None = None
+
+
+class FusedSideNet(Protocol):
+    """A fused side-net as the runtime calls it (fused/net.py's FusedNet, fused/export.py's OnnxSideNet)."""
+
+    behaviors: tuple[str, ...]
+    d_model: int
+
+    def __call__(self, acts: torch.Tensor, alphas_G: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass
@@ -242,7 +254,7 @@ class SteeringPatch:
                 return output
             # reverse: magnitude 1, opposite sign; a layer (or group) at alpha 0 stays untouched
             alpha = cfg.alpha * self.scale if self.scale >= 0 else -float(cfg.alpha != 0)
-            if cfg.sidecar is None:
+            if cfg.sidecar is None and cfg.fused is None:
                 alpha = 0.0
             beta = cfg.beta * self.scale
             if alpha == 0.0 and (cfg.refusal_D is None or beta == 0.0):
@@ -261,6 +273,9 @@ class SteeringPatch:
                     delta_BSD, fire_BS1 = grouped_delta(z_BSN, A_sel_ND, member_NG, group_alpha_G, cfg.epsilon)
                     if alpha != 0.0:
                         steered = steered + delta_BSD
+            if cfg.fused is not None and alpha != 0.0:
+                fused_G = cfg.fused_alpha_G * alpha if self.scale >= 0 else -(cfg.fused_alpha_G != 0).float()
+                steered = steered + cfg.fused(x_BSD, fused_G)
             if refusal_D is not None and beta != 0.0:
                 if self.prompt_gate_BS is not None:  # a prefill: the prompt decides for the tokens that follow
                     fire_BS = None if fire_BS1 is None else fire_BS1.squeeze(-1)
@@ -280,10 +295,16 @@ def apply_patch_layers(model: nn.Module, layers: dict[int, LayerSteering], gate_
         raise SteeringError("the model is already patched; call remove_patch(model) first")
     read_layers = set()
     for layer, cfg in layers.items():  # everything is checked before the first hook goes on
-        if cfg.sidecar is None and (cfg.alpha != 0.0 or cfg.gate is None):
+        if cfg.fused is not None:
+            if cfg.sidecar is not None or cfg.fused_alpha_G is None or cfg.fused_alpha_G.shape != (
+                    len(cfg.fused.behaviors),) or (cfg.refusal_D is not None and cfg.gate is None):
+                raise SteeringError(f"layer {layer}: a fused net replaces the sidecar, takes one alpha per behaviour "
+                                    f"of {list(cfg.fused.behaviors)} and leaves the refusal mode to a gate")
+        elif cfg.sidecar is None and (cfg.alpha != 0.0 or cfg.gate is None):
             raise SteeringError(f"layer {layer}: without a sidecar only the gated refusal mode is possible "
                                 f"(alpha must be 0 and a gate given)")
-        d_model = next(t.shape[-1] for t in (cfg.sidecar and cfg.sidecar.A_sel_ND, cfg.refusal_D) if t is not None)
+        d_model = cfg.fused.d_model if cfg.fused is not None else next(
+            t.shape[-1] for t in (cfg.sidecar and cfg.sidecar.A_sel_ND, cfg.refusal_D) if t is not None)
         if cfg.groups is not None:
             shape = (0 if cfg.sidecar is None else len(cfg.sidecar.tau_N), len(cfg.groups.names))
             if (tuple(cfg.groups.member_NG.shape) != shape or tuple(cfg.groups.alpha_G.shape) != shape[1:]

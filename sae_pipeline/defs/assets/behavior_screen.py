@@ -3,8 +3,8 @@ and the release. The behaviour's kept features, best ranked first, are nudged al
 own harmful tuning prompts and a benign slice (features/causal.py, with the quick sizes of `behaviors`); a feature
 is kept only if it raised harmful refusal, the benign slice's false refusal stayed within the gate
 (`behaviors.screen_benign_false_refusal_max`), and steering it alone by the release's rule flipped no sign of its
-behaviour's dictionary on that slice (`behaviors.screen_sign_flips_max`, behaviors/screen.py). Interrupted screens
-resume from their journal."""
+behaviour's dictionary on any benign tuning prompt (`behaviors.screen_sign_flips_max`, behaviors/screen.py).
+Interrupted screens resume from their journal."""
 
 import json
 from pathlib import Path
@@ -44,7 +44,7 @@ def build_behavior_screen_assets(profile: Profile, partitions: dg.MultiPartition
                           f"log-prob, then decoded refusal for the best {cfg.screen_decode_candidates} on its "
                           f"harmful tuning prompts and false refusal on {cfg.screen_benign_prompts} benign ones; at "
                           f"most {cfg.sidecar_features} kept, each with its wanted sign, none that flips a sign in its "
-                          "behaviour's dictionary on the benign slice when steered alone.")
+                          "behaviour's dictionary on a benign tuning prompt when steered alone.")
     def behavior_screen(context: dg.AssetExecutionContext, model: ModelResource) -> dg.MaterializeResult:
         keys = context.partition_key.keys_by_dimension
         behavior, layer = keys["behavior"], int(keys["layer"])
@@ -88,9 +88,13 @@ def build_behavior_screen_assets(profile: Profile, partitions: dg.MultiPartition
         kept = [r for r in result.records if r["selected"]]
         if kept:
             ids = [r["feature_id"] for r in kept]
-            flips = journal.measure(f"sign_flips:{ids}:{cfg.alpha}:{profile.steering.epsilon}", lambda: {
+            # zero flips is a claim about every benign question, so the whole benign tuning split tests it: on the
+            # 100-prompt slice latent 2300 flipped nothing, yet it flipped one sign on the held-out QA
+            clean = [r.prompt for r in sets.benign if r.split == screen_cfg.split]
+            step = f"sign_flips:{ids}:{cfg.alpha}:{profile.steering.epsilon}:{len(clean)}"
+            flips = journal.measure(step, lambda: {
                 str(f): n for f, n in steered_sign_flips(
-                    loaded.model, [chat_ids(loaded.tokenizer, p) for p in benign], sae, layer,
+                    loaded.model, [chat_ids(loaded.tokenizer, p) for p in clean], sae, layer,
                     selection.feature_ids, ids, torch.stack([directions[f] for f in ids]),
                     [r["wanted_sign"] for r in kept], cfg.alpha, profile.steering.epsilon).items()})
             for record in kept:

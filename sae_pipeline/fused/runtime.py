@@ -1,0 +1,62 @@
+"""apply_fused_behaviors: the behaviours' feature deltas through one fused side-net per hooked layer (issue #6).
+
+Each net runs inside the model's forward hook in place of the layer's grouped sidecar (`runtime.LayerSteering`'s
+fused backend): PyTorch for `.safetensors`, ONNX Runtime for `.onnx` (float or INT8; CUDA execution provider when
+onnxruntime-gpu is present and the model is on a GPU). The control tokens and STEER_ENABLE act as for sidecars;
+reverse-safety flips the alphas (delta_hat is linear in them). `remove_behaviors(model)` detaches them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sae_pipeline.fused.export import OnnxSideNet
+from sae_pipeline.fused.net import load_fused
+from sae_pipeline.steering.runtime import (
+    DEFAULT_ALPHA, FusedSideNet, LayerSteering, SteeringError, SteeringPatch, apply_patch_layers)
+
+BACKENDS = {".safetensors": "torch", ".onnx": "onnx"}
+
+
+def load_side_net(path: Path, device: torch.device, backend: str | None = None,
+                  sha256: str | None = None) -> FusedSideNet:
+    """A fused net for the runtime: backend 'torch' or 'onnx', by default from the file's suffix."""
+    backend = backend or BACKENDS.get(path.suffix)
+    if backend == "torch":
+        return load_fused(path, sha256).to(device).eval()
+    if backend == "onnx":
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else None
+        return OnnxSideNet(path, providers)
+    raise SteeringError(f"{path}: no fused backend {backend!r}; backends are torch (.safetensors) and onnx (.onnx)")
+
+
+def apply_fused_behaviors(model: nn.Module, fused_paths_per_layer: dict[int, str | Path],
+                          alphas_per_behavior: dict[str, float | dict[int, float]] | None = None,
+                          backend: str | None = None) -> SteeringPatch:
+    """Attach one fused net per layer ({layer: file}); alphas_per_behavior: {behaviour: alpha or {layer: alpha}},
+    unnamed behaviours at the default alpha, a behaviour at 0 switched off. Everything is checked before any hook
+    goes on."""
+    device = next(model.parameters()).device
+    nets = {int(layer): load_side_net(Path(path), device, backend) for layer, path in fused_paths_per_layer.items()}
+    alphas = alphas_per_behavior or {}
+    known = sorted({b for net in nets.values() for b in net.behaviors})
+    unknown = sorted(set(alphas) - set(known))
+    if unknown:
+        raise SteeringError(f"unknown behaviours {unknown}; these nets steer {known}")
+    stray = {name: sorted({int(k) for k in alpha} - {layer for layer, net in nets.items() if name in net.behaviors})
+             for name, alpha in alphas.items() if isinstance(alpha, dict)}
+    if any(stray.values()):
+        raise SteeringError(f"alphas name layers where the behaviour has no net: "
+                            f"{ {name: bad for name, bad in stray.items() if bad} }")
+    layers = {}
+    for layer, net in sorted(nets.items()):
+        per_behavior = []
+        for name in net.behaviors:
+            alpha = alphas.get(name, DEFAULT_ALPHA)
+            if isinstance(alpha, dict):
+                alpha = {int(k): v for k, v in alpha.items()}.get(layer, DEFAULT_ALPHA)
+            per_behavior.append(float(alpha))
+        layers[layer] = LayerSteering(None, 1.0, fused=net, fused_alpha_G=torch.tensor(per_behavior))
+    return apply_patch_layers(model, layers)
