@@ -150,8 +150,8 @@ class FusedSideNet(Protocol):
 class _LayerState:
     config: LayerSteering
     fired_B: torch.Tensor | None = None  # (B, 1, 1) each row's refusal strength (0 or 1 without a router)
-    # (device, dtype) -> (A_sel_ND, B_sel_DN, tau_N, refusal_D, member_NG, alpha_G) in the activations' dtype:
-    # converted once, not per call
+    # (device, dtype) -> (A_sel_ND, B_sel_DN, tau_N, refusal_D, member_NG, alpha_G) in the activations' dtype and
+    # fused_alpha_G in float32, on the activations' device: converted once, not per call
     cast: dict = field(default_factory=dict)
 
     def tensors(self, like: torch.Tensor) -> tuple:
@@ -162,11 +162,13 @@ class _LayerState:
 
             sidecar, refusal_D, groups = self.config.sidecar, self.config.refusal_D, self.config.groups
             grouped = (None, None) if groups is None else (cast(groups.member_NG), cast(groups.alpha_G))
+            fused_G = self.config.fused_alpha_G
+            fused_G = None if fused_G is None else fused_G.to(like.device, torch.float32)  # the net's own precision
             if sidecar is None:
-                self.cast[key] = (None, None, None, cast(refusal_D), *grouped)
+                self.cast[key] = (None, None, None, cast(refusal_D), *grouped, fused_G)
             else:
                 self.cast[key] = (cast(sidecar.A_sel_ND), cast(sidecar.B_sel_ND.T), cast(sidecar.tau_N),
-                                  cast(refusal_D), *grouped)
+                                  cast(refusal_D), *grouped, fused_G)
         return self.cast[key]
 
 
@@ -260,7 +262,7 @@ class SteeringPatch:
             if alpha == 0.0 and (cfg.refusal_D is None or beta == 0.0):
                 return output
             x_BSD = output
-            A_sel_ND, B_sel_DN, tau_N, refusal_D, member_NG, alpha_G = state.tensors(x_BSD)
+            A_sel_ND, B_sel_DN, tau_N, refusal_D, member_NG, alpha_G, fused_G = state.tensors(x_BSD)
             steered, fire_BS1 = x_BSD, None
             if A_sel_ND is not None:
                 z_BSN = torch.relu(x_BSD @ B_sel_DN - tau_N)
@@ -274,8 +276,7 @@ class SteeringPatch:
                     if alpha != 0.0:
                         steered = steered + delta_BSD
             if cfg.fused is not None and alpha != 0.0:
-                fused_G = cfg.fused_alpha_G * alpha if self.scale >= 0 else -(cfg.fused_alpha_G != 0).float()
-                steered = steered + cfg.fused(x_BSD, fused_G)
+                steered = steered + cfg.fused(x_BSD, fused_G * alpha if self.scale >= 0 else -(fused_G != 0).float())
             if refusal_D is not None and beta != 0.0:
                 if self.prompt_gate_BS is not None:  # a prefill: the prompt decides for the tokens that follow
                     fire_BS = None if fire_BS1 is None else fire_BS1.squeeze(-1)

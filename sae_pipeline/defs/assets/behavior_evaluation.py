@@ -126,6 +126,8 @@ def build_behavior_evaluation_assets(profile: Profile) -> list:
                        "reverse_capability_recovery": report["global"]["reverse_capability_recovery"]}),
             "per_behavior": table(per_behavior), "ablation": table(ablation_rows(baseline, metrics, behaviors)),
             "gates": table([g._asdict() for g in results]),
+            "sign_flips": table([{"behavior": key.split("|")[0], "layer": int(key.split("|")[1]), "sign_flips": n}
+                                 for key, n in report["global"]["sign_flips_by_behavior_layer"].items()]),
             "completion": png_markdown(rates_png(panels, "harmful completion by category, 95% CIs"),
                                        "harmful completion")})
 
