@@ -247,6 +247,23 @@ class SteeringConfig(_Strict):
         return self
 
 
+class FusedConfig(_Strict):
+    """Fused side-nets (issue #6): distillation from the behaviour release's grouped sidecars, exports, backends."""
+
+    hidden: int = Field(default=128, ge=1)  # issue #6: 128 hidden units per layer
+    steps: int = Field(default=1500, ge=0)  # 0: the exact fold, untrained
+    batch_tokens: int = Field(default=1024, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    # each step draws every behaviour's alpha: off half the time, else uniform up to alpha_max (past the release's)
+    alpha_max: float = Field(default=1.2, gt=0)
+    validation_fraction: float = Field(default=0.1, gt=0, lt=1)  # of the tuning tokens: keeps the best step
+    seed: int = 0
+    int8_scheme: Literal["a8w8", "a16w8", "a8w8_decoder", "a16w8_decoder"] = "a16w8_decoder"
+    # the harness sweep: each backend with every behaviour on, and the INT8 path reversed (an audit run)
+    backends: list[Literal["torch", "onnx", "int8"]] = Field(default_factory=lambda: ["torch", "onnx", "int8"],
+                                                             min_length=1)
+
+
 class Profile(_Strict):
     name: str
     model: str | None  # None = the embedded SmolLM2-135M-Instruct
@@ -259,6 +276,7 @@ class Profile(_Strict):
     features: FeatureConfig = FeatureConfig()
     steering: SteeringConfig = SteeringConfig()
     behaviors: BehaviorConfig = BehaviorConfig()
+    fused: FusedConfig = FusedConfig()
 
     @model_validator(mode="after")
     def _layers_exist(self) -> Profile:
@@ -354,6 +372,7 @@ def _profiles() -> dict[str, dict]:
                           alpha_grid=[0.0, 1.0], ensemble_schedules={"mid_heavy": {1: 1.0, 3: 1.0},
                                                                       "late_focused": {1: 0.0, 3: 1.0}},
                           overhead_prompts=1, overhead_new_tokens=4, overhead_rounds=1),
+            fused=dict(steps=20, batch_tokens=256),
         ),
     }
 
@@ -385,6 +404,8 @@ class Gates(_Strict):
     steering: dict[str, Gate]
     behaviors: dict[str, Gate]
     behavior_evaluation: dict[str, Gate]
+    fused: dict[str, Gate]
+    fused_evaluation: dict[str, Gate]
 
 
 def load_gates(path: Path | None = None) -> Gates:

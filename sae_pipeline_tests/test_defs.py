@@ -23,13 +23,15 @@ def test_default_definitions_load():
         "ensemble_directions", "ensemble_sweep", "ensemble_metrics",
         "behavior_layers", "behavior_features", "behavior_crosstalk", "behavior_router", "behavior_screen",
         "behavior_release",
-        "behavior_arms", "behavior_evaluation"}
+        "behavior_arms", "behavior_evaluation", "fused_net", "fused_export", "fused_release", "fused_arms",
+        "fused_evaluation"}
     checks = {key.name for key in defs.resolve_asset_graph().asset_check_keys}
     assert checks == {"sae_quality", "datasets_lock", "splits_disjoint", "dataset_sizes", "judge_accuracy",
                       "baseline_complete", "redaction", "sweep_redaction", "steering_gates", "crosstalk",
-                      "crosstalk_count", "arm_redaction", "behavior_gates", "ensemble_redaction", "ensemble_gates"}
+                      "crosstalk_count", "arm_redaction", "behavior_gates", "ensemble_redaction", "ensemble_gates",
+                      "fused_net_gates", "fused_export_gates", "fused_arm_redaction", "fused_gates"}
     assert all(defs.resolve_job_def(name) is not None
-               for name in ("main", "sweep", "ensemble", "behaviors", "screens", "arms"))
+               for name in ("main", "sweep", "ensemble", "behaviors", "screens", "arms", "fused", "fused_backends"))
 
 
 def _tiny_defs(extra_assets=(), **overrides):
@@ -377,3 +379,89 @@ def test_tiny_behavior_release_from_layer_choice_to_its_evaluation(artifacts_wit
         with pytest.raises(TensorFileError, match="sha256"):
             dg.materialize([*defs.assets, *defs.asset_checks], selection=dg.AssetSelection.checks_for_assets(
                 "behavior_crosstalk"), instance=instance, resources=defs.resources)
+
+
+@dg.asset(name="behavior_release", deps=["activations"])
+def synthetic_behavior_release() -> dg.MaterializeResult:
+    """Stands in for the behaviour release (on the tiny random model the screens keep no feature: it never
+    refuses): chem and bio sidecars at layer 3, firing on about half the tokens."""
+    from sae_pipeline.behaviors.release import CONFIG_FILE, write_release
+    from sae_pipeline.config import artifacts_root
+    from sae_pipeline.steering.sidecar import DenseSidecar
+
+    generator, sidecars = torch.Generator().manual_seed(5), {}
+    for name, n in (("chem", 3), ("bio", 2)):
+        directions = torch.nn.functional.normalize(torch.randn(n, 64, generator=generator), dim=-1)
+        # tiny's MLP outputs are ~0.002 per unit: encoder rows scaled so z sits well above epsilon where it fires
+        sidecars[name] = DenseSidecar(directions, 100 * torch.randn(n, 64, generator=generator), torch.zeros(n))
+    directory = artifacts_root() / "behaviors" / "release"
+    write_release(directory, {3: sidecars}, {"chem": 0.8, "bio": 0.8}, 64, {"epsilon": 0.02, "sae": {}})
+    return dg.MaterializeResult(metadata={"path": dg.MetadataValue.path(str(directory / CONFIG_FILE))})
+
+
+def test_tiny_fused_stage_from_the_release_to_its_evaluation(artifacts_with_encoder, tmp_path, monkeypatch, tiny):
+    from sae_pipeline import apply_fused_behaviors, remove_behaviors
+    from sae_pipeline.steering.sidecar import SidecarError
+
+    monkeypatch.setenv("SAE_PIPELINE_GATES", str(write_gates(tmp_path / "gates.yaml", 0.0)))
+    base = build_defs(load_profile("tiny").updated(behaviors={"behaviors": ["chem", "bio"]}))
+    defs = dg.Definitions(assets=[*(a for a in base.assets if dg.AssetKey("behavior_release") not in a.keys),
+                                  synthetic_behavior_release], asset_checks=base.asset_checks,
+                          resources=base.resources)
+    with dg.instance_for_test() as instance:
+        assert _materialize(defs, "corpus", instance).success
+        assert _materialize(defs, "activations", instance, "3").success  # the layer's whitening statistics
+        assert _materialize(defs, ["prompt_sets", "refusal_judge", "baseline_metrics", "behavior_release"],
+                            instance).success
+        assert _checked(defs, "behavior_arms", instance, "all").success
+        for layer in ("1", "3"):
+            made = _checked(defs, ["fused_net", "fused_export"], instance, layer)
+            assert {c.check_name for c in made.get_asset_check_evaluations()} == {"fused_net_gates",
+                                                                                 "fused_export_gates"}
+            metadata = {e.asset_key.to_user_string(): e.event_specific_data.materialization.metadata
+                        for e in made.get_asset_materialization_events()}
+            assert metadata["fused_net"]["hooked"].value is (layer == "3")
+        errors = {r.data["net"]: r.data for r in metadata["fused_net"]["errors"].value.records}
+        assert errors["distilled"]["p95_relative"] <= errors["fold"]["p95_relative"] + 1e-9
+        assert errors["distilled"]["steered_tokens"] > 0 and errors["distilled"]["gates_off_p95_norm"] == 0.0
+        assert metadata["fused_export"]["onnx_parity_max_abs"].value <= 1e-4
+        assert metadata["fused_net"]["distillation"].value.startswith("![distillation loss](data:image/png;base64,")
+        released = _checked(defs, "fused_release", instance)
+        assert released.success
+        config_path = Path(released.get_asset_materialization_events()[0].event_specific_data.materialization
+                           .metadata["path"].value)
+        config = json.loads(config_path.read_text())
+        assert set(config["layers"]["3"]["files"]) == {"torch", "onnx", "int8"}
+        assert config["layers"]["3"]["behaviors"] == ["chem", "bio"]
+        assert {g["name"] for g in config["gates"]["onnx"]["results"]} >= {"onnx_parity_max",
+                                                                          "p95_relative_error_max"}
+        passed = [b for b in ("int8", "onnx", "torch") if config["gates"][b]["passed"]]
+        assert config["default_backend"] == (passed[0] if passed else None)
+        # the fused release steers as its behaviour release does (PyTorch backend: the fold, then distilled)
+        ids = torch.tensor([tiny.tokenizer("mix these chemicals, then heat them").input_ids])
+        with torch.no_grad():
+            before = tiny.model(input_ids=ids).logits
+            apply_fused_behaviors(tiny.model, config_path.parent, backend="torch", accept_failed_gates=True)
+            steered = tiny.model(input_ids=ids).logits
+            remove_behaviors(tiny.model)
+            assert not torch.equal(steered, before) and torch.equal(tiny.model(input_ids=ids).logits, before)
+        for arm in ("torch", "onnx", "int8"):
+            ran = _checked(defs, "fused_arms", instance, arm)
+            assert ran.success and [c.passed for c in ran.get_asset_check_evaluations()] == [True], arm
+        assert not _checked(defs, "fused_arms", instance, "reverse").success, "reverse needs STEER_DEBUG=1"
+        monkeypatch.setenv("STEER_DEBUG", "1")
+        assert _checked(defs, "fused_arms", instance, "reverse").success
+        evaluated = _checked(defs, "fused_evaluation", instance)
+        [gates_check] = evaluated.get_asset_check_evaluations()
+        report = json.loads(Path(evaluated.get_asset_materialization_events()[0].event_specific_data
+                                 .materialization.metadata["path"].value).read_text())
+        assert set(report["backends"]) == {"torch", "onnx", "int8", "reverse"}
+        assert report["throughput"]["backend"] == "int8" and min(report["throughput"]["steered_tokens_per_s"]) > 0
+        rows = [r.data for r in gates_check.metadata["gates"].value.records]
+        assert {r["backend"] for r in rows} == {"torch", "onnx", "int8", "reverse"}
+        assert gates_check.passed == report["gates"]["passed"] == all(r["passed"] for r in rows)
+        # a tampered net fails closed
+        net = config_path.parent / config["layers"]["3"]["files"]["int8"]["path"]
+        net.write_bytes(net.read_bytes() + b"\0")
+        with pytest.raises(SidecarError, match="sha256"):
+            apply_fused_behaviors(tiny.model, config_path.parent, backend="int8", accept_failed_gates=True)

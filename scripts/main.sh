@@ -72,5 +72,18 @@ for behavior in all $behaviors; do
 done
 STEER_DEBUG=1 dagster asset materialize -m sae_pipeline.defs --select behavior_arms --partition reverse || status=1
 dagster asset materialize -m sae_pipeline.defs --select behavior_evaluation || status=1
+# fused side-nets: per layer the distilled net and its ONNX/INT8 exports (blocking error checks; a layer the release
+# does not steer records that), the fused release, one harness run per backend and the INT8 path reversed, then
+# fused_metrics.json and its blocking fused_gates check
+for layer in $layers; do
+  dagster asset materialize -m sae_pipeline.defs --select "fused_net,fused_export" --partition "$layer" || status=1
+done
+dagster asset materialize -m sae_pipeline.defs --select fused_release || status=1
+backends=$(python -c "from sae_pipeline.config import load_profile; print(' '.join(load_profile('$profile').fused.backends))")
+for backend in $backends; do
+  dagster asset materialize -m sae_pipeline.defs --select fused_arms --partition "$backend" || status=1
+done
+STEER_DEBUG=1 dagster asset materialize -m sae_pipeline.defs --select fused_arms --partition reverse || status=1
+dagster asset materialize -m sae_pipeline.defs --select fused_evaluation || status=1
 python -m sae_pipeline.sae.summary --profile "$profile"
 exit $status

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sae_pipeline.fused.net import FusedNet
-from sae_pipeline.steering.runtime import FeatureGroups, grouped_delta
+from sae_pipeline.steering.runtime import FeatureGroups, FusedSideNet, grouped_delta
 from sae_pipeline.steering.sidecar import DenseSidecar
 
 RELATIVE_FLOOR = 1e-6  # issue #6: ||delta_hat - delta|| / (||delta|| + 1e-6)
@@ -40,7 +40,8 @@ class FusedErrors(NamedTuple):
     p95_relative: float
     unsteered_p95_norm: float  # ||delta_hat|| where the sidecar leaves the token alone
     gates_off_p95_norm: float  # ||delta_hat|| with every alpha at 0
-    composition_max: float  # max relative gap between delta_hat(a + b) and delta_hat(a) + delta_hat(b)
+    # over the steered tokens, p95 of the relative gap between delta_hat(a + b) and delta_hat(a) + delta_hat(b)
+    composition_p95_relative: float
     steered_tokens: int
     tokens: int
 
@@ -51,7 +52,9 @@ def _alpha_draw(generator: torch.Generator, behaviors: int, alpha_max: float) ->
 
 
 @torch.no_grad()
-def fused_errors(net: FusedNet, teacher: Teacher, acts_ND: torch.Tensor, alphas_G: torch.Tensor) -> FusedErrors:
+def fused_errors(net: FusedSideNet, teacher: Teacher, acts_ND: torch.Tensor, alphas_G: torch.Tensor
+                 ) -> FusedErrors:
+    """Any backend's net (PyTorch, ONNX, INT8) against the teacher at alphas_G."""
     acts_ND = acts_ND.float()
     target_ND, got_ND = teacher.delta(acts_ND, alphas_G), net(acts_ND, alphas_G)
     steered_N = target_ND.norm(dim=-1) > 0
@@ -64,7 +67,7 @@ def fused_errors(net: FusedNet, teacher: Teacher, acts_ND: torch.Tensor, alphas_
     return FusedErrors(quantile(relative_N, 0.5), quantile(relative_N, 0.95),
                        quantile(got_ND.norm(dim=-1)[~steered_N], 0.95),
                        quantile(net(acts_ND, torch.zeros_like(alphas_G)).norm(dim=-1), 0.95),
-                       float(gap_N.max()) if len(gap_N) else 0.0, int(steered_N.sum()), len(acts_ND))
+                       quantile(gap_N[steered_N], 0.95), int(steered_N.sum()), len(acts_ND))
 
 
 class DistillResult(NamedTuple):

@@ -20,7 +20,13 @@ from sae_pipeline.fused.net import FusedNet
 from sae_pipeline.hashing import file_sha256
 
 OPSET = 17
-GATE_NODE = "film_gate"
+ENCODER_NODE, GATE_NODE, DECODER_NODE = "encoder", "film_gate", "decoder"
+# INT8 schemes (static QDQ, per-channel symmetric INT8 weights, MinMax activation ranges; the FiLM product stays
+# float): `a8w8` and `a16w8` quantise both matmuls' inputs to INT8 / INT16 (ONNX Runtime's contrib QDQ ops at opset
+# 17); the `_decoder` schemes quantise only the decoder matmul and keep the encoder in float, whose input carries
+# the attention sink's massive activations (SmolLM2 layer 11: |x| up to ~25,000 at the sink, ~5 elsewhere) and
+# whose output meets the thresholds (data/evidence/fused_int8.jsonl)
+INT8_SCHEMES = ("a8w8", "a16w8", "a8w8_decoder", "a16w8_decoder")
 
 
 def _initializer(name: str, tensor: torch.Tensor) -> onnx.TensorProto:
@@ -34,12 +40,12 @@ def onnx_model(net: FusedNet) -> onnx.ModelProto:
         b1_H = net.b1_H - w1_HD @ net.mean_D
     d_model, behaviors = w1_HD.shape[1], len(net.behaviors)
     nodes = [
-        helper.make_node("MatMul", ["acts", "W1_DH"], ["pre"]),
+        helper.make_node("MatMul", ["acts", "W1_DH"], ["pre"], name=ENCODER_NODE),
         helper.make_node("Add", ["pre", "b1_H"], ["pre_biased"]),
         helper.make_node("Relu", ["pre_biased"], ["hidden"]),
         helper.make_node("MatMul", ["alphas", "film_GH"], ["gate_H"], name=GATE_NODE),
         helper.make_node("Mul", ["hidden", "gate_H"], ["gated"]),
-        helper.make_node("MatMul", ["gated", "W2_HD"], ["delta"]),
+        helper.make_node("MatMul", ["gated", "W2_HD"], ["delta"], name=DECODER_NODE),
     ]
     graph = helper.make_graph(
         nodes, "fused_side_net",
@@ -73,15 +79,23 @@ class _Calibration:
 
 
 def save_int8(float_path: Path, path: Path, feeds: Iterable[tuple[torch.Tensor, torch.Tensor]],
-              calibration_cache: Path) -> str:
-    """Static INT8 (QDQ, per-channel weights) from the float ONNX file, calibrated on feeds of (acts (tokens,
-    d_model), alphas); the calibration ranges are written to calibration_cache."""
+              calibration_cache: Path, scheme: str = "a8w8") -> str:
+    """Static INT8 (QDQ, per-channel symmetric weights, MinMax ranges) from the float ONNX file, calibrated on feeds
+    of (acts (tokens, d_model), alphas); the calibration ranges are written to calibration_cache. scheme: one of
+    INT8_SCHEMES."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    if scheme not in INT8_SCHEMES:
+        raise ValueError(f"unknown INT8 scheme {scheme!r}; schemes are {list(INT8_SCHEMES)}")
+    wide = scheme.startswith("a16")
+    activations = QuantType.QInt16 if wide else QuantType.QInt8
+    excluded = [GATE_NODE] + ([ENCODER_NODE] if scheme.endswith("_decoder") else [])
     path.parent.mkdir(parents=True, exist_ok=True)
+    calibration_cache.unlink(missing_ok=True)  # an existing cache would be read, not written
     quantize_static(float_path, path, _Calibration(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_exclude=[GATE_NODE],
-                    calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=calibration_cache)
+                    activation_type=activations, weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
+                    calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=calibration_cache,
+                    extra_options={"UseQDQContribOps": wide})
     return file_sha256(path)
 
 

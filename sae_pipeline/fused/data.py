@@ -1,0 +1,63 @@
+"""The tensors a fused net is distilled, checked and calibrated on (issue #6), held in memory only.
+
+The hooked MLP output at the net's layer over every token of each prompt's chat sequence (what the runtime hook sees
+at a prefill), for the harmful prompts of every behaviour and for benign and borderline-safe ones (where the sidecar
+mostly does nothing, so the target is 0). Prompts go in, tensors come out; no text is kept."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from sae_pipeline.evaluation.generation import chat_ids
+from sae_pipeline.model.hooks import layer_outputs
+
+CALIBRATION_BATCH = 512  # tokens per calibration feed
+
+
+@torch.no_grad()
+def chat_outputs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], layer: int,
+                 desc: str) -> torch.Tensor:
+    """(tokens, d_model) float32 on the CPU: the layer's MLP output over every token of each prompt's chat turn."""
+    device = next(model.parameters()).device
+    parts = [layer_outputs(model, torch.tensor([chat_ids(tokenizer, p)], device=device), [layer])[layer][0]
+             .float().cpu() for p in tqdm(prompts, desc=desc, unit="prompt")]
+    if not parts:
+        raise ValueError(f"{desc}: no prompts")
+    return torch.cat(parts)
+
+
+class LayerTokens(NamedTuple):
+    """One split's tokens at a layer: each behaviour's harmful prompts, and the benign (and borderline) ones."""
+
+    harmful: dict[str, torch.Tensor]  # behaviour -> (tokens, d_model)
+    benign_ND: torch.Tensor
+
+    def all_ND(self) -> torch.Tensor:
+        return torch.cat([*self.harmful.values(), self.benign_ND])
+
+
+def layer_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, layer: int,
+                 harmful: Mapping[str, Sequence[str]], benign: Sequence[str], split: str) -> LayerTokens:
+    return LayerTokens({b: chat_outputs(model, tokenizer, prompts, layer, f"l{layer} {split} {b}")
+                        for b, prompts in harmful.items()},
+                       chat_outputs(model, tokenizer, benign, layer, f"l{layer} {split} benign"))
+
+
+def calibration_feeds(tokens: LayerTokens, behaviors: Sequence[str], alphas: Mapping[str, float]
+                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """INT8 calibration covering every behaviour and benign text: each behaviour's harmful tokens with that
+    behaviour alone at its alpha, and the benign tokens with every behaviour on (the ranges the hidden and output
+    tensors take in use)."""
+    def alone(name: str) -> torch.Tensor:
+        return torch.tensor([float(alphas[b]) if b == name else 0.0 for b in behaviors])
+
+    every = torch.tensor([float(alphas[b]) for b in behaviors])
+    sources = [(acts_ND, alone(name)) for name, acts_ND in tokens.harmful.items() if name in behaviors]
+    sources.append((tokens.benign_ND, every))
+    return [(acts_ND[start:start + CALIBRATION_BATCH], alphas_G) for acts_ND, alphas_G in sources
+            for start in range(0, len(acts_ND), CALIBRATION_BATCH)]

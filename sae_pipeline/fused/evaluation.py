@@ -1,0 +1,111 @@
+"""The fused release on the frozen harness (issue #6): one arm per backend, and the INT8 path reversed.
+
+Each backend's run with every behaviour on is held against the behaviour release it distils (that release's `all`
+arm, the sidecar ensemble): per category the harmful completion rate within a point, benign false refusal within
+half a point; the capability gates against the unsteered baseline as the release's own; reverse-safety's
+capability recovery on the INT8 path reversed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from sae_pipeline.behaviors.evaluation import CAPABILITY_GATES, ReleasePolicy
+from sae_pipeline.config import Gate
+from sae_pipeline.evaluation.stability import FeatureReadout
+from sae_pipeline.fused.release import FUSED_CONFIG, FusedRelease, fused_layers, read_fused_release
+from sae_pipeline.fused.runtime import release_nets
+from sae_pipeline.gates import GateResult, check_gates
+from sae_pipeline.hashing import config_hash, file_sha256
+from sae_pipeline.steering.behaviors import behavior_layers
+from sae_pipeline.steering.runtime import patched
+from sae_pipeline.steering.sweep import reverse_capability_recovery, strength_gate_values
+
+REVERSE = "reverse"  # the arm that runs the INT8 path reversed
+
+
+def fused_arm_names(backends: Sequence[str]) -> list[str]:
+    return [*backends, REVERSE]
+
+
+@dataclass(frozen=True)
+class FusedPolicy:
+    """A fused release (read once, one backend) with every behaviour on, as the harness's Steering: alpha
+    multiplies every behaviour's alphas (1.0: as released). Evaluated whatever its recorded gates say."""
+
+    release: FusedRelease
+    config_sha256: str
+    name: str = "fused release"
+
+    @classmethod
+    def load(cls, directory: Path, backend: str) -> FusedPolicy:
+        return cls(read_fused_release(directory, backend, accept_failed_gates=True),
+                   file_sha256(directory / FUSED_CONFIG))
+
+    @property
+    def sha256(self) -> str:
+        return config_hash({"fused_release": self.config_sha256, "backend": self.release.backend})
+
+    @contextmanager
+    def applied(self, model: nn.Module, alpha: float, reverse: bool) -> Iterator[None]:
+        layers, gate_skip = behavior_layers(self.release.behaviors, scale=alpha)
+        nets = release_nets(self.release.files, next(model.parameters()).device)
+        with patched(model, fused_layers(layers, nets), gate_skip) as patch, patch.reverse_if(reverse):
+            yield
+
+    def readouts(self) -> list[FeatureReadout]:
+        """The behaviour release's dictionaries, read as its own evaluation reads them."""
+        behaviors = self.release.behaviors
+        return ReleasePolicy(behaviors, self.config_sha256, tuple(behaviors.config["behaviors"])).readouts()
+
+
+def _per_category(metrics: dict) -> dict[str, float]:
+    return {c: r["rate"] for c, r in metrics["harmful_completion_rate"]["per_category"].items()}
+
+
+def fused_gate_values(baseline: dict, sidecars: dict, fused: dict) -> dict[str, float]:
+    """One backend's run (every behaviour on) against the sidecar ensemble's and, for capability, the baseline."""
+    theirs, ours = _per_category(sidecars), _per_category(fused)
+    benign = [m["benign_false_refusal_rate"]["overall"]["rate"] for m in (sidecars, fused)]
+    strength = strength_gate_values(baseline, fused)
+    values = {"category_completion_delta_max": max(abs(ours[c] - theirs[c]) for c in theirs),
+              "benign_false_refusal_delta_max": abs(benign[1] - benign[0]),
+              **{name: strength[name] for name in CAPABILITY_GATES}}
+    return {name: round(value, 9) for name, value in values.items()}
+
+
+def fused_results(gates: dict[str, Gate], baseline: dict, sidecars: dict, arms: dict[str, dict]
+                  ) -> dict[str, list[GateResult]]:
+    """Per backend its gates; `reverse`: reverse-safety's recovery on the reversed INT8 run."""
+    out = {backend: check_gates({n: gates[n] for n in (*CAPABILITY_GATES, "category_completion_delta_max",
+                                                       "benign_false_refusal_delta_max")},
+                                fused_gate_values(baseline, sidecars, metrics))
+           for backend, metrics in arms.items() if backend != REVERSE}
+    out[REVERSE] = check_gates({"reverse_capability_recovery_min": gates["reverse_capability_recovery_min"]},
+                               {"reverse_capability_recovery_min": round(reverse_capability_recovery(
+                                   baseline, arms[REVERSE]), 9)})
+    return out
+
+
+def fused_metrics(baseline: dict, sidecars: dict, arms: dict[str, dict], results: dict[str, list[GateResult]],
+                  throughput: dict, provenance: dict) -> dict:
+    """fused_metrics.json: per backend its harmful completion per category beside the sidecar ensemble's, benign
+    false refusal, capability and gate rows; the reverse run's recovery; decode throughput; what it was made of."""
+    def brief(metrics: dict) -> dict:
+        return {"harmful_completion_per_category": _per_category(metrics),
+                "harmful_completion_rate": metrics["harmful_completion_rate"]["overall"]["rate"],
+                "benign_false_refusal_rate": metrics["benign_false_refusal_rate"]["overall"]["rate"],
+                "borderline_false_refusal_rate": metrics["benign_false_refusal_rate"]["borderline"]["rate"],
+                "capability": {k: metrics["capability"][k] for k in ("next_token_kl", "perplexity")},
+                "metrics_sha256": metrics["metrics_sha256"]}
+
+    return {**provenance, "sidecar_ensemble": brief(sidecars), "baseline": brief(baseline),
+            "backends": {arm: {**brief(m), "gates": [{**g._asdict(), "passed": bool(g.passed)}
+                                                     for g in results[arm]]}
+                         for arm, m in arms.items()},
+            "throughput": throughput,
+            "gates": {"passed": all(g.passed for rows in results.values() for g in rows)}}

@@ -1,0 +1,22 @@
+"""What the `fused` error gates bound, from a net's error statistics (fused/distill.py's FusedErrors)."""
+
+from __future__ import annotations
+
+from sae_pipeline.fused.distill import FusedErrors
+
+
+def errors_record(errors: FusedErrors) -> dict:
+    """For JSON and metadata tables."""
+    return {name: round(float(value), 9) if isinstance(value, float) else value
+            for name, value in errors._asdict().items()}
+
+
+def error_gate_values(record: dict, onnx_parity: float | None = None) -> dict[str, float]:
+    """The gate quantities of one backend's error record; ONNX Runtime parity with PyTorch where measured."""
+    values = {"median_relative_error_max": record["median_relative"],
+              "p95_relative_error_max": record["p95_relative"],
+              "gates_off_p95_norm_max": record["gates_off_p95_norm"],
+              "composition_p95_relative_max": record["composition_p95_relative"]}
+    if onnx_parity is not None:
+        values["onnx_parity_max"] = onnx_parity
+    return values
