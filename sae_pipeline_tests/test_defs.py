@@ -451,11 +451,16 @@ def test_tiny_fused_stage_from_the_release_to_its_evaluation(artifacts_with_enco
         assert not _checked(defs, "fused_arms", instance, "reverse").success, "reverse needs STEER_DEBUG=1"
         monkeypatch.setenv("STEER_DEBUG", "1")
         assert _checked(defs, "fused_arms", instance, "reverse").success
+        assert not _checked(defs, "fused_evaluation", instance).success, "every arm must exist first"
+        assert _checked(defs, "fused_arms", instance, "exact_rule").success
         evaluated = _checked(defs, "fused_evaluation", instance)
         [gates_check] = evaluated.get_asset_check_evaluations()
         report = json.loads(Path(evaluated.get_asset_materialization_events()[0].event_specific_data
                                  .materialization.metadata["path"].value).read_text())
-        assert set(report["backends"]) == {"torch", "onnx", "int8", "reverse"}
+        assert set(report["backends"]) == {"torch", "onnx", "int8", "reverse", "exact_rule"}
+        assert report["backends"]["exact_rule"]["gates"] == []  # the control is reported, not gated
+        agreements = {arm: run["agreement_with_sidecars"] for arm, run in report["backends"].items()}
+        assert all(a["prompts"] > 0 and 0 <= a["decision_flips"] <= a["prompts"] for a in agreements.values())
         assert report["throughput"]["backend"] == "int8" and min(report["throughput"]["steered_tokens_per_s"]) > 0
         rows = [r.data for r in gates_check.metadata["gates"].value.records]
         assert {r["backend"] for r in rows} == {"torch", "onnx", "int8", "reverse"}

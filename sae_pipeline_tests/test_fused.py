@@ -1,5 +1,7 @@
 """Fused side-nets: the fold of a grouped sidecar, FiLM gates per behaviour, linear composition."""
 
+import json
+
 import pytest
 import torch
 
@@ -194,3 +196,118 @@ def test_fused_nets_steer_the_model_as_the_sidecars_they_fold_on_every_backend(t
     with pytest.raises(FusedNetError, match="sha256"):
         load_fused(files["torch"], sha)
     assert getattr(tiny.model, "_sae_pipeline_steering", None) is None
+
+
+def test_each_int8_scheme_quantises_what_it_says(tmp_path):
+    import onnx
+
+    from sae_pipeline.fused.export import INT8_SCHEMES, save_int8, save_onnx
+
+    teacher, stats, acts = _teacher_setup()
+    net = FusedNet.from_sidecar(teacher.sidecar, GROUPS, stats)
+    save_onnx(net, tmp_path / "float.onnx")
+    feeds = [(acts[:200], torch.tensor([1.0, 1.0]))]
+    for scheme in INT8_SCHEMES:
+        save_int8(tmp_path / "float.onnx", tmp_path / f"{scheme}.onnx", feeds, tmp_path / f"{scheme}.json", scheme)
+        graph = onnx.load(str(tmp_path / f"{scheme}.onnx")).graph
+        consumers = {name: node for node in graph.node for name in node.input}
+        acts_quantised = consumers["acts"].op_type == "QuantizeLinear"
+        assert acts_quantised is not scheme.endswith("_decoder"), scheme
+        int16 = any(i.data_type == onnx.TensorProto.INT16 for i in graph.initializer)
+        assert int16 is scheme.startswith("a16"), scheme
+        assert json.loads((tmp_path / f"{scheme}.json").read_text())  # the calibration ranges, written
+    with pytest.raises(ValueError, match="unknown INT8 scheme 'a4w4'"):
+        save_int8(tmp_path / "float.onnx", tmp_path / "x.onnx", feeds, tmp_path / "x.json", "a4w4")
+
+
+def _fused_release(tmp_path, tiny_d: int = 64, layer: int = 2):
+    """A behaviour release (chem and bio at `layer`, always firing) and its fused release (the exact fold)."""
+    from sae_pipeline.behaviors.release import concat_sidecars, write_release
+    from sae_pipeline.fused.export import save_int8, save_onnx
+    from sae_pipeline.fused.net import save_fused
+    from sae_pipeline.fused.release import write_fused_release
+
+    generator, parts = torch.Generator().manual_seed(3), {}
+    for name, n in GROUPS.items():
+        directions = torch.nn.functional.normalize(torch.randn(n, tiny_d, generator=generator), dim=-1)
+        parts[name] = DenseSidecar(directions, directions.clone(), torch.full((n,), -10.0))
+    write_release(tmp_path / "behaviors", {layer: parts}, {"chem": 0.5, "bio": 0.3}, 64, {"epsilon": 0.02})
+    sidecar, sizes = concat_sidecars(parts)
+    net = FusedNet.from_sidecar(sidecar, sizes, WhiteningStats(torch.zeros(tiny_d), torch.ones(tiny_d), 1))
+    files = {"torch": tmp_path / "n.safetensors", "onnx": tmp_path / "n.onnx", "int8": tmp_path / "n.int8.onnx"}
+    save_fused(net, files["torch"])
+    save_onnx(net, files["onnx"])
+    feeds = [(torch.randn(64, tiny_d, generator=generator), torch.tensor([0.5, 0.3]))]
+    save_int8(files["onnx"], files["int8"], feeds, tmp_path / "calibration.json", "a16w8_decoder")
+    gates = {backend: [{"name": "p95_relative_error_max", "value": 0.0, "threshold": 0.04,
+                        "passed": backend != "int8", "source": "test"}] for backend in files}
+    entry = {"files": files, "calibration": tmp_path / "calibration.json", "behaviors": list(sizes), "errors": {}}
+    config = write_fused_release(tmp_path / "fused", tmp_path / "behaviors", {layer: entry}, gates)
+    return tmp_path / "fused", config
+
+
+def test_a_fused_release_applies_as_its_behaviour_release_and_fails_closed(tiny, tmp_path):
+    from sae_pipeline import apply_behaviors, apply_fused_behaviors, remove_behaviors
+    from sae_pipeline.fused.release import FUSED_CONFIG, read_fused_release
+    from sae_pipeline.steering.sidecar import SidecarError
+
+    directory, config = _fused_release(tmp_path)
+    assert config["default_backend"] == "onnx"  # int8 failed its (test) gate: the next backend that passed
+    assert read_fused_release(directory).backend == "onnx"
+    with pytest.raises(SidecarError, match=r"the int8 nets failed their error gates \(p95_relative_error_max\)"):
+        read_fused_release(directory, "int8")
+    assert read_fused_release(directory, "int8", accept_failed_gates=True).files[2].name == "fused_l2.int8.onnx"
+    ids = torch.tensor([tiny.tokenizer("steer these words, please").input_ids])
+
+    def logits(apply) -> torch.Tensor:
+        apply()
+        try:
+            with torch.no_grad():
+                return tiny.model(input_ids=ids).logits
+        finally:
+            remove_behaviors(tiny.model)
+
+    sidecars = logits(lambda: apply_behaviors(tiny.model, directory / "behaviors"))
+    for backend in ("torch", "onnx"):
+        fused = logits(lambda: apply_fused_behaviors(tiny.model, directory, backend=backend))
+        assert torch.allclose(fused, sidecars, atol=1e-4), backend
+    only_chem = logits(lambda: apply_fused_behaviors(tiny.model, directory, behaviors=["chem"]))
+    assert torch.allclose(only_chem, logits(lambda: apply_behaviors(tiny.model, directory / "behaviors",
+                                                                    behaviors=["chem"])), atol=1e-4)
+    # tampering anywhere fails closed, naming what is wrong
+    original = (directory / FUSED_CONFIG).read_text()
+    (directory / FUSED_CONFIG).write_text(original.replace('"version": 1', '"version": 9'))
+    with pytest.raises(SidecarError, match="version 9"):
+        read_fused_release(directory)
+    (directory / FUSED_CONFIG).write_text(original.replace('"behaviors": [\n        "chem",\n        "bio"\n      ]',
+                                                           '"behaviors": [\n        "bio",\n        "chem"\n      ]'))
+    with pytest.raises(SidecarError, match=r"nets for \['bio', 'chem'\]"):
+        read_fused_release(directory)
+    (directory / FUSED_CONFIG).write_text(original)
+    with pytest.raises(SidecarError, match="no 'tflite' nets here"):
+        read_fused_release(directory, "tflite")
+    behaviour_config = directory / "behaviors" / "multi_behavior_config.json"
+    behaviour_config.write_text(behaviour_config.read_text().replace('"alpha": 0.5', '"alpha": 5.0'))
+    with pytest.raises(SidecarError, match="does not match its recorded sha256"):
+        apply_fused_behaviors(tiny.model, directory)
+    assert getattr(tiny.model, "_sae_pipeline_steering", None) is None
+
+
+def test_decode_rates_rotate_every_arm_and_hook_latency_times_each_token(tiny):
+    from sae_pipeline.steering.overhead import decode_rates, hook_latencies
+    from sae_pipeline.steering.runtime import LayerSteering, patched
+
+    generator = torch.Generator().manual_seed(0)
+    directions = torch.nn.functional.normalize(torch.randn(3, 64, generator=generator), dim=-1)
+    layers = {2: LayerSteering(DenseSidecar(directions, directions.clone(), torch.full((3,), -10.0)), alpha=0.6)}
+    prompts = [torch.tensor([[5, 6, 7, 8]]), torch.tensor([[9, 10, 11]])]
+    rates = decode_rates(tiny.model, prompts, {"unsteered": None, "a": (layers, 1), "b": (layers, 1)}, 3, 2)
+    assert {arm: len(v) for arm, v in rates.items()} == {"unsteered": 4, "a": 4, "b": 4}
+    assert all(rate > 0 for values in rates.values() for rate in values)
+    acts = torch.randn(7, 64, generator=generator)
+    latencies = hook_latencies(tiny.model, prompts[0], layers, 1, {2: acts})
+    assert len(latencies) == 7 and all(t > 0 for t in latencies)
+    with patched(tiny.model, layers) as patch:  # steer is the hook itself
+        steered = patch.steer(2, acts[None])
+        expected = acts - 0.6 * torch.relu(acts @ directions.T + 10.0) @ directions
+        assert torch.allclose(steered[0], expected, atol=1e-5)

@@ -73,7 +73,8 @@ done
 STEER_DEBUG=1 dagster asset materialize -m sae_pipeline.defs --select behavior_arms --partition reverse || status=1
 dagster asset materialize -m sae_pipeline.defs --select behavior_evaluation || status=1
 # fused side-nets: per layer the distilled net and its ONNX/INT8 exports (blocking error checks; a layer the release
-# does not steer records that), the fused release, one harness run per backend and the INT8 path reversed, then
+# does not steer records that), the fused release, one harness run per backend, the INT8 path reversed and the
+# control (the sidecars' rule in float32), then
 # fused_metrics.json and its blocking fused_gates check
 for layer in $layers; do
   dagster asset materialize -m sae_pipeline.defs --select "fused_net,fused_export" --partition "$layer" || status=1
@@ -84,6 +85,7 @@ for backend in $backends; do
   dagster asset materialize -m sae_pipeline.defs --select fused_arms --partition "$backend" || status=1
 done
 STEER_DEBUG=1 dagster asset materialize -m sae_pipeline.defs --select fused_arms --partition reverse || status=1
+dagster asset materialize -m sae_pipeline.defs --select fused_arms --partition exact_rule || status=1
 dagster asset materialize -m sae_pipeline.defs --select fused_evaluation || status=1
 python -m sae_pipeline.sae.summary --profile "$profile"
 exit $status

@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from sae_pipeline.evaluation.datasets import load_prompt_sets
 from sae_pipeline.evaluation.generation import chat_ids
 from sae_pipeline.model.hooks import layer_outputs
 
@@ -46,6 +47,15 @@ def layer_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, lay
     return LayerTokens({b: chat_outputs(model, tokenizer, prompts, layer, f"l{layer} {split} {b}")
                         for b, prompts in harmful.items()},
                        chat_outputs(model, tokenizer, benign, layer, f"l{layer} {split} benign"))
+
+
+def split_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, layer: int, behaviors: Sequence[str],
+                 split: str) -> LayerTokens:
+    """One split of the frozen prompt sets at a layer: each behaviour's harmful prompts, and every benign domain
+    (borderline-safe included)."""
+    sets = load_prompt_sets()
+    harmful = {b: [r.prompt for r in sets.harmful if r.split == split and r.category == b] for b in behaviors}
+    return layer_tokens(model, tokenizer, layer, harmful, [r.prompt for r in sets.benign if r.split == split], split)
 
 
 def calibration_feeds(tokens: LayerTokens, behaviors: Sequence[str], alphas: Mapping[str, float]

@@ -21,16 +21,29 @@ RELATIVE_FLOOR = 1e-6  # issue #6: ||delta_hat - delta|| / (||delta|| + 1e-6)
 
 
 class Teacher(NamedTuple):
-    """What the net imitates: a layer's grouped sidecar under the runtime's rule."""
+    """What the net imitates: a layer's grouped sidecar under the runtime's rule, in float32. Called as a side net
+    (runtime.FusedSideNet) it is that rule in float32 arithmetic: the evaluation's control for how far arithmetic
+    alone moves greedy decoding (the sidecar hook computes in the activations' dtype)."""
 
     sidecar: DenseSidecar
     groups: FeatureGroups  # its member_NG says whose rows are whose (alphas are drawn, not read)
     epsilon: float
 
+    @property
+    def behaviors(self) -> tuple[str, ...]:
+        return self.groups.names
+
+    @property
+    def d_model(self) -> int:
+        return self.sidecar.A_sel_ND.shape[1]
+
     def delta(self, acts_ND: torch.Tensor, alphas_G: torch.Tensor) -> torch.Tensor:
         z_NF = torch.relu(acts_ND.float() @ self.sidecar.B_sel_ND.float().T - self.sidecar.tau_N.float())
         return grouped_delta(z_NF, self.sidecar.A_sel_ND.float(), self.groups.member_NG, alphas_G.float(),
                              self.epsilon)[0]
+
+    def __call__(self, acts: torch.Tensor, alphas_G: torch.Tensor) -> torch.Tensor:
+        return self.delta(acts, alphas_G.cpu()).to(acts.dtype)
 
 
 class FusedErrors(NamedTuple):

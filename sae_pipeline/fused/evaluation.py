@@ -1,9 +1,13 @@
-"""The fused release on the frozen harness (issue #6): one arm per backend, and the INT8 path reversed.
+"""The fused release on the frozen harness (issue #6): one arm per backend, the INT8 path reversed, and a control.
 
 Each backend's run with every behaviour on is held against the behaviour release it distils (that release's `all`
 arm, the sidecar ensemble): per category the harmful completion rate within a point, benign false refusal within
 half a point; the capability gates against the unsteered baseline as the release's own; reverse-safety's
-capability recovery on the INT8 path reversed."""
+capability recovery on the INT8 path reversed. The control arm `exact_rule` replaces each grouped sidecar by the
+runtime's own feature rule computed in float32 (`distill.Teacher`; the sidecar hook computes in the activations'
+dtype): how far arithmetic alone moves the harness's decisions, the floor no re-implementation can go below. It is
+reported beside the backends, not gated. Per arm, the prompts whose refusal decision or greedy completion (by
+sha256) differs from the sidecar ensemble's are counted from the runs' records."""
 
 from __future__ import annotations
 
@@ -11,25 +15,36 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from torch import nn
 
 from sae_pipeline.behaviors.evaluation import CAPABILITY_GATES, ReleasePolicy
+from sae_pipeline.behaviors.release import Release
 from sae_pipeline.config import Gate
 from sae_pipeline.evaluation.stability import FeatureReadout
+from sae_pipeline.fused.distill import Teacher
 from sae_pipeline.fused.release import FUSED_CONFIG, FusedRelease, fused_layers, read_fused_release
 from sae_pipeline.fused.runtime import release_nets
 from sae_pipeline.gates import GateResult, check_gates
 from sae_pipeline.hashing import config_hash, file_sha256
 from sae_pipeline.steering.behaviors import behavior_layers
-from sae_pipeline.steering.runtime import patched
+from sae_pipeline.steering.runtime import DEFAULT_EPSILON, FeatureGroups, patched
 from sae_pipeline.steering.sweep import reverse_capability_recovery, strength_gate_values
 
 REVERSE = "reverse"  # the arm that runs the INT8 path reversed
+EXACT_RULE = "exact_rule"  # the control: the sidecars' rule in float32
 
 
 def fused_arm_names(backends: Sequence[str]) -> list[str]:
-    return [*backends, REVERSE]
+    return [*backends, REVERSE, EXACT_RULE]
+
+
+def exact_rule_nets(release: Release) -> dict[int, Teacher]:
+    """Each feature layer's grouped sidecar as the runtime's rule in float32 (alphas come from the hooks)."""
+    epsilon = float(release.config.get("epsilon", DEFAULT_EPSILON))
+    return {layer: Teacher(groups.sidecar, FeatureGroups.of(groups.sizes, groups.alphas), epsilon)
+            for layer, groups in release.groups.items()}
 
 
 @dataclass(frozen=True)
@@ -39,28 +54,34 @@ class FusedPolicy:
 
     release: FusedRelease
     config_sha256: str
+    exact_rule: bool = False  # the control: the sidecars' own rule in float32 instead of the nets
     name: str = "fused release"
 
     @classmethod
-    def load(cls, directory: Path, backend: str) -> FusedPolicy:
+    def load(cls, directory: Path, arm: str) -> FusedPolicy:
+        """arm: a backend (torch, onnx, int8) or EXACT_RULE."""
+        backend = "torch" if arm == EXACT_RULE else arm
         return cls(read_fused_release(directory, backend, accept_failed_gates=True),
-                   file_sha256(directory / FUSED_CONFIG))
+                   file_sha256(directory / FUSED_CONFIG), arm == EXACT_RULE)
 
     @property
     def sha256(self) -> str:
-        return config_hash({"fused_release": self.config_sha256, "backend": self.release.backend})
+        arm = EXACT_RULE if self.exact_rule else self.release.backend
+        return config_hash({"fused_release": self.config_sha256, "backend": arm})
 
     @contextmanager
     def applied(self, model: nn.Module, alpha: float, reverse: bool) -> Iterator[None]:
         layers, gate_skip = behavior_layers(self.release.behaviors, scale=alpha)
-        nets = release_nets(self.release.files, next(model.parameters()).device)
+        nets = exact_rule_nets(self.release.behaviors) if self.exact_rule else release_nets(
+            self.release.files, next(model.parameters()).device)
         with patched(model, fused_layers(layers, nets), gate_skip) as patch, patch.reverse_if(reverse):
             yield
 
     def readouts(self) -> list[FeatureReadout]:
         """The behaviour release's dictionaries, read as its own evaluation reads them."""
         behaviors = self.release.behaviors
-        return ReleasePolicy(behaviors, self.config_sha256, tuple(behaviors.config["behaviors"])).readouts()
+        return ReleasePolicy(behaviors, self.release.config["behavior_release"]["config_sha256"],
+                             tuple(behaviors.config["behaviors"])).readouts()
 
 
 def _per_category(metrics: dict) -> dict[str, float]:
@@ -80,21 +101,41 @@ def fused_gate_values(baseline: dict, sidecars: dict, fused: dict) -> dict[str, 
 
 def fused_results(gates: dict[str, Gate], baseline: dict, sidecars: dict, arms: dict[str, dict]
                   ) -> dict[str, list[GateResult]]:
-    """Per backend its gates; `reverse`: reverse-safety's recovery on the reversed INT8 run."""
+    """Per backend its gates; `reverse`: reverse-safety's recovery on the reversed INT8 run (the control arm is
+    not gated)."""
     out = {backend: check_gates({n: gates[n] for n in (*CAPABILITY_GATES, "category_completion_delta_max",
                                                        "benign_false_refusal_delta_max")},
                                 fused_gate_values(baseline, sidecars, metrics))
-           for backend, metrics in arms.items() if backend != REVERSE}
+           for backend, metrics in arms.items() if backend not in (REVERSE, EXACT_RULE)}
     out[REVERSE] = check_gates({"reverse_capability_recovery_min": gates["reverse_capability_recovery_min"]},
                                {"reverse_capability_recovery_min": round(reverse_capability_recovery(
                                    baseline, arms[REVERSE]), 9)})
     return out
 
 
+class Agreement(NamedTuple):
+    """How one run's per-prompt records differ from the sidecar ensemble's (harmful and benign prompts)."""
+
+    prompts: int
+    decision_flips: int  # refused in one run, not in the other
+    differing_completions: int  # greedy completions whose sha256 differ
+
+
+def agreement(sidecars: Sequence[dict], other: Sequence[dict]) -> Agreement:
+    """records.jsonl rows of two runs on the same prompts (by id)."""
+    theirs = {r["id"]: r for r in sidecars if r["set"] in ("harmful", "benign")}
+    ours = {r["id"]: r for r in other if r["id"] in theirs}
+    if set(ours) != set(theirs):
+        raise ValueError(f"the runs saw different prompts ({len(theirs)} vs {len(ours)} shared)")
+    return Agreement(len(theirs), sum(theirs[i]["refused"] != ours[i]["refused"] for i in theirs),
+                     sum(theirs[i]["completion_sha256"] != ours[i]["completion_sha256"] for i in theirs))
+
+
 def fused_metrics(baseline: dict, sidecars: dict, arms: dict[str, dict], results: dict[str, list[GateResult]],
-                  throughput: dict, provenance: dict) -> dict:
-    """fused_metrics.json: per backend its harmful completion per category beside the sidecar ensemble's, benign
-    false refusal, capability and gate rows; the reverse run's recovery; decode throughput; what it was made of."""
+                  agreements: dict[str, Agreement], throughput: dict, provenance: dict) -> dict:
+    """fused_metrics.json: per arm its harmful completion per category beside the sidecar ensemble's, benign
+    false refusal, capability, gate rows and agreement with the sidecar ensemble per prompt; the reverse run's
+    recovery; decode throughput; what it was made of."""
     def brief(metrics: dict) -> dict:
         return {"harmful_completion_per_category": _per_category(metrics),
                 "harmful_completion_rate": metrics["harmful_completion_rate"]["overall"]["rate"],
@@ -105,7 +146,8 @@ def fused_metrics(baseline: dict, sidecars: dict, arms: dict[str, dict], results
 
     return {**provenance, "sidecar_ensemble": brief(sidecars), "baseline": brief(baseline),
             "backends": {arm: {**brief(m), "gates": [{**g._asdict(), "passed": bool(g.passed)}
-                                                     for g in results[arm]]}
+                                                     for g in results.get(arm, [])],
+                               "agreement_with_sidecars": agreements[arm]._asdict()}
                          for arm, m in arms.items()},
             "throughput": throughput,
             "gates": {"passed": all(g.passed for rows in results.values() for g in rows)}}

@@ -1,7 +1,8 @@
 """Steering's decode overhead, measured as a ratio in one run: greedy tokens/s with the hooks attached vs without.
 
-The arms alternate prompt by prompt and round by round, in ABBA order (unsteered first, then steered first), so
-drift in machine speed and any order effect hit both alike; the overhead is 1 - median(steered) / median(unsteered).
+The arms alternate prompt by prompt and round by round (two arms: ABBA, unsteered first, then steered first; more
+arms: the order rotates), so drift in machine speed and any order effect hit all alike; the overhead is
+1 - median(steered) / median(unsteered). `hook_latencies` times the hooks alone, per decode token.
 Each figure times a one-token generate (the prefill) and takes it off, so a long context's prefill does not hide in
 the decode rate."""
 
@@ -44,22 +45,59 @@ def decode_rate(model: nn.Module, input_ids: torch.Tensor, new_tokens: int) -> f
     return (new_tokens - 1) * input_ids.shape[0] / max(total - prefill, 1e-9)
 
 
-def measure_overhead(model: nn.Module, prompts: Sequence[torch.Tensor], layers: dict[int, LayerSteering],
-                     gate_skip: int, new_tokens: int, rounds: int) -> Overhead:
-    """prompts: (1, S) input ids each; each arm decodes once untimed first (allocator, kernels, tensor casts)."""
+def decode_rates(model: nn.Module, prompts: Sequence[torch.Tensor],
+                 arms: dict[str, tuple[dict[int, LayerSteering], int] | None], new_tokens: int, rounds: int
+                 ) -> dict[str, list[float]]:
+    """Decode tokens/s per arm ({name: (layers, gate_skip), or None for no hooks}), the arms interleaved: each
+    prompt of each round runs every arm, the order rotating one place per prompt and round (two arms: ABBA).
+    prompts: (1, S) input ids each; each arm decodes once untimed first (allocator, kernels, tensor casts)."""
 
-    def steered(input_ids: torch.Tensor, tokens: int) -> float:
-        with patched(model, layers, gate_skip):
+    def run(arm: str, input_ids: torch.Tensor, tokens: int) -> float:
+        if arms[arm] is None:
+            return decode_rate(model, input_ids, tokens)
+        with patched(model, *arms[arm]):
             return decode_rate(model, input_ids, tokens)
 
-    arms = {"unsteered": lambda input_ids, tokens: decode_rate(model, input_ids, tokens), "steered": steered}
-    for measure in arms.values():
-        measure(prompts[0], 2)
-    rates: dict[str, list[float]] = {"unsteered": [], "steered": []}
+    names = list(arms)
+    for arm in names:
+        run(arm, prompts[0], 2)
+    rates: dict[str, list[float]] = {arm: [] for arm in names}
     for round_index in range(rounds):
         for prompt_index, input_ids in enumerate(prompts):
-            order = list(arms) if (round_index + prompt_index) % 2 == 0 else list(reversed(arms))
-            for arm in order:
-                rates[arm].append(arms[arm](input_ids, new_tokens))
+            shift = (round_index + prompt_index) % len(names)
+            for arm in names[shift:] + names[:shift]:
+                rates[arm].append(run(arm, input_ids, new_tokens))
+    return rates
+
+
+def measure_overhead(model: nn.Module, prompts: Sequence[torch.Tensor], layers: dict[int, LayerSteering],
+                     gate_skip: int, new_tokens: int, rounds: int) -> Overhead:
+    """Steered against unsteered decoding (decode_rates' order)."""
+    rates = decode_rates(model, prompts, {"unsteered": None, "steered": (layers, gate_skip)}, new_tokens, rounds)
     overhead = 1 - statistics.median(rates["steered"]) / statistics.median(rates["unsteered"])
     return Overhead(rates["unsteered"], rates["steered"], overhead)
+
+
+@torch.inference_mode()
+def hook_latencies(model: nn.Module, prompt: torch.Tensor, layers: dict[int, LayerSteering], gate_skip: int,
+                   acts_by_layer: dict[int, torch.Tensor]) -> list[float]:
+    """Seconds per decode token that every hooked layer's steering takes together: after a prefill of `prompt`
+    (the refusal decision taken), each layer's hook is called on one token's activation (acts_by_layer: layer ->
+    (tokens, d_model), the same token count at every layer), synchronised on a GPU."""
+    tokens = min(len(acts) for acts in acts_by_layer.values())
+    cuda = prompt.is_cuda
+    with patched(model, layers, gate_skip) as patch:
+        model(input_ids=prompt)
+        patch.prompt_gate_BS = None  # what a decode step sees
+        out = []
+        for index in range(tokens):
+            steps = [acts_by_layer[layer][index].view(1, 1, -1) for layer in layers]
+            if cuda:
+                torch.cuda.synchronize()
+            began = time.perf_counter()
+            for layer, x in zip(layers, steps):
+                patch.steer(layer, x)
+            if cuda:
+                torch.cuda.synchronize()
+            out.append(time.perf_counter() - began)
+    return out

@@ -183,6 +183,11 @@ class SteeringPatch:
     prompt_gate_BS: torch.Tensor | None = None  # set by the model pre-hook on a prefill, None on decode steps
     prompt_last_B: torch.Tensor | None = None  # each row's last real token at that prefill
     prompt_summaries: dict = field(default_factory=dict)  # layer -> (B, 2D) prompt summaries of this prefill
+    hooks: dict = field(default_factory=dict)  # layer -> its MLP output hook (steer calls it)
+
+    def steer(self, layer: int, output: torch.Tensor) -> torch.Tensor:
+        """What the layer's hook makes of an MLP output, outside a forward (benchmarks time it per token)."""
+        return self.hooks[layer](None, None, output)
 
     @contextmanager
     def request(self, prompt: str) -> Iterator[str]:
@@ -340,7 +345,8 @@ def apply_patch_layers(model: nn.Module, layers: dict[int, LayerSteering], gate_
     patch = SteeringPatch({layer: _LayerState(cfg) for layer, cfg in layers.items()}, gate_skip=max(1, gate_skip))
     patch.handles.append(model.register_forward_pre_hook(patch._model_pre_hook, with_kwargs=True))
     for layer, state in patch.layers.items():
-        patch.handles.append(mlp_module(model, layer).register_forward_hook(patch._hook(layer, state)))
+        patch.hooks[layer] = patch._hook(layer, state)
+        patch.handles.append(mlp_module(model, layer).register_forward_hook(patch.hooks[layer]))
     for layer in sorted(read_layers):
         patch.handles.append(hook_module(model, layer, "residual").register_forward_hook(patch._reader_hook(layer)))
     setattr(model, _PATCH_ATTR, patch)

@@ -22,10 +22,11 @@ from sae_pipeline.defs.resources import ModelResource
 from sae_pipeline.evaluation.datasets import load_prompt_sets
 from sae_pipeline.evaluation.determinism import deterministic
 from sae_pipeline.evaluation.generation import chat_ids
-from sae_pipeline.evaluation.harness import load_metrics
-from sae_pipeline.fused.data import LayerTokens, calibration_feeds, layer_tokens
+from sae_pipeline.evaluation.harness import load_metrics, load_records
+from sae_pipeline.fused.data import LayerTokens, calibration_feeds, split_tokens
 from sae_pipeline.fused.distill import Teacher, distill, fused_errors
-from sae_pipeline.fused.evaluation import REVERSE, FusedPolicy, fused_arm_names, fused_metrics, fused_results
+from sae_pipeline.fused.evaluation import (
+    EXACT_RULE, REVERSE, FusedPolicy, agreement, fused_arm_names, fused_metrics, fused_results)
 from sae_pipeline.fused.export import OnnxSideNet, save_int8, save_onnx
 from sae_pipeline.fused.gates import error_gate_values, errors_record
 from sae_pipeline.fused.net import FusedNet, load_fused, save_fused
@@ -62,11 +63,7 @@ def build_fused_assets(profile: Profile) -> list:
     layers = dg.StaticPartitionsDefinition([str(layer) for layer in profile.harvest.layers])
 
     def tokens(loaded, layer: int, split: str) -> LayerTokens:
-        sets = load_prompt_sets()
-        harmful = {b: [r.prompt for r in sets.harmful if r.split == split and r.category == b]
-                   for b in profile.behaviors.behaviors}
-        benign = [r.prompt for r in sets.benign if r.split == split]  # every domain, borderline-safe included
-        return layer_tokens(loaded.model, loaded.tokenizer, layer, harmful, benign, split)
+        return split_tokens(loaded.model, loaded.tokenizer, layer, profile.behaviors.behaviors, split)
 
     def layer_setup(context: dg.AssetExecutionContext):
         """The partition's layer, the behaviour release, its grouped sidecar there (None: no features steered)."""
@@ -241,7 +238,8 @@ def build_fused_assets(profile: Profile) -> list:
               check_specs=[redaction_check_spec(FUSED_REDACTION, "fused_arms")],
               description="The fused release on the held-out sets, one backend per arm with every behaviour on "
                           f"(metrics.json with bootstrap CIs); `{REVERSE}`: the INT8 path reversed (needs "
-                          "STEER_DEBUG=1).")
+                          f"STEER_DEBUG=1); `{EXACT_RULE}`: the control, the sidecars' own rule in float32 (how far "
+                          "arithmetic alone moves the decisions).")
     def fused_arms(context: dg.AssetExecutionContext, model: ModelResource):
         arm = context.partition_key
         reverse = arm == REVERSE
@@ -254,24 +252,28 @@ def build_fused_assets(profile: Profile) -> list:
                                              "fused_config_sha256": policy.config_sha256}, check_results=[check])
 
     def evaluated(instance: dg.DagsterInstance) -> tuple[dict, dict, dict, dict, dict]:
-        """The metrics of every fused arm (of this release), the sidecar ensemble's `all` arm, the baseline, and
-        their pins; fails when a run is stale or failed its redaction scan."""
+        """The metrics of every fused arm (of this release), the sidecar ensemble's `all` arm, the baseline, their
+        pins and each arm's per-prompt agreement with the sidecars; fails when a run is stale or failed its redaction
+        scan."""
         fused_sha256 = file_sha256(release_dir_of(instance) / FUSED_CONFIG)
-        arms_metrics, pinned = {}, {}
+        arms_metrics, pinned, records = {}, {}, {}
         for arm in fused_arm_names(cfg.backends):
             meta = required_metadata(instance, fused_arms.key, arm)
             if meta["fused_config_sha256"] != fused_sha256 or meta["redaction_leaking_files"] != 0:
                 raise dg.Failure(f"fused_arms {arm} evaluated another release or failed its redaction scan; "
                                  "materialise it again")
             arms_metrics[arm] = load_metrics(Path(meta["path"]))
+            records[arm] = load_records(Path(meta["path"]))
             pinned[arm] = {"path": meta["path"], "metrics_sha256": arms_metrics[arm]["metrics_sha256"]}
         sidecar_meta = required_metadata(instance, dg.AssetKey("behavior_arms"), SIDECARS_ALL)
         baseline_path = Path(required_metadata(instance, dg.AssetKey("baseline_metrics"))["path"])
         sidecars, baseline = load_metrics(Path(sidecar_meta["path"])), load_metrics(baseline_path)
+        sidecar_records = load_records(Path(sidecar_meta["path"]))
+        agreements = {arm: agreement(sidecar_records, rows) for arm, rows in records.items()}
         pinned["sidecar_ensemble"] = {"path": sidecar_meta["path"], "metrics_sha256": sidecars["metrics_sha256"],
                                       "release_config_sha256": sidecar_meta["release_config_sha256"]}
         pinned["baseline"] = {"path": str(baseline_path), "metrics_sha256": baseline["metrics_sha256"]}
-        return arms_metrics, sidecars, baseline, pinned, {"fused_config_sha256": fused_sha256}
+        return arms_metrics, sidecars, baseline, pinned, agreements, {"fused_config_sha256": fused_sha256}
 
     @dg.asset(group_name=GROUP, deps=[dg.AssetDep(fused_arms, partition_mapping=every),
                                       dg.AssetDep("behavior_arms", partition_mapping=every), "baseline_metrics"],
@@ -281,7 +283,7 @@ def build_fused_assets(profile: Profile) -> list:
                           "the reversed INT8 run's recovery, and decode throughput of the default backend "
                           "(interleaved with unsteered decoding).")
     def fused_evaluation(context: dg.AssetExecutionContext, model: ModelResource) -> dg.MaterializeResult:
-        arms_metrics, sidecars, baseline, pinned, provenance = evaluated(context.instance)
+        arms_metrics, sidecars, baseline, pinned, agreements, provenance = evaluated(context.instance)
         directory = release_dir_of(context.instance)
         config = json.loads((directory / FUSED_CONFIG).read_text())
         if pinned["sidecar_ensemble"]["release_config_sha256"] != config["behavior_release"]["config_sha256"]:
@@ -301,7 +303,7 @@ def build_fused_assets(profile: Profile) -> list:
         throughput = {"backend": "int8", "overhead": round(overhead.overhead, 6), "device": str(device),
                       "unsteered_tokens_per_s": overhead.unsteered_tokens_per_s,
                       "steered_tokens_per_s": overhead.steered_tokens_per_s}
-        report = fused_metrics(baseline, sidecars, arms_metrics, results, throughput,
+        report = fused_metrics(baseline, sidecars, arms_metrics, results, agreements, throughput,
                                {**provenance, "runs": pinned, "release": str(directory)})
         path = artifacts_root() / "fused" / "evaluation" / provenance["fused_config_sha256"][:16] / "fused_metrics.json"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -309,7 +311,9 @@ def build_fused_assets(profile: Profile) -> list:
         rows = [{"run": name, "completion": run["harmful_completion_rate"],
                  "benign_false_refusal": run["benign_false_refusal_rate"],
                  "borderline_false_refusal": run["borderline_false_refusal_rate"],
-                 "next_token_kl": run["capability"]["next_token_kl"]}
+                 "next_token_kl": run["capability"]["next_token_kl"],
+                 "decision_flips": run.get("agreement_with_sidecars", {}).get("decision_flips", 0),
+                 "differing_completions": run.get("agreement_with_sidecars", {}).get("differing_completions", 0)}
                 for name, run in [("sidecar_ensemble", report["sidecar_ensemble"]), *report["backends"].items()]]
         return dg.MaterializeResult(metadata={
             "path": dg.MetadataValue.path(str(path)), "gates_passed": report["gates"]["passed"],
@@ -322,7 +326,7 @@ def build_fused_assets(profile: Profile) -> list:
                                 "point, benign false refusal within half a point, capability gates, reverse-safety")
     def fused_gates(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         report = json.loads(Path(required_metadata(context.instance, fused_evaluation.key)["path"]).read_text())
-        arms_metrics, sidecars, baseline, pinned, _ = evaluated(context.instance)
+        arms_metrics, sidecars, baseline, pinned, _, _ = evaluated(context.instance)
         changed = [name for name, run in report["runs"].items() if run["metrics_sha256"] !=
                    pinned[name]["metrics_sha256"]]
         if changed:
