@@ -459,8 +459,10 @@ def test_tiny_fused_stage_from_the_release_to_its_evaluation(artifacts_with_enco
                                  .materialization.metadata["path"].value).read_text())
         assert set(report["backends"]) == {"torch", "onnx", "int8", "reverse", "exact_rule"}
         assert report["backends"]["exact_rule"]["gates"] == []  # the control is reported, not gated
-        agreements = {arm: run["agreement_with_sidecars"] for arm, run in report["backends"].items()}
-        assert all(a["prompts"] > 0 and 0 <= a["decision_flips"] <= a["prompts"] for a in agreements.values())
+        agreed = [a for run in report["backends"].values() for a in run["agreement"].values()]
+        assert len(agreed) == 10 and all(a["prompts"] > 0 and 0 <= a["decision_flips"] <= a["prompts"] for a in agreed)
+        control = report["backends"]["exact_rule"]["agreement"]["exact_rule"]
+        assert control["decision_flips"] == control["differing_completions"] == 0  # itself
         assert report["throughput"]["backend"] == "int8" and min(report["throughput"]["steered_tokens_per_s"]) > 0
         rows = [r.data for r in gates_check.metadata["gates"].value.records]
         assert {r["backend"] for r in rows} == {"torch", "onnx", "int8", "reverse"}

@@ -201,7 +201,7 @@ def test_fused_nets_steer_the_model_as_the_sidecars_they_fold_on_every_backend(t
 def test_each_int8_scheme_quantises_what_it_says(tmp_path):
     import onnx
 
-    from sae_pipeline.fused.export import INT8_SCHEMES, save_int8, save_onnx
+    from sae_pipeline.fused.export import INT8_SCHEMES, OnnxSideNet, save_int8, save_onnx
 
     teacher, stats, acts = _teacher_setup()
     net = FusedNet.from_sidecar(teacher.sidecar, GROUPS, stats)
@@ -212,10 +212,18 @@ def test_each_int8_scheme_quantises_what_it_says(tmp_path):
         graph = onnx.load(str(tmp_path / f"{scheme}.onnx")).graph
         consumers = {name: node for node in graph.node for name in node.input}
         acts_quantised = consumers["acts"].op_type == "QuantizeLinear"
-        assert acts_quantised is not scheme.endswith("_decoder"), scheme
+        assert acts_quantised is (scheme in ("a8w8", "a16w8")), scheme
         int16 = any(i.data_type == onnx.TensorProto.INT16 for i in graph.initializer)
         assert int16 is scheme.startswith("a16"), scheme
-        assert json.loads((tmp_path / f"{scheme}.json").read_text())  # the calibration ranges, written
+        int8_weights = {i.name[:5] for i in graph.initializer if i.data_type == onnx.TensorProto.INT8
+                        and i.name.startswith(("W1_DH", "W2_HD"))}
+        assert int8_weights == ({"W2_HD"} if scheme.endswith("_decoder") else {"W1_DH", "W2_HD"}), scheme
+        assert json.loads((tmp_path / f"{scheme}.json").read_text())  # the calibration ranges (or scales), written
+        quantised, exact = OnnxSideNet(tmp_path / f"{scheme}.onnx")(acts[:500], torch.ones(2)), net(acts[:500],
+                                                                                                   torch.ones(2))
+        if scheme.startswith("w8"):  # weight-only: within a per-channel INT8 step of the float net
+            relative = (quantised - exact).norm(dim=-1) / (exact.norm(dim=-1) + 1e-6)
+            assert relative[exact.norm(dim=-1) > 0].median() < 0.02, scheme
     with pytest.raises(ValueError, match="unknown INT8 scheme 'a4w4'"):
         save_int8(tmp_path / "float.onnx", tmp_path / "x.onnx", feeds, tmp_path / "x.json", "a4w4")
 

@@ -131,11 +131,18 @@ def agreement(sidecars: Sequence[dict], other: Sequence[dict]) -> Agreement:
                      sum(theirs[i]["completion_sha256"] != ours[i]["completion_sha256"] for i in theirs))
 
 
+def agreements(sidecars: Sequence[dict], records: dict[str, Sequence[dict]]) -> dict[str, dict[str, Agreement]]:
+    """Per arm, its per-prompt agreement with the sidecar ensemble and with the control (the sidecars' rule in
+    float32): what the nets change beyond what arithmetic alone changes."""
+    return {arm: {"sidecars": agreement(sidecars, rows), EXACT_RULE: agreement(records[EXACT_RULE], rows)}
+            for arm, rows in records.items()}
+
+
 def fused_metrics(baseline: dict, sidecars: dict, arms: dict[str, dict], results: dict[str, list[GateResult]],
-                  agreements: dict[str, Agreement], throughput: dict, provenance: dict) -> dict:
+                  agreed: dict[str, dict[str, Agreement]], throughput: dict, provenance: dict) -> dict:
     """fused_metrics.json: per arm its harmful completion per category beside the sidecar ensemble's, benign
-    false refusal, capability, gate rows and agreement with the sidecar ensemble per prompt; the reverse run's
-    recovery; decode throughput; what it was made of."""
+    false refusal, capability, gate rows and per-prompt agreement (`agreements`); the reverse run's recovery;
+    decode throughput; what it was made of."""
     def brief(metrics: dict) -> dict:
         return {"harmful_completion_per_category": _per_category(metrics),
                 "harmful_completion_rate": metrics["harmful_completion_rate"]["overall"]["rate"],
@@ -147,7 +154,7 @@ def fused_metrics(baseline: dict, sidecars: dict, arms: dict[str, dict], results
     return {**provenance, "sidecar_ensemble": brief(sidecars), "baseline": brief(baseline),
             "backends": {arm: {**brief(m), "gates": [{**g._asdict(), "passed": bool(g.passed)}
                                                      for g in results.get(arm, [])],
-                               "agreement_with_sidecars": agreements[arm]._asdict()}
+                               "agreement": {ref: a._asdict() for ref, a in agreed[arm].items()}}
                          for arm, m in arms.items()},
             "throughput": throughput,
             "gates": {"passed": all(g.passed for rows in results.values() for g in rows)}}

@@ -4,10 +4,12 @@ The graph is written node by node (opset 17), whitening folded into the first la
 preprocessing: delta = MatMul(alphas @ film * Relu(acts @ W1' + b1'), W2), with acts (batch, seq, d_model) dynamic
 in batch and sequence and alphas (behaviours,). INT8 is ONNX Runtime's static post-training quantisation (QDQ,
 per-channel weights) calibrated on activations that cover every behaviour and benign text; the FiLM product stays
-in float, since the alphas are a handful of run-time numbers, not a distribution to calibrate."""
+in float, since the alphas are a handful of run-time numbers, not a distribution to calibrate. Weight-only INT8
+schemes are there too (see INT8_SCHEMES)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -21,12 +23,16 @@ from sae_pipeline.hashing import file_sha256
 
 OPSET = 17
 ENCODER_NODE, GATE_NODE, DECODER_NODE = "encoder", "film_gate", "decoder"
-# INT8 schemes (static QDQ, per-channel symmetric INT8 weights, MinMax activation ranges; the FiLM product stays
-# float): `a8w8` and `a16w8` quantise both matmuls' inputs to INT8 / INT16 (ONNX Runtime's contrib QDQ ops at opset
-# 17); the `_decoder` schemes quantise only the decoder matmul and keep the encoder in float, whose input carries
-# the attention sink's massive activations (SmolLM2 layer 11: |x| up to ~25,000 at the sink, ~5 elsewhere) and
-# whose output meets the thresholds (data/evidence/fused_int8.jsonl)
-INT8_SCHEMES = ("a8w8", "a16w8", "a8w8_decoder", "a16w8_decoder")
+# INT8 schemes (weights per output channel, symmetric; the FiLM product stays float). Static post-training
+# quantisation (QDQ, MinMax activation ranges from the calibration feeds): `a8w8` and `a16w8` quantise both matmuls'
+# inputs to INT8 / INT16 (ONNX Runtime's contrib QDQ ops at opset 17); the `_decoder` ones only the decoder matmul,
+# keeping the encoder in float, whose input carries the attention sink's massive activations (SmolLM2 layer 11: |x|
+# up to ~25,000 at the sink, ~5 elsewhere) and whose output meets the thresholds. Weight-only: `w8` and `w8_decoder`
+# store INT8 weights (DequantizeLinear before each matmul) and leave activations in float, so they need no
+# calibration. Measured against the gates in data/evidence/fused_int8.jsonl.
+STATIC_SCHEMES = ("a8w8", "a16w8", "a8w8_decoder", "a16w8_decoder")
+WEIGHT_ONLY_SCHEMES = {"w8": ("W1_DH", "W2_HD"), "w8_decoder": ("W2_HD",)}
+INT8_SCHEMES = (*STATIC_SCHEMES, *WEIGHT_ONLY_SCHEMES)
 
 
 def _initializer(name: str, tensor: torch.Tensor) -> onnx.TensorProto:
@@ -78,24 +84,49 @@ class _Calibration:
         return next(self._feeds, None)
 
 
+def _weight_only(model: onnx.ModelProto, names: tuple[str, ...]) -> tuple[onnx.ModelProto, dict]:
+    """The model with each named (in, out) weight stored as INT8 with a float scale per output channel
+    (symmetric, max |w| -> 127) and dequantised in the graph; returns it and the scales' summary."""
+    graph = model.graph
+    initializers = {i.name: i for i in graph.initializer}
+    summary = {}
+    for name in names:
+        weight = numpy_helper.to_array(initializers[name])
+        scale = np.abs(weight).max(0) / 127.0
+        scale[scale == 0] = 1.0  # an all-zero channel (an unused unit) stays exactly 0
+        quantised = np.clip(np.round(weight / scale), -127, 127).astype(np.int8)
+        graph.initializer.remove(initializers[name])
+        graph.initializer.extend([numpy_helper.from_array(quantised, f"{name}_int8"),
+                                  numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale")])
+        graph.node.insert(0, helper.make_node("DequantizeLinear", [f"{name}_int8", f"{name}_scale"], [name],
+                                              axis=1, name=f"dequantize_{name}"))
+        summary[name] = {"channels": int(scale.size), "scale_max": float(scale.max())}
+    onnx.checker.check_model(model)
+    return model, summary
+
+
 def save_int8(float_path: Path, path: Path, feeds: Iterable[tuple[torch.Tensor, torch.Tensor]],
               calibration_cache: Path, scheme: str = "a8w8") -> str:
-    """Static INT8 (QDQ, per-channel symmetric weights, MinMax ranges) from the float ONNX file, calibrated on feeds
-    of (acts (tokens, d_model), alphas); the calibration ranges are written to calibration_cache. scheme: one of
-    INT8_SCHEMES."""
+    """INT8 from the float ONNX file under one of INT8_SCHEMES. Static schemes calibrate on feeds of (acts (tokens,
+    d_model), alphas) and write the ranges to calibration_cache; weight-only ones write their scales there."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if scheme not in INT8_SCHEMES:
         raise ValueError(f"unknown INT8 scheme {scheme!r}; schemes are {list(INT8_SCHEMES)}")
-    wide = scheme.startswith("a16")
-    activations = QuantType.QInt16 if wide else QuantType.QInt8
-    excluded = [GATE_NODE] + ([ENCODER_NODE] if scheme.endswith("_decoder") else [])
     path.parent.mkdir(parents=True, exist_ok=True)
     calibration_cache.unlink(missing_ok=True)  # an existing cache would be read, not written
+    if scheme in WEIGHT_ONLY_SCHEMES:
+        model, summary = _weight_only(onnx.load(str(float_path)), WEIGHT_ONLY_SCHEMES[scheme])
+        onnx.save(model, str(path))
+        calibration_cache.write_text(json.dumps({"scheme": scheme, "activations": "float (weight-only)",
+                                                 "weights": summary}, indent=2, sort_keys=True))
+        return file_sha256(path)
+    wide = scheme.startswith("a16")
+    excluded = [GATE_NODE] + ([ENCODER_NODE] if scheme.endswith("_decoder") else [])
     quantize_static(float_path, path, _Calibration(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=activations, weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
-                    calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=calibration_cache,
-                    extra_options={"UseQDQContribOps": wide})
+                    activation_type=QuantType.QInt16 if wide else QuantType.QInt8, weight_type=QuantType.QInt8,
+                    nodes_to_exclude=excluded, calibrate_method=CalibrationMethod.MinMax,
+                    calibration_cache_path=calibration_cache, extra_options={"UseQDQContribOps": wide})
     return file_sha256(path)
 
 

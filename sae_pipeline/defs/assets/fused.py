@@ -26,7 +26,7 @@ from sae_pipeline.evaluation.harness import load_metrics, load_records
 from sae_pipeline.fused.data import LayerTokens, calibration_feeds, split_tokens
 from sae_pipeline.fused.distill import Teacher, distill, fused_errors
 from sae_pipeline.fused.evaluation import (
-    EXACT_RULE, REVERSE, FusedPolicy, agreement, fused_arm_names, fused_metrics, fused_results)
+    EXACT_RULE, REVERSE, FusedPolicy, agreements, fused_arm_names, fused_metrics, fused_results)
 from sae_pipeline.fused.export import OnnxSideNet, save_int8, save_onnx
 from sae_pipeline.fused.gates import error_gate_values, errors_record
 from sae_pipeline.fused.net import FusedNet, load_fused, save_fused
@@ -56,6 +56,16 @@ def _gate_rows(results: list[GateResult], backend: str) -> list[dict]:
 def _check(name: str, rows: list[dict], passed: bool, **metadata) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(check_name=name, passed=passed, severity=dg.AssetCheckSeverity.ERROR,
                                metadata={**metadata, **({"gates": table(rows)} if rows else {})})
+
+
+def _run_row(name: str, run: dict) -> dict:
+    """One fused_metrics.json run as a row of the UI table, with its per-prompt agreement."""
+    return {"run": name, "completion": run["harmful_completion_rate"],
+            "benign_false_refusal": run["benign_false_refusal_rate"],
+            "borderline_false_refusal": run["borderline_false_refusal_rate"],
+            "next_token_kl": run["capability"]["next_token_kl"],
+            **{f"{kind}_vs_{ref}": run["agreement"][ref][kind] for ref in ("sidecars", EXACT_RULE)
+               for kind in ("decision_flips", "differing_completions")}}
 
 
 def build_fused_assets(profile: Profile) -> list:
@@ -268,12 +278,11 @@ def build_fused_assets(profile: Profile) -> list:
         sidecar_meta = required_metadata(instance, dg.AssetKey("behavior_arms"), SIDECARS_ALL)
         baseline_path = Path(required_metadata(instance, dg.AssetKey("baseline_metrics"))["path"])
         sidecars, baseline = load_metrics(Path(sidecar_meta["path"])), load_metrics(baseline_path)
-        sidecar_records = load_records(Path(sidecar_meta["path"]))
-        agreements = {arm: agreement(sidecar_records, rows) for arm, rows in records.items()}
+        agreed = agreements(load_records(Path(sidecar_meta["path"])), records)
         pinned["sidecar_ensemble"] = {"path": sidecar_meta["path"], "metrics_sha256": sidecars["metrics_sha256"],
                                       "release_config_sha256": sidecar_meta["release_config_sha256"]}
         pinned["baseline"] = {"path": str(baseline_path), "metrics_sha256": baseline["metrics_sha256"]}
-        return arms_metrics, sidecars, baseline, pinned, agreements, {"fused_config_sha256": fused_sha256}
+        return arms_metrics, sidecars, baseline, pinned, agreed, {"fused_config_sha256": fused_sha256}
 
     @dg.asset(group_name=GROUP, deps=[dg.AssetDep(fused_arms, partition_mapping=every),
                                       dg.AssetDep("behavior_arms", partition_mapping=every), "baseline_metrics"],
@@ -283,7 +292,7 @@ def build_fused_assets(profile: Profile) -> list:
                           "the reversed INT8 run's recovery, and decode throughput of the default backend "
                           "(interleaved with unsteered decoding).")
     def fused_evaluation(context: dg.AssetExecutionContext, model: ModelResource) -> dg.MaterializeResult:
-        arms_metrics, sidecars, baseline, pinned, agreements, provenance = evaluated(context.instance)
+        arms_metrics, sidecars, baseline, pinned, agreed, provenance = evaluated(context.instance)
         directory = release_dir_of(context.instance)
         config = json.loads((directory / FUSED_CONFIG).read_text())
         if pinned["sidecar_ensemble"]["release_config_sha256"] != config["behavior_release"]["config_sha256"]:
@@ -303,18 +312,15 @@ def build_fused_assets(profile: Profile) -> list:
         throughput = {"backend": "int8", "overhead": round(overhead.overhead, 6), "device": str(device),
                       "unsteered_tokens_per_s": overhead.unsteered_tokens_per_s,
                       "steered_tokens_per_s": overhead.steered_tokens_per_s}
-        report = fused_metrics(baseline, sidecars, arms_metrics, results, agreements, throughput,
+        report = fused_metrics(baseline, sidecars, arms_metrics, results, agreed, throughput,
                                {**provenance, "runs": pinned, "release": str(directory)})
         path = artifacts_root() / "fused" / "evaluation" / provenance["fused_config_sha256"][:16] / "fused_metrics.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2, sort_keys=True))
-        rows = [{"run": name, "completion": run["harmful_completion_rate"],
-                 "benign_false_refusal": run["benign_false_refusal_rate"],
-                 "borderline_false_refusal": run["borderline_false_refusal_rate"],
-                 "next_token_kl": run["capability"]["next_token_kl"],
-                 "decision_flips": run.get("agreement_with_sidecars", {}).get("decision_flips", 0),
-                 "differing_completions": run.get("agreement_with_sidecars", {}).get("differing_completions", 0)}
-                for name, run in [("sidecar_ensemble", report["sidecar_ensemble"]), *report["backends"].items()]]
+        itself = {"decision_flips": 0, "differing_completions": 0}  # agreement is symmetric: the control's row
+        sidecar_run = {**report["sidecar_ensemble"], "agreement": {
+            "sidecars": itself, EXACT_RULE: report["backends"][EXACT_RULE]["agreement"]["sidecars"]}}
+        rows = [_run_row("sidecar_ensemble", sidecar_run), *(_run_row(n, r) for n, r in report["backends"].items())]
         return dg.MaterializeResult(metadata={
             "path": dg.MetadataValue.path(str(path)), "gates_passed": report["gates"]["passed"],
             **numbers({"int8_throughput_overhead": overhead.overhead}), "runs": table(rows),
