@@ -35,7 +35,8 @@ def load_side_net(path: Path, device: torch.device, backend: str | None = None,
     if backend in ("onnx", "int8"):
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else None
         return OnnxSideNet(path, providers)
-    raise SteeringError(f"{path}: no fused backend {backend!r}; backends are torch (.safetensors), onnx and int8 (.onnx)")
+    raise SteeringError(f"{path}: no fused backend {backend!r}; backends are torch (.safetensors), onnx and int8 "
+                        "(.onnx)")
 
 
 def release_nets(files: dict[int, Path], device: torch.device) -> dict[int, FusedSideNet]:
