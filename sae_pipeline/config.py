@@ -267,6 +267,19 @@ class FusedConfig(_Strict):
                                                              min_length=1)
 
 
+class SmokeConfig(_Strict):
+    """The nightly smoke (issue #8): the current release on a fixed held-out shard against its reference run."""
+
+    per_group: int = Field(default=2, ge=1)  # the first n held-out prompts of every category, domain, task kind
+    cron: str = "0 3 * * *"  # UTC
+
+    @model_validator(mode="after")
+    def _cron(self) -> SmokeConfig:
+        if len(self.cron.split()) != 5:
+            raise ValueError(f"smoke.cron must be a five-field cron expression (UTC), got {self.cron!r}")
+        return self
+
+
 class Profile(_Strict):
     name: str
     model: str | None  # None = the embedded SmolLM2-135M-Instruct
@@ -280,6 +293,7 @@ class Profile(_Strict):
     steering: SteeringConfig = SteeringConfig()
     behaviors: BehaviorConfig = BehaviorConfig()
     fused: FusedConfig = FusedConfig()
+    smoke: SmokeConfig = SmokeConfig()
 
     @model_validator(mode="after")
     def _layers_exist(self) -> Profile:
@@ -376,6 +390,7 @@ def _profiles() -> dict[str, dict]:
                                                                       "late_focused": {1: 0.0, 3: 1.0}},
                           overhead_prompts=1, overhead_new_tokens=4, overhead_rounds=1),
             fused=dict(steps=20, batch_tokens=256),
+            smoke=dict(per_group=1),
         ),
     }
 
@@ -409,6 +424,7 @@ class Gates(_Strict):
     behavior_evaluation: dict[str, Gate]
     fused: dict[str, Gate]
     fused_evaluation: dict[str, Gate]
+    smoke: dict[str, Gate]
 
 
 def load_gates(path: Path | None = None) -> Gates:

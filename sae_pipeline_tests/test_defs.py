@@ -1,6 +1,7 @@
 """The Dagster layer on the tiny profile: definitions load, assets materialise, the blocking check blocks."""
 
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 
 import dagster as dg
@@ -24,14 +25,21 @@ def test_default_definitions_load():
         "behavior_layers", "behavior_features", "behavior_crosstalk", "behavior_router", "behavior_screen",
         "behavior_release",
         "behavior_arms", "behavior_evaluation", "fused_net", "fused_export", "fused_release", "fused_arms",
-        "fused_evaluation"}
+        "fused_evaluation", "smoke_reference", "smoke_metrics"}
     checks = {key.name for key in defs.resolve_asset_graph().asset_check_keys}
     assert checks == {"sae_quality", "datasets_lock", "splits_disjoint", "dataset_sizes", "judge_accuracy",
                       "baseline_complete", "redaction", "sweep_redaction", "steering_gates", "crosstalk",
                       "crosstalk_count", "arm_redaction", "behavior_gates", "ensemble_redaction", "ensemble_gates",
-                      "fused_net_gates", "fused_export_gates", "fused_arm_redaction", "fused_gates"}
+                      "fused_net_gates", "fused_export_gates", "fused_arm_redaction", "fused_gates",
+                      "smoke_reference_redaction", "smoke_redaction", "smoke_gates"}
     assert all(defs.resolve_job_def(name) is not None
-               for name in ("main", "sweep", "ensemble", "behaviors", "screens", "arms", "fused", "fused_backends"))
+               for name in ("main", "sweep", "ensemble", "behaviors", "screens", "arms", "fused", "fused_backends",
+                            "smoke"))
+    schedule = defs.resolve_schedule_def("nightly_smoke")
+    assert schedule.job_name == "smoke" and schedule.execution_timezone == "UTC"
+    context = dg.build_schedule_context(scheduled_execution_time=datetime(2026, 11, 30, 3, tzinfo=timezone.utc))
+    [request] = list(schedule.evaluate_tick(context).run_requests)
+    assert request.job_name in (None, "smoke")
 
 
 def _tiny_defs(extra_assets=(), **overrides):
@@ -399,7 +407,42 @@ def synthetic_behavior_release() -> dg.MaterializeResult:
     return dg.MaterializeResult(metadata={"path": dg.MetadataValue.path(str(directory / CONFIG_FILE))})
 
 
-def test_tiny_fused_stage_from_the_release_to_its_evaluation(artifacts_with_encoder, tmp_path, monkeypatch, tiny):
+def _nightly_smoke_on_the_fused_release(defs, instance, monkeypatch, capsys) -> None:
+    """smoke_reference, then the smoke job's asset against it, then the healthcheck; a reference that disagrees
+    turns both red."""
+    from sae_pipeline.release import healthcheck
+
+    reference = _checked(defs, "smoke_reference", instance)
+    assert reference.success
+    path = Path(reference.get_asset_materialization_events()[0].event_specific_data.materialization
+                .metadata["path"].value)
+    smoke = _checked(defs, "smoke_metrics", instance)
+    checks = {c.check_name: c for c in smoke.get_asset_check_evaluations()}
+    assert smoke.success and checks["smoke_gates"].passed and checks["smoke_redaction"].passed
+    rows = {r.data["name"]: r.data for r in checks["smoke_gates"].metadata["gates"].value.records}
+    assert rows["determinism_mismatches_max"]["value"] == 0 and rows["category_completion_delta_max"]["value"] == 0
+    monkeypatch.setenv("SAE_PIPELINE_PROFILE", "tiny")
+    assert healthcheck.main([]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["green"] and report["release"] == "fused release" and len(report["gates"]) == 5
+    # a reference whose numbers differ: the smoke is red, and so is the healthcheck
+    stored = json.loads(path.read_text())
+    category = next(iter(stored["metrics"]["harmful_completion_rate"]["per_category"]))
+    stored["metrics"]["harmful_completion_rate"]["per_category"][category]["rate"] += 0.5
+    stored["metrics"]["metrics_sha256"] = "0" * 64
+    path.write_text(json.dumps(stored))
+    red = _checked(defs, "smoke_metrics", instance)
+    assert not red.success
+    rows = {r.data["name"]: r.data for c in red.get_asset_check_evaluations() if c.check_name == "smoke_gates"
+            for r in c.metadata["gates"].value.records}
+    assert not rows["category_completion_delta_max"]["passed"] and not rows["determinism_mismatches_max"]["passed"]
+    assert healthcheck.main([]) == 1 and not json.loads(capsys.readouterr().out)["green"]
+    path.unlink()
+    assert healthcheck.main([]) == 1 and "materialise smoke_reference" in json.loads(capsys.readouterr().out)["reason"]
+
+
+def test_tiny_fused_stage_from_the_release_to_its_evaluation(artifacts_with_encoder, tmp_path, monkeypatch, tiny,
+                                                             capsys):
     from sae_pipeline import apply_fused_behaviors, remove_behaviors
     from sae_pipeline.steering.sidecar import SidecarError
 
@@ -467,6 +510,7 @@ def test_tiny_fused_stage_from_the_release_to_its_evaluation(artifacts_with_enco
         rows = [r.data for r in gates_check.metadata["gates"].value.records]
         assert {r["backend"] for r in rows} == {"torch", "onnx", "int8", "reverse"}
         assert gates_check.passed == report["gates"]["passed"] == all(r["passed"] for r in rows)
+        _nightly_smoke_on_the_fused_release(defs, instance, monkeypatch, capsys)
         # a tampered net fails closed
         net = config_path.parent / config["layers"]["3"]["files"]["int8"]["path"]
         net.write_bytes(net.read_bytes() + b"\0")

@@ -87,5 +87,10 @@ done
 STEER_DEBUG=1 dagster asset materialize -m sae_pipeline.defs --select fused_arms --partition reverse || status=1
 dagster asset materialize -m sae_pipeline.defs --select fused_arms --partition exact_rule || status=1
 dagster asset materialize -m sae_pipeline.defs --select fused_evaluation || status=1
+# the nightly smoke's reference for the current release (once per release), then one smoke run against it (the
+# `nightly_smoke` schedule runs the `smoke` job when `dagster dev` is up; `python -m sae_pipeline.release.healthcheck`
+# runs it from a shell)
+dagster asset materialize -m sae_pipeline.defs --select smoke_reference || status=1
+dagster asset materialize -m sae_pipeline.defs --select smoke_metrics || status=1
 python -m sae_pipeline.sae.summary --profile "$profile"
 exit $status

@@ -1,0 +1,1 @@
+"""The release as a service of record (issue #8): the nightly smoke and the healthcheck."""
