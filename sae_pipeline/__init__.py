@@ -41,9 +41,20 @@ def apply_fused_behaviors(model, fused_paths_per_layer, alphas_per_behavior=None
     return apply(model, fused_paths_per_layer, alphas_per_behavior, **kwargs)
 
 
+def apply_release(model, bundle_dir, public_key=None, **kwargs):
+    """Verify a release bundle (manifest, and signature when a key is given or configured) and attach its best
+    path that loads: fused nets, else sidecars, else nothing; returns which and why (sae_pipeline.release.bundle)."""
+    from pathlib import Path
+
+    from sae_pipeline.release.bundle import apply_release as apply
+
+    return apply(model, Path(bundle_dir), public_key, **kwargs)
+
+
 def remove_behaviors(model) -> None:
     """Detach every behaviour steering hook; the model computes exactly as before."""
     remove_patch(model)
 
 
-__all__ = ["load_model", "apply_patch", "remove_patch", "apply_behaviors", "remove_behaviors", "apply_fused_behaviors"]
+__all__ = ["load_model", "apply_patch", "remove_patch", "apply_behaviors", "remove_behaviors", "apply_fused_behaviors",
+           "apply_release"]

@@ -25,13 +25,13 @@ def test_default_definitions_load():
         "behavior_layers", "behavior_features", "behavior_crosstalk", "behavior_router", "behavior_screen",
         "behavior_release",
         "behavior_arms", "behavior_evaluation", "fused_net", "fused_export", "fused_release", "fused_arms",
-        "fused_evaluation", "smoke_reference", "smoke_metrics"}
+        "fused_evaluation", "release", "smoke_reference", "smoke_metrics"}
     checks = {key.name for key in defs.resolve_asset_graph().asset_check_keys}
     assert checks == {"sae_quality", "datasets_lock", "splits_disjoint", "dataset_sizes", "judge_accuracy",
                       "baseline_complete", "redaction", "sweep_redaction", "steering_gates", "crosstalk",
                       "crosstalk_count", "arm_redaction", "behavior_gates", "ensemble_redaction", "ensemble_gates",
                       "fused_net_gates", "fused_export_gates", "fused_arm_redaction", "fused_gates",
-                      "smoke_reference_redaction", "smoke_redaction", "smoke_gates"}
+                      "release_integrity", "smoke_reference_redaction", "smoke_redaction", "smoke_gates"}
     assert all(defs.resolve_job_def(name) is not None
                for name in ("main", "sweep", "ensemble", "behaviors", "screens", "arms", "fused", "fused_backends",
                             "smoke"))
@@ -403,8 +403,36 @@ def synthetic_behavior_release() -> dg.MaterializeResult:
         # tiny's MLP outputs are ~0.002 per unit: encoder rows scaled so z sits well above epsilon where it fires
         sidecars[name] = DenseSidecar(directions, 100 * torch.randn(n, 64, generator=generator), torch.zeros(n))
     directory = artifacts_root() / "behaviors" / "release"
-    write_release(directory, {3: sidecars}, {"chem": 0.8, "bio": 0.8}, 64, {"epsilon": 0.02, "sae": {}})
+    provenance = {"epsilon": 0.02, "sae": {}, "rankings": {}, "router_info": {"cv_accuracy": 1.0},
+                  "crosstalk": {"pair_max_cos": {}}}
+    write_release(directory, {3: sidecars}, {"chem": 0.8, "bio": 0.8}, 64, provenance)
     return dg.MaterializeResult(metadata={"path": dg.MetadataValue.path(str(directory / CONFIG_FILE))})
+
+
+def _signed_release_bundle(defs, instance, monkeypatch, tmp_path) -> None:
+    """The release asset signs its bundle when a key is configured; release_integrity verifies it from disk."""
+    from sae_pipeline_tests.test_release import _keys
+
+    for arm in ("only_chem", "only_bio", "reverse"):  # the behaviour release's own evaluation goes in the bundle
+        assert _materialize(defs, "behavior_arms", instance, arm).success
+    assert _materialize(defs, "behavior_evaluation", instance).success
+    private, public = _keys()
+    monkeypatch.setenv("SAE_PIPELINE_SIGNING_KEY", private)
+    monkeypatch.setenv("SAE_PIPELINE_VERIFY_KEY", public)
+    made = _checked(defs, "release", instance)
+    [check] = made.get_asset_check_evaluations()
+    metadata = made.get_asset_materialization_events()[0].event_specific_data.materialization.metadata
+    assert made.success and check.passed and check.metadata["signature_checked"].value
+    assert metadata["signed"].value and metadata["files"].value > 10
+    bundle = Path(metadata["path"].value)
+    assert (bundle / "metrics" / "fused_metrics.json").exists() and (bundle / "manifest.sig").exists()
+    _, stranger = _keys()
+    monkeypatch.setenv("SAE_PIPELINE_VERIFY_KEY", stranger)
+    rechecked = _checked(defs, dg.AssetSelection.checks_for_assets("release"), instance)
+    [check] = rechecked.get_asset_check_evaluations()
+    assert not check.passed and "signature does not verify" in check.metadata["error"].value
+    monkeypatch.delenv("SAE_PIPELINE_SIGNING_KEY")
+    monkeypatch.delenv("SAE_PIPELINE_VERIFY_KEY")
 
 
 def _nightly_smoke_on_the_fused_release(defs, instance, monkeypatch, capsys) -> None:
@@ -511,6 +539,7 @@ def test_tiny_fused_stage_from_the_release_to_its_evaluation(artifacts_with_enco
         assert {r["backend"] for r in rows} == {"torch", "onnx", "int8", "reverse"}
         assert gates_check.passed == report["gates"]["passed"] == all(r["passed"] for r in rows)
         _nightly_smoke_on_the_fused_release(defs, instance, monkeypatch, capsys)
+        _signed_release_bundle(defs, instance, monkeypatch, tmp_path)
         # a tampered net fails closed
         net = config_path.parent / config["layers"]["3"]["files"]["int8"]["path"]
         net.write_bytes(net.read_bytes() + b"\0")

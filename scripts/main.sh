@@ -87,6 +87,8 @@ done
 STEER_DEBUG=1 dagster asset materialize -m sae_pipeline.defs --select fused_arms --partition reverse || status=1
 dagster asset materialize -m sae_pipeline.defs --select fused_arms --partition exact_rule || status=1
 dagster asset materialize -m sae_pipeline.defs --select fused_evaluation || status=1
+# the release bundle (manifest; signed when SAE_PIPELINE_SIGNING_KEY is set) and its blocking release_integrity check
+dagster asset materialize -m sae_pipeline.defs --select release || status=1
 # the nightly smoke's reference for the current release (once per release), then one smoke run against it (the
 # `nightly_smoke` schedule runs the `smoke` job when `dagster dev` is up; `python -m sae_pipeline.release.healthcheck`
 # runs it from a shell)

@@ -13,7 +13,7 @@ from sae_pipeline.defs.assets.features import build_feature_assets
 from sae_pipeline.defs.assets.foundation import build_foundation_assets
 from sae_pipeline.defs.assets.fused import build_fused_assets
 from sae_pipeline.defs.assets.operating_point import build_operating_point_assets
-from sae_pipeline.defs.assets.smoke import build_smoke_assets
+from sae_pipeline.defs.assets.release import build_release_assets
 from sae_pipeline.defs.assets.steering import build_steering_assets
 from sae_pipeline.defs.jobs import (behavior_arms_job, behaviors_job, ensemble_job, fused_arms_job, fused_job, main_job,
                                    screens_job, sweep_job)
@@ -24,9 +24,10 @@ def build_defs(profile: Profile) -> dg.Definitions:
     built = [*build_foundation_assets(profile), *build_evaluation_assets(profile), *build_feature_assets(profile),
              *build_steering_assets(profile), *build_operating_point_assets(profile), *build_ensemble_assets(profile),
              *build_behavior_assets(profile), *build_behavior_evaluation_assets(profile), *build_fused_assets(profile)]
-    smoke_reference, smoke_metrics, smoke_job, nightly_smoke = build_smoke_assets(profile)
+    release, release_integrity, smoke_reference, smoke_metrics, smoke_job, nightly_smoke = build_release_assets(profile)
+    built += [release, release_integrity, smoke_reference, smoke_metrics]
     return dg.Definitions(
-        assets=[*(d for d in built if not isinstance(d, dg.AssetChecksDefinition)), smoke_reference, smoke_metrics],
+        assets=[d for d in built if not isinstance(d, dg.AssetChecksDefinition)],
         asset_checks=[d for d in built if isinstance(d, dg.AssetChecksDefinition)],
         jobs=[main_job, sweep_job, ensemble_job, behaviors_job, screens_job, behavior_arms_job, fused_job,
               fused_arms_job, smoke_job],

@@ -1,26 +1,72 @@
-"""The nightly smoke (issue #8): smoke_reference (the current release on a fixed held-out shard, recorded once per
-release) -> smoke_metrics (the same shard again, held against the reference; check `smoke_gates`), run by the
-`smoke` job on the `nightly_smoke` schedule. Both runs are scanned for leaked completions (`smoke_redaction`)."""
+"""The release as a service of record (issue #8): `release` (the bundle of what was evaluated, manifest and optional
+ed25519 signature; check `release_integrity`), and the nightly smoke: smoke_reference (the current release on a
+fixed held-out shard, recorded once per release) -> smoke_metrics (the same shard again, held against the reference;
+check `smoke_gates`), run by the `smoke` job on the `nightly_smoke` schedule. Both smoke runs are scanned for leaked
+completions (`smoke_redaction`)."""
 
 import json
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 
 import dagster as dg
 
-from sae_pipeline.config import Profile, load_gates
+from sae_pipeline.config import GATES_FILE, Profile, artifacts_root, load_gates
 from sae_pipeline.defs.assets.evaluation import redaction_check_spec, redaction_scan
 from sae_pipeline.defs.lineage import required_metadata
 from sae_pipeline.defs.metadata import numbers, table
 from sae_pipeline.defs.resources import ModelResource
+from sae_pipeline.release.bundle import (
+    SIGNATURE, SIGNING_KEY_ENV, VERIFY_KEY_ENV, BundleError, sign_bundle, verify_bundle, write_bundle)
 from sae_pipeline.release.smoke import SmokeError, load_reference, record_reference, run_smoke, smoke_dir, smoke_verdict
 
-GROUP = "smoke"
+GROUP = "release"
 SMOKE_GATES, REFERENCE_REDACTION, SMOKE_REDACTION = "smoke_gates", "smoke_reference_redaction", "smoke_redaction"
+RELEASE_INTEGRITY = "release_integrity"
 
 
-def build_smoke_assets(profile: Profile) -> list:
+def build_release_assets(profile: Profile) -> list:
     eval_cfg, per_group = profile.evaluation, profile.smoke.per_group
+
+    @dg.asset(group_name=GROUP, deps=["behavior_evaluation", "fused_evaluation"], kinds={"json"},
+              description="The release bundle, artifacts/release/bundle/: the behaviour release, the fused release, "
+                          "the gates file and the metrics that evaluated them, with manifest.json (sha256 and size "
+                          "of every file, model and tokenizer hashes, package version), signed with ed25519 when "
+                          f"{SIGNING_KEY_ENV} is set. apply_release(model, that directory) verifies it and applies "
+                          "fused nets, else sidecars, else nothing.")
+    def release(context: dg.AssetExecutionContext, model: ModelResource) -> dg.MaterializeResult:
+        behaviors = Path(required_metadata(context.instance, dg.AssetKey("behavior_release"))["path"]).parent
+        fused = Path(required_metadata(context.instance, dg.AssetKey("fused_release"))["path"]).parent
+        metrics = {f"metrics/{name}.json": Path(required_metadata(context.instance, dg.AssetKey(key))["path"])
+                   for name, key in (("fused_metrics", "fused_evaluation"),
+                                     ("ensemble_behavior_metrics", "behavior_evaluation"))}
+        loaded = model.load(profile, dtype=eval_cfg.model_dtype)
+        directory = artifacts_root() / "release" / "bundle"
+        gates_file = Path(os.environ.get("SAE_PIPELINE_GATES", GATES_FILE))  # the gates the stages ran under
+        manifest = write_bundle(directory, behaviors, fused, {"gates.yaml": gates_file, **metrics},
+                                loaded.model_hash, loaded.tokenizer_hash)
+        signed = False
+        if os.environ.get(SIGNING_KEY_ENV):
+            sign_bundle(directory)
+            signed = True
+        return dg.MaterializeResult(metadata={
+            "path": dg.MetadataValue.path(str(directory)), "signed": signed, "files": len(manifest["files"]),
+            "bytes": sum(f["bytes"] for f in manifest["files"].values()), "model_hash": manifest["model_hash"]})
+
+    @dg.asset_check(asset=release, name=RELEASE_INTEGRITY, blocking=True,
+                    description="The bundle against its manifest, read back from disk: every file present with its "
+                                "sha256, nothing unlisted, and the ed25519 signature when SAE_PIPELINE_VERIFY_KEY is "
+                                "set")
+    def release_integrity(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        directory = Path(required_metadata(context.instance, release.key)["path"])
+        try:
+            manifest = verify_bundle(directory)
+        except BundleError as err:
+            return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.ERROR,
+                                       metadata={"error": str(err)})
+        return dg.AssetCheckResult(passed=True, severity=dg.AssetCheckSeverity.ERROR, metadata={
+            "files": len(manifest["files"]), "signature_checked": bool(os.environ.get(VERIFY_KEY_ENV)),
+            "signed": (directory / SIGNATURE).exists()})
 
     def smoke_run(context: dg.AssetExecutionContext, model: ModelResource, check_name: str):
         loaded = model.load(profile, dtype=eval_cfg.model_dtype)
@@ -81,4 +127,4 @@ def build_smoke_assets(profile: Profile) -> list:
     nightly_smoke = dg.ScheduleDefinition(name="nightly_smoke", job=smoke_job, cron_schedule=profile.smoke.cron,
                                           execution_timezone="UTC",
                                           default_status=dg.DefaultScheduleStatus.RUNNING)
-    return [smoke_reference, smoke_metrics, smoke_job, nightly_smoke]
+    return [release, release_integrity, smoke_reference, smoke_metrics, smoke_job, nightly_smoke]
