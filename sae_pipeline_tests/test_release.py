@@ -70,7 +70,7 @@ def test_a_signed_manifest_verifies_with_its_key_and_only_with_it(tmp_path, monk
         verify_bundle(directory)
 
 
-def test_apply_release_falls_back_from_fused_to_sidecars_to_unsteered(tiny, tmp_path):
+def test_apply_release_falls_back_from_fused_to_sidecars_to_unsteered(tiny, tmp_path, monkeypatch):
     from sae_pipeline import apply_fused_behaviors, remove_behaviors
 
     ids = torch.tensor([tiny.tokenizer("steer these words, please").input_ids])
@@ -86,6 +86,10 @@ def test_apply_release_falls_back_from_fused_to_sidecars_to_unsteered(tiny, tmp_
     remove_behaviors(tiny.model)
     apply_fused_behaviors(tiny.model, directory / "fused")
     assert applied.path == "fused" and applied.reasons == [] and torch.equal(steered, logits())
+    assert not torch.allclose(steered, clean, atol=1e-4)
+    monkeypatch.setenv("STEER_ENABLE", "0")  # the kill switch: hooks stay attached, inert
+    assert torch.equal(logits(), clean)
+    monkeypatch.delenv("STEER_ENABLE")
     remove_behaviors(tiny.model)
     # the fused backend asked for failed its gates: the sidecars take over, saying why
     applied = apply_release(tiny.model, directory, backend="int8")
