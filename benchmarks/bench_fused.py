@@ -26,12 +26,11 @@ import torch
 
 from bench_steering import mistral_shaped, random_layers  # the script directory is on sys.path
 from sae_pipeline.activations.store import WhiteningStats
-from sae_pipeline.behaviors.release import read_release
 from sae_pipeline.fused.data import CALIBRATION_BATCH
 from sae_pipeline.fused.export import save_int8, save_onnx
 from sae_pipeline.fused.net import FusedNet, save_fused
-from sae_pipeline.fused.release import BEHAVIOR_RELEASE, backend_file, fused_layers, read_fused_release
-from sae_pipeline.fused.runtime import release_nets
+from sae_pipeline.fused.release import backend_file, fused_layers, read_fused_release
+from sae_pipeline.fused.runtime import release_layers, release_nets
 from sae_pipeline.model.hooks import layer_outputs
 from sae_pipeline.model.loading import load_model
 from sae_pipeline.steering.behaviors import behavior_layers
@@ -83,26 +82,21 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(10, 1000, (1, args.context), generator=generator).to(device)
     text_ids = torch.randint(10, 1000, (4, max(args.latency_tokens // 4, 16)), generator=generator).to(device)
+    acts = {layer: out.flatten(0, 1).float().cpu() for layer, out in layer_outputs(model, text_ids, layers).items()}
     with tempfile.TemporaryDirectory() as tmp:
         if args.synthetic:
             sidecars, gate_skip = random_layers(d_model, layers, 8, behaviors=6), 1
-            acts = {layer: out.flatten(0, 1).float().cpu()
-                    for layer, out in layer_outputs(model, text_ids, layers).items()}
             files = synthetic_nets(sidecars, acts, Path(tmp), args.int8_scheme)
             fused = {backend: fused_layers(sidecars, release_nets(files[backend], device)) for backend in BACKENDS}
             workload = f"synthetic: 6 behaviours x 8 features at layers {layers}, per-behaviour refusal mode"
         else:
             directory = Path(args.release)
-            behaviors = read_release(directory / BEHAVIOR_RELEASE, accept_failed_gates=True)
-            sidecars, gate_skip = behavior_layers(behaviors)
-            fused = {backend: fused_layers(sidecars, release_nets(
-                read_fused_release(directory, backend, accept_failed_gates=True).files, device))
-                for backend in BACKENDS}
-            hooked = sorted(sidecars)
-            acts = {layer: out.flatten(0, 1).float().cpu()
-                    for layer, out in layer_outputs(model, text_ids, hooked).items()}
-            workload = f"the fused release in {directory} (feature layers {sorted(behaviors.groups)}, " \
-                       f"hooks at {hooked})"
+            releases = {backend: read_fused_release(directory, backend, accept_failed_gates=True)
+                        for backend in BACKENDS}
+            sidecars, gate_skip = behavior_layers(releases["torch"].behaviors)
+            fused = {backend: release_layers(release, device)[0] for backend, release in releases.items()}
+            workload = f"the fused release in {directory} (feature layers {sorted(releases['torch'].files)}, " \
+                       f"hooks at {sorted(sidecars)})"
         arms = {"unsteered": None, "sidecars": (sidecars, gate_skip),
                 **{f"fused_{backend}": (layers_, gate_skip) for backend, layers_ in fused.items()}}
         rates = decode_rates(model, [input_ids], arms, args.new_tokens, args.rounds)

@@ -427,9 +427,14 @@ class Gates(_Strict):
     smoke: dict[str, Gate]
 
 
+def gates_path() -> Path:
+    """The gates file in effect: SAE_PIPELINE_GATES points elsewhere (tests use it to force a pass or a failure)."""
+    return Path(os.environ.get("SAE_PIPELINE_GATES", GATES_FILE))
+
+
 def load_gates(path: Path | None = None) -> Gates:
-    """The gates file; SAE_PIPELINE_GATES points elsewhere (tests use it to force a pass or a failure)."""
-    return _load_gates(Path(path or os.environ.get("SAE_PIPELINE_GATES", GATES_FILE)))
+    """The gates file (default: gates_path())."""
+    return _load_gates(Path(path or gates_path()))
 
 
 @lru_cache(maxsize=8)

@@ -22,22 +22,20 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from sae_pipeline.activations.store import WhiteningStats
-from sae_pipeline.behaviors.release import concat_sidecars
+from sae_pipeline.activations.store import load_stats
+from sae_pipeline.behaviors.release import LayerGroups, concat_sidecars
 from sae_pipeline.config import DATA_DIR, load_gates, load_profile
 from sae_pipeline.features.causal import sidecar_from_sae
 from sae_pipeline.fused.data import LayerTokens, calibration_feeds, split_tokens
-from sae_pipeline.fused.distill import Teacher, distill, fused_errors
+from sae_pipeline.fused.distill import Teacher, fit, fused_errors
 from sae_pipeline.fused.export import INT8_SCHEMES, OnnxSideNet, save_int8, save_onnx
-from sae_pipeline.fused.gates import error_gate_values, errors_record
+from sae_pipeline.fused.gates import error_gate_results, errors_record
 from sae_pipeline.fused.net import FusedNet
 from sae_pipeline.fused.release import read_fused_release
-from sae_pipeline.gates import check_gates
 from sae_pipeline.model.loading import load_model
 from sae_pipeline.sae.model import TopKSAE
-from sae_pipeline.steering.runtime import FeatureGroups, FusedSideNet
+from sae_pipeline.steering.runtime import FusedSideNet
 
 EVIDENCE = DATA_DIR / "evidence" / "fused_int8.jsonl"
 
@@ -55,8 +53,7 @@ def backends(onnx_path: Path, tuning: LayerTokens, alphas: dict[str, float], dir
 
 
 def row(measurement: str, layer: int, net: str, backend: str, size: int, record: dict, extra: dict) -> dict:
-    values = error_gate_values(record)
-    results = check_gates({n: load_gates().fused[n] for n in values}, values)
+    results = error_gate_results(load_gates().fused, record)
     out = {"date": datetime.date.today().isoformat(), "script": "scripts/fused_int8_frontier.py",
            "measurement": measurement, "layer": layer, "net": net, "backend": backend, "bytes": size,
            "errors": record, "gates_passed": all(g.passed for g in results),
@@ -85,8 +82,8 @@ def main() -> None:
         inputs = {"token_max_abs": {f"p{q * 100:g}": round(float(token_max.quantile(q)), 3)
                                     for q in (0.5, 0.95, 0.999, 1.0)}}
         with tempfile.TemporaryDirectory() as tmp:
-            teacher = Teacher(groups.sidecar, FeatureGroups.of(groups.sizes, groups.alphas), epsilon)
-            alphas_G = torch.tensor([groups.alphas[b] for b in groups.sizes])
+            teacher = Teacher.of(groups, epsilon)
+            alphas_G = teacher.groups.alpha_G
             for backend, (net, size) in backends(onnx_path, tuning, groups.alphas, Path(tmp)).items():
                 rows.append(row("released", layer, "released", backend, size,
                                 errors_record(fused_errors(net, teacher, heldout, alphas_G)),
@@ -98,27 +95,19 @@ def main() -> None:
                      for b, ids in dictionaries.items()}
             sidecar, sizes = concat_sidecars(parts)
             alphas = {b: float(behaviors.config["behaviors"][b]["alpha"]) for b in sizes}
-            teacher = Teacher(sidecar, FeatureGroups.of(sizes, alphas), epsilon)
-            alphas_G = torch.tensor(list(alphas.values()))
-            whitening = release.config["layers"][str(layer)]["whitening"]["path"]
-            stats_file = load_file(whitening)
-            stats = WhiteningStats(stats_file["mean_D"], stats_file["std_D"], int(stats_file["n_tokens"][0]))
+            teacher = Teacher.of(LayerGroups(sidecar, sizes, alphas), epsilon)
+            alphas_G = teacher.groups.alpha_G
+            stats = load_stats(Path(release.config["layers"][str(layer)]["whitening"]["path"]).parent)
             net = FusedNet.from_sidecar(sidecar, sizes, stats, profile.fused.hidden)
             fold = errors_record(fused_errors(net, teacher, heldout, alphas_G))
             rows.append(row("stress", layer, "fold", "torch", 0, fold, {"features": sizes, **inputs}))
-            train = tuning.all_ND()
-            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(profile.fused.seed))
-            cut = int(len(train) * (1 - profile.fused.validation_fraction))
-            cfg = profile.fused
-            result = distill(net, teacher, train[order[:cut]], train[order[cut:]], alphas_G, cfg.steps,
-                             cfg.batch_tokens, cfg.lr, cfg.alpha_max, cfg.seed)
-            extra = {"features": sizes, "kept_step": result.kept_step, "steps": cfg.steps, **inputs}
+            result = fit(net, teacher, tuning.all_ND(), profile.fused)
+            extra = {"features": sizes, "kept_step": result.kept_step, "steps": profile.fused.steps, **inputs}
             rows.append(row("stress", layer, "distilled", "torch", 0,
                             errors_record(fused_errors(net, teacher, heldout, alphas_G)), extra))
             stress_onnx = Path(tmp) / "stress.onnx"
             save_onnx(net, stress_onnx)
-            stress_tuning = LayerTokens({b: tuning.harmful[b] for b in sizes}, tuning.benign_ND)
-            for backend, (side_net, size) in backends(stress_onnx, stress_tuning, alphas, Path(tmp)).items():
+            for backend, (side_net, size) in backends(stress_onnx, tuning, alphas, Path(tmp)).items():
                 rows.append(row("stress", layer, "distilled", backend, size,
                                 errors_record(fused_errors(side_net, teacher, heldout, alphas_G)), extra))
     EVIDENCE.parent.mkdir(parents=True, exist_ok=True)

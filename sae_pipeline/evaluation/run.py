@@ -1,16 +1,20 @@
-"""Build and measure the refusal judges, choose the deciding one, compare them with their gates."""
+"""Build and measure the refusal judges, choose the deciding one, compare them with their gates; run the frozen
+harness on the frozen sets with them."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
-from sae_pipeline.config import Gate, artifacts_root
-from sae_pipeline.evaluation.datasets import PromptSets
-from sae_pipeline.evaluation.harness import Judges
+from sae_pipeline.config import EvalConfig, Gate, artifacts_root
+from sae_pipeline.evaluation.datasets import PromptSets, load_prompt_sets
+from sae_pipeline.evaluation.harness import EvalResult, Judges, Steering, evaluate
+from sae_pipeline.evaluation.stability import FeatureReadout
 from sae_pipeline.evaluation.judges import (
     HEAD_INFO_FILE, ComplianceProxyScorer, EmbeddingRefusalJudge, JudgeAccuracy, JudgeError, PrefixRefusalJudge,
     judge_dir, load_sentence_encoder, measure_judge)
 from sae_pipeline.gates import GateResult, check_gates
+from sae_pipeline.model.loading import LoadedModel
 
 
 def build_judges(sets: PromptSets) -> tuple[Judges, str]:
@@ -50,3 +54,12 @@ def judge_gate_checks(accuracy: JudgeAccuracy, gates: dict[str, Gate]) -> list[G
 
 def evaluation_root() -> Path:
     return artifacts_root() / "evaluation"
+
+
+def run_frozen(loaded: LoadedModel, cfg: EvalConfig, steering: Steering | None = None, alpha: float = 0.0,
+               reverse: bool = False, readouts: Sequence[FeatureReadout] = ()) -> EvalResult:
+    """One harness run on the frozen sets with the configured deciding judge, under `steering` when given."""
+    sets = load_prompt_sets()
+    judges, _ = build_judges(sets)
+    return evaluate(loaded, sets, select_primary(judges, cfg.refusal_judge), cfg, evaluation_root(), alpha=alpha,
+                    reverse_safety=reverse, steering=steering, readouts=readouts)

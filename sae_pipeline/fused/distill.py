@@ -13,6 +13,8 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from sae_pipeline.behaviors.release import LayerGroups
+from sae_pipeline.config import FusedConfig
 from sae_pipeline.fused.net import FusedNet
 from sae_pipeline.steering.runtime import FeatureGroups, FusedSideNet, grouped_delta
 from sae_pipeline.steering.sidecar import DenseSidecar
@@ -26,8 +28,13 @@ class Teacher(NamedTuple):
     alone moves greedy decoding (the sidecar hook computes in the activations' dtype)."""
 
     sidecar: DenseSidecar
-    groups: FeatureGroups  # its member_NG says whose rows are whose (alphas are drawn, not read)
+    groups: FeatureGroups  # member_NG: whose rows are whose; alpha_G: the release's alphas (training draws its own)
     epsilon: float
+
+    @classmethod
+    def of(cls, groups: LayerGroups, epsilon: float) -> Teacher:
+        """A release layer's grouped sidecar, its behaviours at the release's alphas."""
+        return cls(groups.sidecar, FeatureGroups.of(groups.sizes, groups.alphas), epsilon)
 
     @property
     def behaviors(self) -> tuple[str, ...]:
@@ -87,6 +94,8 @@ class DistillResult(NamedTuple):
     losses: list[float]  # per step: the batch's squared error over its squared target norm (scale-free)
     kept_step: int  # the step whose weights were kept (0: the fold itself)
     validation: FusedErrors  # of the kept weights
+    train_tokens: int
+    validation_tokens: int
 
 
 def _score(errors: FusedErrors) -> tuple[float, float]:
@@ -122,7 +131,16 @@ def distill(net: FusedNet, teacher: Teacher, acts_ND: torch.Tensor, validation_N
             if _score(errors) < _score(best_errors):
                 best_errors, best = errors, (step, {k: v.clone() for k, v in net.state_dict().items()})
     net.load_state_dict(best[1])
-    return DistillResult(losses, best[0], best_errors)
+    return DistillResult(losses, best[0], best_errors, len(acts_ND), len(validation_ND))
+
+
+def fit(net: FusedNet, teacher: Teacher, tokens_ND: torch.Tensor, cfg: FusedConfig) -> DistillResult:
+    """`distill` with the profile's settings: a seeded split of the tokens into training and validation
+    (cfg.validation_fraction), validated at the teacher's (the release's) alphas."""
+    order = torch.randperm(len(tokens_ND), generator=torch.Generator().manual_seed(cfg.seed))
+    cut = int(len(tokens_ND) * (1 - cfg.validation_fraction))
+    return distill(net, teacher, tokens_ND[order[:cut]], tokens_ND[order[cut:]], teacher.groups.alpha_G, cfg.steps,
+                   cfg.batch_tokens, cfg.lr, cfg.alpha_max, cfg.seed)
 
 
 @torch.no_grad()

@@ -25,11 +25,11 @@ from sae_pipeline.config import Gate
 from sae_pipeline.evaluation.stability import FeatureReadout
 from sae_pipeline.fused.distill import Teacher
 from sae_pipeline.fused.release import FUSED_CONFIG, FusedRelease, fused_layers, read_fused_release
-from sae_pipeline.fused.runtime import release_nets
+from sae_pipeline.fused.runtime import release_layers
 from sae_pipeline.gates import GateResult, check_gates
 from sae_pipeline.hashing import config_hash, file_sha256
 from sae_pipeline.steering.behaviors import behavior_layers
-from sae_pipeline.steering.runtime import DEFAULT_EPSILON, FeatureGroups, patched
+from sae_pipeline.steering.runtime import DEFAULT_EPSILON, patched
 from sae_pipeline.steering.sweep import reverse_capability_recovery, strength_gate_values
 
 REVERSE = "reverse"  # the arm that runs the INT8 path reversed
@@ -43,8 +43,7 @@ def fused_arm_names(backends: Sequence[str]) -> list[str]:
 def exact_rule_nets(release: Release) -> dict[int, Teacher]:
     """Each feature layer's grouped sidecar as the runtime's rule in float32 (alphas come from the hooks)."""
     epsilon = float(release.config.get("epsilon", DEFAULT_EPSILON))
-    return {layer: Teacher(groups.sidecar, FeatureGroups.of(groups.sizes, groups.alphas), epsilon)
-            for layer, groups in release.groups.items()}
+    return {layer: Teacher.of(groups, epsilon) for layer, groups in release.groups.items()}
 
 
 @dataclass(frozen=True)
@@ -71,10 +70,12 @@ class FusedPolicy:
 
     @contextmanager
     def applied(self, model: nn.Module, alpha: float, reverse: bool) -> Iterator[None]:
-        layers, gate_skip = behavior_layers(self.release.behaviors, scale=alpha)
-        nets = exact_rule_nets(self.release.behaviors) if self.exact_rule else release_nets(
-            self.release.files, next(model.parameters()).device)
-        with patched(model, fused_layers(layers, nets), gate_skip) as patch, patch.reverse_if(reverse):
+        if self.exact_rule:
+            layers, gate_skip = behavior_layers(self.release.behaviors, scale=alpha)
+            layers = fused_layers(layers, exact_rule_nets(self.release.behaviors))
+        else:
+            layers, gate_skip = release_layers(self.release, next(model.parameters()).device, scale=alpha)
+        with patched(model, layers, gate_skip) as patch, patch.reverse_if(reverse):
             yield
 
     def readouts(self) -> list[FeatureReadout]:

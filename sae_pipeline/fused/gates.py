@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from sae_pipeline.config import Gate
 from sae_pipeline.fused.distill import FusedErrors
+from sae_pipeline.gates import GateResult, check_gates
 
 
 def errors_record(errors: FusedErrors) -> dict:
@@ -20,3 +22,9 @@ def error_gate_values(record: dict, onnx_parity: float | None = None) -> dict[st
     if onnx_parity is not None:
         values["onnx_parity_max"] = onnx_parity
     return values
+
+
+def error_gate_results(gates: dict[str, Gate], record: dict, onnx_parity: float | None = None) -> list[GateResult]:
+    """One backend's error record against the `fused` gates it has measurements for."""
+    values = error_gate_values(record, onnx_parity)
+    return check_gates({name: gates[name] for name in values}, values)

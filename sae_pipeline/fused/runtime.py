@@ -17,7 +17,7 @@ from torch import nn
 
 from sae_pipeline.fused.export import OnnxSideNet
 from sae_pipeline.fused.net import load_fused
-from sae_pipeline.fused.release import fused_layers, read_fused_release
+from sae_pipeline.fused.release import FusedRelease, fused_layers, read_fused_release
 from sae_pipeline.steering.behaviors import behavior_layers
 from sae_pipeline.steering.runtime import (
     DEFAULT_ALPHA, FusedSideNet, LayerSteering, SteeringError, SteeringPatch, apply_patch_layers)
@@ -43,6 +43,16 @@ def release_nets(files: dict[int, Path], device: torch.device) -> dict[int, Fuse
     return {layer: load_side_net(path, device) for layer, path in files.items()}
 
 
+def release_layers(release: FusedRelease, device: torch.device,
+                   alphas_per_behavior: dict[str, float | dict[int, float]] | None = None,
+                   behaviors: Sequence[str] | None = None, steer_on: bool = True, scale: float = 1.0
+                   ) -> tuple[dict[int, LayerSteering], int]:
+    """The hooks a fused release asks for (its behaviour release's, each grouped sidecar replaced by the layer's
+    net on `device`) and the gate's gate_skip; arguments as steering.behaviors.behavior_layers."""
+    layers, gate_skip = behavior_layers(release.behaviors, alphas_per_behavior, behaviors, steer_on, scale=scale)
+    return fused_layers(layers, release_nets(release.files, device)), gate_skip
+
+
 def apply_fused_behaviors(model: nn.Module, fused_paths_per_layer: str | Path | dict[int, str | Path],
                           alphas_per_behavior: dict[str, float | dict[int, float]] | None = None,
                           backend: str | None = None, behaviors: Sequence[str] | None = None, steer_on: bool = True,
@@ -56,8 +66,7 @@ def apply_fused_behaviors(model: nn.Module, fused_paths_per_layer: str | Path | 
     device = next(model.parameters()).device
     if not isinstance(fused_paths_per_layer, dict):
         release = read_fused_release(Path(fused_paths_per_layer), backend, accept_failed_gates)
-        layers, gate_skip = behavior_layers(release.behaviors, alphas_per_behavior, behaviors, steer_on)
-        return apply_patch_layers(model, fused_layers(layers, release_nets(release.files, device)), gate_skip)
+        return apply_patch_layers(model, *release_layers(release, device, alphas_per_behavior, behaviors, steer_on))
     if behaviors is not None:
         raise SteeringError("behaviors= selects within a release; with net files, set an alpha to 0 instead")
     nets = {int(layer): load_side_net(Path(path), device, backend) for layer, path in fused_paths_per_layer.items()}

@@ -123,6 +123,7 @@ def apply_release(model: nn.Module, directory: Path, public_key: str | None = No
     """Verify the bundle (BundleError when it fails: nothing is applied), then attach the best path that loads:
     the fused nets, else the behaviour sidecars, else nothing (the unsteered model). remove_behaviors(model)
     detaches whatever was attached."""
+    from sae_pipeline.fused.net import FusedNetError
     from sae_pipeline.fused.runtime import apply_fused_behaviors
     from sae_pipeline.steering.behaviors import apply_behaviors
     from sae_pipeline.steering.runtime import SteeringError
@@ -134,7 +135,7 @@ def apply_release(model: nn.Module, directory: Path, public_key: str | None = No
         try:
             apply_fused_behaviors(model, directory / FUSED, backend=backend, accept_failed_gates=accept_failed_gates)
             return Applied("fused", reasons)
-        except (SidecarError, SteeringError, OSError, RuntimeError) as err:
+        except (SidecarError, FusedNetError, OSError, RuntimeError) as err:  # RuntimeError: SteeringError, ORT
             reasons.append(f"fused: {err}")
     else:
         reasons.append("fused: the bundle holds no fused release")

@@ -17,9 +17,8 @@ from typing import NamedTuple
 from sae_pipeline.behaviors.evaluation import ReleasePolicy
 from sae_pipeline.behaviors.release import CONFIG_FILE
 from sae_pipeline.config import EvalConfig, Gate, artifacts_root
-from sae_pipeline.evaluation.datasets import load_prompt_sets
-from sae_pipeline.evaluation.harness import EvalResult, evaluate, load_metrics
-from sae_pipeline.evaluation.run import build_judges, evaluation_root, select_primary
+from sae_pipeline.evaluation.harness import EvalResult, load_metrics
+from sae_pipeline.evaluation.run import run_frozen
 from sae_pipeline.fused.evaluation import FusedPolicy
 from sae_pipeline.fused.release import FUSED_CONFIG
 from sae_pipeline.gates import GateResult, check_gates
@@ -55,10 +54,7 @@ def smoke_config(cfg: EvalConfig, per_group: int) -> EvalConfig:
 def run_smoke(loaded: LoadedModel, cfg: EvalConfig, per_group: int) -> tuple[EvalResult, str, str]:
     """The harness on the shard with the current release: (result, the release's name, its config sha256)."""
     policy, release_sha256 = current_release()
-    sets = load_prompt_sets()
-    judges, _ = build_judges(sets)
-    result = evaluate(loaded, sets, select_primary(judges, cfg.refusal_judge), smoke_config(cfg, per_group),
-                      evaluation_root(), alpha=1.0, steering=policy, readouts=policy.readouts())
+    result = run_frozen(loaded, smoke_config(cfg, per_group), policy, 1.0, readouts=policy.readouts())
     return result, policy.name, release_sha256
 
 

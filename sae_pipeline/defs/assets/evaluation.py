@@ -15,10 +15,10 @@ from sae_pipeline.defs.resources import ModelResource
 from sae_pipeline.evaluation.datasets import (
     FILES, load_prompt_sets, lock_mismatches, size_shortfalls, split_overlaps)
 from sae_pipeline.evaluation.harness import (
-    EvalResult, Steering, evaluate, load_fingerprints, load_metrics, load_records, select_prompts)
+    EvalResult, Steering, load_fingerprints, load_metrics, load_records, select_prompts)
 from sae_pipeline.evaluation.plots import rates_png
 from sae_pipeline.evaluation.redaction import ensure_clean, scan_paths
-from sae_pipeline.evaluation.run import build_judges, evaluation_root, judge_gate_checks, select_primary
+from sae_pipeline.evaluation.run import build_judges, evaluation_root, judge_gate_checks, run_frozen
 from sae_pipeline.evaluation.tracking import flatten_scalars, log_scalars
 from sae_pipeline.gates import check_gates
 from sae_pipeline.model.loading import LoadedModel
@@ -102,10 +102,7 @@ def steered_run(instance: dg.DagsterInstance, loaded: LoadedModel, cfg: EvalConf
                 ) -> tuple[EvalResult, dict, dg.AssetCheckResult]:
     """One harness run under `steering` on the held-out sets: the result, its metadata (with the leaking-file
     count later steps refuse to build on) and the redaction check's result."""
-    sets = load_prompt_sets()
-    judges, _ = build_judges(sets)
-    result = evaluate(loaded, sets, select_primary(judges, cfg.refusal_judge), cfg, evaluation_root(), alpha=alpha,
-                      reverse_safety=reverse, steering=steering, readouts=readouts)
+    result = run_frozen(loaded, cfg, steering, alpha, reverse, readouts)
     metadata = evaluation_metadata(result, f"{title}, 95% bootstrap CIs")
     passed, scan = redaction_scan(instance, result.directory)
     return result, {**metadata, "redaction_leaking_files": scan["leaking_files"]}, dg.AssetCheckResult(
@@ -157,10 +154,8 @@ def build_evaluation_assets(profile: Profile) -> list:
     @dg.asset(group_name=GROUP, deps=[refusal_judge], kinds={"pytorch"},
               description="The unsteered model on the held-out sets: metrics.json with bootstrap CIs (alpha 0.00).")
     def baseline_metrics(context: dg.AssetExecutionContext, model: ModelResource) -> dg.MaterializeResult:
-        sets = load_prompt_sets()
-        judges, _ = build_judges(sets)
         loaded = model.load(profile, dtype=cfg.model_dtype)
-        result = evaluate(loaded, sets, select_primary(judges, cfg.refusal_judge), cfg, evaluation_root())
+        result = run_frozen(loaded, cfg)
         metadata = evaluation_metadata(result, "baseline (alpha 0.00), 95% bootstrap CIs")
         return dg.MaterializeResult(metadata=metadata)
 

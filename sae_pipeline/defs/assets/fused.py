@@ -6,13 +6,14 @@ that and holds no net. Harmful prompts go in; only tensors, files of weights and
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import dagster as dg
 import torch
 
+from sae_pipeline.activations.store import STATS_FILE, layer_dir, load_stats
 from sae_pipeline.behaviors.evaluation import ALL as SIDECARS_ALL
 from sae_pipeline.behaviors.release import CONFIG_FILE, read_release
-from sae_pipeline.activations.store import STATS_FILE, layer_dir, load_stats
 from sae_pipeline.config import Profile, artifacts_root, load_gates
 from sae_pipeline.corpus.build import load_manifest
 from sae_pipeline.defs.assets.evaluation import redaction_check_spec, require_audit, steered_run
@@ -23,22 +24,21 @@ from sae_pipeline.evaluation.datasets import load_prompt_sets
 from sae_pipeline.evaluation.determinism import deterministic
 from sae_pipeline.evaluation.generation import chat_ids
 from sae_pipeline.evaluation.harness import load_metrics, load_records
+from sae_pipeline.evaluation.plots import rates_png
 from sae_pipeline.fused.data import LayerTokens, calibration_feeds, split_tokens
-from sae_pipeline.fused.distill import Teacher, distill, fused_errors
+from sae_pipeline.fused.distill import Teacher, fit, fused_errors
 from sae_pipeline.fused.evaluation import (
     EXACT_RULE, REVERSE, FusedPolicy, agreements, fused_arm_names, fused_metrics, fused_results)
 from sae_pipeline.fused.export import OnnxSideNet, save_int8, save_onnx
-from sae_pipeline.fused.gates import error_gate_values, errors_record
+from sae_pipeline.fused.gates import error_gate_results, errors_record
 from sae_pipeline.fused.net import FusedNet, load_fused, save_fused
 from sae_pipeline.fused.plots import distillation_png
-from sae_pipeline.fused.release import FUSED_CONFIG, fused_layers, write_fused_release
-from sae_pipeline.fused.runtime import release_nets
-from sae_pipeline.gates import GateResult, check_gates
+from sae_pipeline.fused.release import FUSED_CONFIG, read_fused_release, write_fused_release
+from sae_pipeline.fused.runtime import release_layers
+from sae_pipeline.gates import GateResult
 from sae_pipeline.hashing import file_sha256
 from sae_pipeline.layout import activations_root, corpus_dir
-from sae_pipeline.steering.behaviors import behavior_layers
 from sae_pipeline.steering.overhead import measure_overhead
-from sae_pipeline.steering.runtime import FeatureGroups
 
 GROUP = "fused"
 NET_GATES, EXPORT_GATES, FUSED_GATES, FUSED_REDACTION = (
@@ -56,6 +56,18 @@ def _gate_rows(results: list[GateResult], backend: str) -> list[dict]:
 def _check(name: str, rows: list[dict], passed: bool, **metadata) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(check_name=name, passed=passed, severity=dg.AssetCheckSeverity.ERROR,
                                metadata={**metadata, **({"gates": table(rows)} if rows else {})})
+
+
+class Evaluated(NamedTuple):
+    """Every fused arm's verified metrics (of this release), the sidecar ensemble's `all` arm, the baseline, their
+    pins, each arm's per-prompt agreement and the fused config's sha256."""
+
+    arms: dict[str, dict]
+    sidecars: dict
+    baseline: dict
+    pinned: dict
+    agreed: dict
+    fused_sha256: str
 
 
 def _run_row(name: str, run: dict) -> dict:
@@ -82,11 +94,6 @@ def build_fused_assets(profile: Profile) -> list:
         release = read_release(release_dir, accept_failed_gates=True)  # its own gates are its evaluation's
         return layer, release_dir, release, release.groups.get(layer)
 
-    def teacher_of(release, groups) -> tuple[Teacher, torch.Tensor]:
-        teacher = Teacher(groups.sidecar, FeatureGroups.of(groups.sizes, groups.alphas),
-                          float(release.config["epsilon"]))
-        return teacher, torch.tensor([groups.alphas[b] for b in groups.sizes])
-
     def not_hooked(layer: int, check: str):
         reason = f"the behaviour release steers no features at layer {layer}: no net"
         return dg.MaterializeResult(metadata={"hooked": False, "reason": reason},
@@ -109,15 +116,13 @@ def build_fused_assets(profile: Profile) -> list:
                                                load_manifest(corpus_dir(profile)).sha256), layer)
         stats = load_stats(stats_dir)
         loaded = model.load(profile, dtype=eval_cfg.model_dtype)
-        teacher, alphas_G = teacher_of(release, groups)
+        teacher = Teacher.of(groups, float(release.config["epsilon"]))
+        alphas_G = teacher.groups.alpha_G
         with deterministic(cfg.seed):
             tuning, heldout = tokens(loaded, layer, "tuning").all_ND(), tokens(loaded, layer, "heldout").all_ND()
-            order = torch.randperm(len(tuning), generator=torch.Generator().manual_seed(cfg.seed))
-            cut = int(len(tuning) * (1 - cfg.validation_fraction))
             net = FusedNet.from_sidecar(groups.sidecar, groups.sizes, stats, cfg.hidden)
             fold = fused_errors(net, teacher, heldout, alphas_G)
-            result = distill(net, teacher, tuning[order[:cut]], tuning[order[cut:]], alphas_G, cfg.steps,
-                             cfg.batch_tokens, cfg.lr, cfg.alpha_max, cfg.seed)
+            result = fit(net, teacher, tuning, cfg)
             errors = fused_errors(net, teacher, heldout, alphas_G)
         directory = artifacts_root() / "fused" / file_sha256(release_dir / CONFIG_FILE)[:16] / f"l{layer}"
         directory.mkdir(parents=True, exist_ok=True)
@@ -128,11 +133,10 @@ def build_fused_assets(profile: Profile) -> list:
                 "whitening": {"path": str(stats_dir / STATS_FILE), "sha256": file_sha256(stats_dir / STATS_FILE)},
                 "distill": {**cfg.model_dump(exclude={"int8_scheme", "backends"}), "kept_step": result.kept_step,
                             "final_loss": result.losses[-1] if result.losses else None,
-                            "train_tokens": cut, "validation_tokens": len(tuning) - cut},
+                            "train_tokens": result.train_tokens, "validation_tokens": result.validation_tokens},
                 "heldout_tokens": len(heldout), "errors": {"fold": errors_record(fold), "torch": errors_record(errors)}}
         (directory / "fused_net.json").write_text(json.dumps(info, indent=2, sort_keys=True))
-        values = error_gate_values(errors_record(errors))
-        results = check_gates({n: load_gates().fused[n] for n in values}, values)
+        results = error_gate_results(load_gates().fused, errors_record(errors))
         rows = _gate_rows(results, "torch")
         return dg.MaterializeResult(
             metadata={"hooked": True, "path": dg.MetadataValue.path(str(path)), "sha256": info["sha256"],
@@ -159,7 +163,8 @@ def build_fused_assets(profile: Profile) -> list:
         made = required_metadata(context.instance, fused_net.key, str(layer))
         net = load_fused(Path(made["path"]), made["sha256"])
         loaded = model.load(profile, dtype=eval_cfg.model_dtype)
-        teacher, alphas_G = teacher_of(release, groups)
+        teacher = Teacher.of(groups, float(release.config["epsilon"]))
+        alphas_G = teacher.groups.alpha_G
         with deterministic(cfg.seed):
             tuning, heldout = tokens(loaded, layer, "tuning"), tokens(loaded, layer, "heldout").all_ND()
         directory = Path(made["path"]).parent
@@ -174,9 +179,8 @@ def build_fused_assets(profile: Profile) -> list:
         errors = {"onnx": fused_errors(float_net, teacher, heldout, alphas_G),
                   "int8": fused_errors(int8_net, teacher, heldout, alphas_G)}
         gates = load_gates().fused
-        results = {backend: check_gates({n: gates[n] for n in values}, values) for backend, values in (
-            ("onnx", error_gate_values(errors_record(errors["onnx"]), parity)),
-            ("int8", error_gate_values(errors_record(errors["int8"]))))}
+        results = {"onnx": error_gate_results(gates, errors_record(errors["onnx"]), parity),
+                   "int8": error_gate_results(gates, errors_record(errors["int8"]))}
         info = {"layer": layer, "scheme": cfg.int8_scheme, "onnx_parity_max_abs": parity,
                 "net_sha256": made["sha256"], "errors": {b: errors_record(e) for b, e in errors.items()},
                 "files": {name: {"path": str(p), "sha256": file_sha256(p), "bytes": p.stat().st_size}
@@ -225,9 +229,9 @@ def build_fused_assets(profile: Profile) -> list:
                               "distill": net_info["distill"], "whitening": net_info["whitening"],
                               "bytes": {b: export_info["files"][b]["bytes"] for b in files}}
             for backend, record in errors.items():
-                values = error_gate_values(record, export_info["onnx_parity_max_abs"] if backend == "onnx" else None)
+                parity = export_info["onnx_parity_max_abs"] if backend == "onnx" else None
                 gate_rows[backend] += [{**row, "layer": layer} for row in _gate_rows(
-                    check_gates({n: gates[n] for n in values}, values), backend)]
+                    error_gate_results(gates, record, parity), backend)]
         if not entries:
             raise dg.Failure("the behaviour release steers no features at any layer: nothing to fuse")
         directory = artifacts_root() / "fused" / "release"
@@ -261,10 +265,8 @@ def build_fused_assets(profile: Profile) -> list:
         yield dg.MaterializeResult(metadata={**metadata, "arm": arm, "policy_sha256": policy.sha256,
                                              "fused_config_sha256": policy.config_sha256}, check_results=[check])
 
-    def evaluated(instance: dg.DagsterInstance) -> tuple[dict, dict, dict, dict, dict]:
-        """The metrics of every fused arm (of this release), the sidecar ensemble's `all` arm, the baseline, their
-        pins and each arm's per-prompt agreement with the sidecars; fails when a run is stale or failed its redaction
-        scan."""
+    def evaluated(instance: dg.DagsterInstance) -> Evaluated:
+        """What fused_evaluation and its check read; fails when a run is stale or failed its redaction scan."""
         fused_sha256 = file_sha256(release_dir_of(instance) / FUSED_CONFIG)
         arms_metrics, pinned, records = {}, {}, {}
         for arm in fused_arm_names(cfg.backends):
@@ -282,7 +284,7 @@ def build_fused_assets(profile: Profile) -> list:
         pinned["sidecar_ensemble"] = {"path": sidecar_meta["path"], "metrics_sha256": sidecars["metrics_sha256"],
                                       "release_config_sha256": sidecar_meta["release_config_sha256"]}
         pinned["baseline"] = {"path": str(baseline_path), "metrics_sha256": baseline["metrics_sha256"]}
-        return arms_metrics, sidecars, baseline, pinned, agreed, {"fused_config_sha256": fused_sha256}
+        return Evaluated(arms_metrics, sidecars, baseline, pinned, agreed, fused_sha256)
 
     @dg.asset(group_name=GROUP, deps=[dg.AssetDep(fused_arms, partition_mapping=every),
                                       dg.AssetDep("behavior_arms", partition_mapping=every), "baseline_metrics"],
@@ -292,38 +294,42 @@ def build_fused_assets(profile: Profile) -> list:
                           "the reversed INT8 run's recovery, and decode throughput of the default backend "
                           "(interleaved with unsteered decoding).")
     def fused_evaluation(context: dg.AssetExecutionContext, model: ModelResource) -> dg.MaterializeResult:
-        arms_metrics, sidecars, baseline, pinned, agreed, provenance = evaluated(context.instance)
+        runs = evaluated(context.instance)
         directory = release_dir_of(context.instance)
-        config = json.loads((directory / FUSED_CONFIG).read_text())
-        if pinned["sidecar_ensemble"]["release_config_sha256"] != config["behavior_release"]["config_sha256"]:
+        int8 = read_fused_release(directory, "int8", accept_failed_gates=True)
+        if runs.pinned["sidecar_ensemble"]["release_config_sha256"] != \
+                int8.config["behavior_release"]["config_sha256"]:
             raise dg.Failure("behavior_arms evaluated another behaviour release than the one fused; materialise "
                              "the arms again")
-        results = fused_results(load_gates().fused_evaluation, baseline, sidecars, arms_metrics)
+        results = fused_results(load_gates().fused_evaluation, runs.baseline, runs.sidecars, runs.arms)
         loaded = model.load(profile, dtype=eval_cfg.model_dtype)
         device = next(loaded.model.parameters()).device
-        policy = FusedPolicy.load(directory, "int8")
         steering_cfg = profile.steering
         prompts = [r.prompt for r in load_prompt_sets().benign if r.split == "tuning"][:steering_cfg.overhead_prompts]
-        hooks, gate_skip = behavior_layers(policy.release.behaviors)
         overhead = measure_overhead(loaded.model, [torch.tensor([chat_ids(loaded.tokenizer, p)], device=device)
-                                                   for p in prompts],
-                                    fused_layers(hooks, release_nets(policy.release.files, device)), gate_skip,
+                                                   for p in prompts], *release_layers(int8, device),
                                     steering_cfg.overhead_new_tokens, steering_cfg.overhead_rounds)
         throughput = {"backend": "int8", "overhead": round(overhead.overhead, 6), "device": str(device),
                       "unsteered_tokens_per_s": overhead.unsteered_tokens_per_s,
                       "steered_tokens_per_s": overhead.steered_tokens_per_s}
-        report = fused_metrics(baseline, sidecars, arms_metrics, results, agreed, throughput,
-                               {**provenance, "runs": pinned, "release": str(directory)})
-        path = artifacts_root() / "fused" / "evaluation" / provenance["fused_config_sha256"][:16] / "fused_metrics.json"
+        report = fused_metrics(runs.baseline, runs.sidecars, runs.arms, results, runs.agreed, throughput,
+                               {"fused_config_sha256": runs.fused_sha256, "runs": runs.pinned,
+                                "release": str(directory)})
+        path = artifacts_root() / "fused" / "evaluation" / runs.fused_sha256[:16] / "fused_metrics.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2, sort_keys=True))
         itself = {"decision_flips": 0, "differing_completions": 0}  # agreement is symmetric: the control's row
         sidecar_run = {**report["sidecar_ensemble"], "agreement": {
             "sidecars": itself, EXACT_RULE: report["backends"][EXACT_RULE]["agreement"]["sidecars"]}}
         rows = [_run_row("sidecar_ensemble", sidecar_run), *(_run_row(n, r) for n, r in report["backends"].items())]
+        panels = {"sidecar ensemble": runs.sidecars["harmful_completion_rate"]["per_category"],
+                  **{f"fused {arm}": metrics["harmful_completion_rate"]["per_category"]
+                     for arm, metrics in runs.arms.items() if arm != REVERSE}}
         return dg.MaterializeResult(metadata={
             "path": dg.MetadataValue.path(str(path)), "gates_passed": report["gates"]["passed"],
             **numbers({"int8_throughput_overhead": overhead.overhead}), "runs": table(rows),
+            "completion": png_markdown(rates_png(panels, "harmful completion by category, 95% CIs"),
+                                       "harmful completion"),
             "gates": table([row for arm, gates in results.items() for row in _gate_rows(gates, arm)])})
 
     @dg.asset_check(asset=fused_evaluation, name=FUSED_GATES, blocking=True,
@@ -332,12 +338,12 @@ def build_fused_assets(profile: Profile) -> list:
                                 "point, benign false refusal within half a point, capability gates, reverse-safety")
     def fused_gates(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         report = json.loads(Path(required_metadata(context.instance, fused_evaluation.key)["path"]).read_text())
-        arms_metrics, sidecars, baseline, pinned, _, _ = evaluated(context.instance)
+        runs = evaluated(context.instance)
         changed = [name for name, run in report["runs"].items() if run["metrics_sha256"] !=
-                   pinned[name]["metrics_sha256"]]
+                   runs.pinned[name]["metrics_sha256"]]
         if changed:
             raise dg.Failure(f"the metrics of {changed} changed since fused_metrics.json was written")
-        results = fused_results(load_gates().fused_evaluation, baseline, sidecars, arms_metrics)
+        results = fused_results(load_gates().fused_evaluation, runs.baseline, runs.sidecars, runs.arms)
         rows = [row for arm, gates in results.items() for row in _gate_rows(gates, arm)]
         return _check(FUSED_GATES, rows, all(row["passed"] for row in rows))
 

@@ -11,14 +11,15 @@ from pathlib import Path
 
 import dagster as dg
 
-from sae_pipeline.config import GATES_FILE, Profile, artifacts_root, load_gates
-from sae_pipeline.defs.assets.evaluation import redaction_check_spec, redaction_scan
+from sae_pipeline.config import Profile, artifacts_root, gates_path, load_gates
+from sae_pipeline.defs.assets.evaluation import redaction_check_spec, steered_run
 from sae_pipeline.defs.lineage import required_metadata
 from sae_pipeline.defs.metadata import numbers, table
 from sae_pipeline.defs.resources import ModelResource
 from sae_pipeline.release.bundle import (
     SIGNATURE, SIGNING_KEY_ENV, VERIFY_KEY_ENV, BundleError, sign_bundle, verify_bundle, write_bundle)
-from sae_pipeline.release.smoke import SmokeError, load_reference, record_reference, run_smoke, smoke_dir, smoke_verdict
+from sae_pipeline.release.smoke import (
+    SmokeError, current_release, load_reference, record_reference, smoke_config, smoke_dir, smoke_verdict)
 
 GROUP = "release"
 SMOKE_GATES, REFERENCE_REDACTION, SMOKE_REDACTION = "smoke_gates", "smoke_reference_redaction", "smoke_redaction"
@@ -42,8 +43,7 @@ def build_release_assets(profile: Profile) -> list:
                                      ("ensemble_behavior_metrics", "behavior_evaluation"))}
         loaded = model.load(profile, dtype=eval_cfg.model_dtype)
         directory = artifacts_root() / "release" / "bundle"
-        gates_file = Path(os.environ.get("SAE_PIPELINE_GATES", GATES_FILE))  # the gates the stages ran under
-        manifest = write_bundle(directory, behaviors, fused, {"gates.yaml": gates_file, **metrics},
+        manifest = write_bundle(directory, behaviors, fused, {"gates.yaml": gates_path(), **metrics},
                                 loaded.model_hash, loaded.tokenizer_hash)
         signed = False
         if os.environ.get(SIGNING_KEY_ENV):
@@ -69,15 +69,15 @@ def build_release_assets(profile: Profile) -> list:
             "signed": (directory / SIGNATURE).exists()})
 
     def smoke_run(context: dg.AssetExecutionContext, model: ModelResource, check_name: str):
-        loaded = model.load(profile, dtype=eval_cfg.model_dtype)
+        """The harness on the shard with the current release, as every steered run (figures, redaction check)."""
         try:
-            result, release, release_sha256 = run_smoke(loaded, eval_cfg, per_group)
+            policy, release_sha256 = current_release()
         except SmokeError as err:
             raise dg.Failure(str(err)) from err
-        passed, scan = redaction_scan(context.instance, result.directory)
-        check = dg.AssetCheckResult(check_name=check_name, passed=passed, severity=dg.AssetCheckSeverity.ERROR,
-                                    metadata=scan)
-        return result, release, release_sha256, check
+        loaded = model.load(profile, dtype=eval_cfg.model_dtype)
+        result, metadata, check = steered_run(context.instance, loaded, smoke_config(eval_cfg, per_group), policy,
+                                              1.0, False, policy.readouts(), f"smoke, {policy.name}", check_name)
+        return result, metadata, policy.name, release_sha256, check
 
     @dg.asset(group_name=GROUP, deps=["behavior_release", "refusal_judge"], kinds={"pytorch"},
               check_specs=[redaction_check_spec(REFERENCE_REDACTION, "smoke_reference")],
@@ -85,10 +85,11 @@ def build_release_assets(profile: Profile) -> list:
                           f"release) on the first {per_group} held-out prompts of every category, domain and task "
                           "kind: the reference the nightly smoke is held against. Materialise it once per release.")
     def smoke_reference(context: dg.AssetExecutionContext, model: ModelResource):
-        result, release, release_sha256, check = smoke_run(context, model, REFERENCE_REDACTION)
+        result, metadata, release, release_sha256, check = smoke_run(context, model, REFERENCE_REDACTION)
         path = record_reference(result, release, release_sha256, per_group)
         yield dg.MaterializeResult(metadata={
-            "path": dg.MetadataValue.path(str(path)), "release": release, "release_sha256": release_sha256,
+            **metadata, "path": dg.MetadataValue.path(str(path)), "release": release,
+            "release_sha256": release_sha256,
             "metrics_sha256": result.metrics["metrics_sha256"], "per_group": per_group}, check_results=[check])
 
     @dg.asset(group_name=GROUP, deps=[smoke_reference], kinds={"pytorch"},
@@ -99,7 +100,7 @@ def build_release_assets(profile: Profile) -> list:
               description="The nightly smoke: the current release on the reference's shard again, compared with the "
                           "reference (smoke.json beside it).")
     def smoke_metrics(context: dg.AssetExecutionContext, model: ModelResource):
-        result, release, release_sha256, redaction = smoke_run(context, model, SMOKE_REDACTION)
+        result, metadata, release, release_sha256, redaction = smoke_run(context, model, SMOKE_REDACTION)
         pinned = required_metadata(context.instance, smoke_reference.key)
         if pinned["release_sha256"] != release_sha256:
             raise dg.Failure(f"the release changed since smoke_reference ({pinned['release_sha256'][:16]} -> "
@@ -115,8 +116,8 @@ def build_release_assets(profile: Profile) -> list:
                                     "metrics_sha256": verdict.metrics_sha256,
                                     "reference_sha256": verdict.reference_sha256}, indent=2, sort_keys=True))
         yield dg.MaterializeResult(
-            metadata={"path": dg.MetadataValue.path(str(path)), "release": release, "passed": verdict.passed,
-                      **numbers({g.name: g.value for g in verdict.gates})},
+            metadata={**metadata, "path": dg.MetadataValue.path(str(path)), "release": release,
+                      "passed": verdict.passed, **numbers({g.name: g.value for g in verdict.gates})},
             check_results=[redaction, dg.AssetCheckResult(
                 check_name=SMOKE_GATES, passed=verdict.passed, severity=dg.AssetCheckSeverity.ERROR,
                 metadata={"gates": table(rows)})])
