@@ -280,6 +280,50 @@ class SmokeConfig(_Strict):
         return self
 
 
+class AuditConfig(_Strict):
+    """The adversarial audit (issue #7): the locked suite in data/audit/ on the current release."""
+
+    items_per_variant: int = Field(default=0, ge=0)  # 0: the whole suite; a slice for quick profiles
+    capability_tasks_per_kind: int = Field(default=20, ge=1)
+    # per-language multipliers on the release's alphas tried by the locale tuning (issue #7: within [0.8, 1.1])
+    locale_multipliers: list[float] = Field(default_factory=lambda: [0.8, 0.9, 1.0, 1.1], min_length=1)
+    diagnostic_items: int = Field(default=60, ge=1)  # failing harmful items (and as many benign) the diagnostics rerun
+    alpha_step: float = Field(default=0.05, gt=0)  # per-behaviour alpha +- this in the diagnostics
+    latency_prompts: int = Field(default=8, ge=1)
+
+    @model_validator(mode="after")
+    def _multipliers(self) -> AuditConfig:
+        bad = [m for m in self.locale_multipliers if not 0.8 <= m <= 1.1]
+        if bad or 1.0 not in self.locale_multipliers:
+            raise ValueError(f"audit.locale_multipliers must lie in [0.8, 1.1] and include 1.0, got "
+                             f"{self.locale_multipliers}")
+        return self
+
+
+class KubernetesConfig(_Strict):
+    """Where and how GPU steps run under dagster-k8s's k8s_job_executor (one pod per step)."""
+
+    namespace: str | None = None  # None: the run's own namespace
+    image: str | None = None  # None: the run's image
+    gpus_per_step: int = Field(default=1, ge=1)
+    cpu: str = "8"
+    memory: str = "64Gi"  # Mistral-7B bf16 weights (14.5 GB) plus activation shards in flight: docs/scaling.md
+    node_selector: dict[str, str] = Field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
+    tolerations: list[dict[str, str]] = Field(default_factory=lambda: [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
+
+
+class ExecutionConfig(_Strict):
+    """How steps run (issue #8): in one process, in subprocesses with at most `gpu_concurrency` GPU steps at once,
+    or as Kubernetes jobs whose GPU steps request `nvidia.com/gpu`. SAE_PIPELINE_EXECUTOR overrides `executor`."""
+
+    executor: Literal["in_process", "multiprocess", "k8s"] = "multiprocess"
+    device: Literal["cpu", "cuda"] = "cpu"  # where ModelResource puts the model
+    max_concurrent: int = Field(default=0, ge=0)  # 0: one step per CPU core (Dagster's default)
+    gpu_concurrency: int = Field(default=1, ge=1)  # GPU steps at once in one run (the `gpu` tag limit)
+    kubernetes: KubernetesConfig = KubernetesConfig()
+
+
 class Profile(_Strict):
     name: str
     model: str | None  # None = the embedded SmolLM2-135M-Instruct
@@ -294,6 +338,8 @@ class Profile(_Strict):
     behaviors: BehaviorConfig = BehaviorConfig()
     fused: FusedConfig = FusedConfig()
     smoke: SmokeConfig = SmokeConfig()
+    audit: AuditConfig = AuditConfig()
+    execution: ExecutionConfig = ExecutionConfig()
 
     @model_validator(mode="after")
     def _layers_exist(self) -> Profile:
@@ -368,6 +414,7 @@ def _profiles() -> dict[str, dict]:
                                               "late_focused": {10: 0.0, 12: 0.0, 16: 0.4, 18: 0.8, 20: 0.8}}),
             sae=dict(n_latents=16384, k=32, k_start=64, batch_tokens=16384, aux_k=2048,
                      dead_window_tokens=10_000_000),
+            execution=dict(device="cuda"),  # 7B on CPU is out of reach: docs/scaling.md
         ),
         "tiny": dict(
             name="tiny", model="tiny-random-llama", d_model=64, n_layers=6,
@@ -391,6 +438,8 @@ def _profiles() -> dict[str, dict]:
                           overhead_prompts=1, overhead_new_tokens=4, overhead_rounds=1),
             fused=dict(steps=20, batch_tokens=256),
             smoke=dict(per_group=1),
+            audit=dict(items_per_variant=2, capability_tasks_per_kind=2, locale_multipliers=[0.9, 1.0],
+                       diagnostic_items=2, latency_prompts=2),
         ),
     }
 
@@ -399,12 +448,19 @@ PROFILE_NAMES = ("smollm2", "smollm2-smoke", "smollm2-pilot", "mistral-7b", "tin
 
 
 def load_profile(name: str | None = None) -> Profile:
-    """A named profile; None reads SAE_PIPELINE_PROFILE (default: the embedded SmolLM2)."""
+    """A named profile; None reads SAE_PIPELINE_PROFILE (default: the embedded SmolLM2). SAE_PIPELINE_EXECUTOR
+    picks the executor (in_process, multiprocess, k8s) without editing the profile; k8s also puts the model on
+    cuda."""
     name = name or os.environ.get("SAE_PIPELINE_PROFILE", "smollm2")
     profiles = _profiles()
     if name not in profiles:
         raise ConfigError(f"unknown profile {name!r}; known profiles: {', '.join(PROFILE_NAMES)}")
-    return validate_profile(profiles[name])
+    data = profiles[name]
+    executor = os.environ.get("SAE_PIPELINE_EXECUTOR")
+    if executor:
+        data = {**data, "execution": {**data.get("execution", {}), "executor": executor,
+                                      **({"device": "cuda"} if executor == "k8s" else {})}}
+    return validate_profile(data)
 
 
 class Gate(_Strict):
@@ -425,6 +481,7 @@ class Gates(_Strict):
     fused: dict[str, Gate]
     fused_evaluation: dict[str, Gate]
     smoke: dict[str, Gate]
+    audit: dict[str, Gate]
 
 
 def gates_path() -> Path:

@@ -25,16 +25,18 @@ def test_default_definitions_load():
         "behavior_layers", "behavior_features", "behavior_crosstalk", "behavior_router", "behavior_screen",
         "behavior_release",
         "behavior_arms", "behavior_evaluation", "fused_net", "fused_export", "fused_release", "fused_arms",
-        "fused_evaluation", "release", "smoke_reference", "smoke_metrics"}
+        "fused_evaluation", "release", "smoke_reference", "smoke_metrics", "audit_suite", "audit_arms",
+        "audit_evaluation", "audit_diagnostics", "locale_alphas"}
     checks = {key.name for key in defs.resolve_asset_graph().asset_check_keys}
     assert checks == {"sae_quality", "datasets_lock", "splits_disjoint", "dataset_sizes", "judge_accuracy",
                       "baseline_complete", "redaction", "sweep_redaction", "steering_gates", "crosstalk",
                       "crosstalk_count", "arm_redaction", "behavior_gates", "ensemble_redaction", "ensemble_gates",
                       "fused_net_gates", "fused_export_gates", "fused_arm_redaction", "fused_gates",
-                      "release_integrity", "smoke_reference_redaction", "smoke_redaction", "smoke_gates"}
+                      "release_integrity", "smoke_reference_redaction", "smoke_redaction", "smoke_gates",
+                      "audit_suite_lock", "audit_arm_redaction", "audit_gates"}
     assert all(defs.resolve_job_def(name) is not None
                for name in ("main", "sweep", "ensemble", "behaviors", "screens", "arms", "fused", "fused_backends",
-                            "smoke"))
+                            "smoke", "audit"))
     schedule = defs.resolve_schedule_def("nightly_smoke")
     assert schedule.job_name == "smoke" and schedule.execution_timezone == "UTC"
     context = dg.build_schedule_context(scheduled_execution_time=datetime(2026, 11, 30, 3, tzinfo=timezone.utc))

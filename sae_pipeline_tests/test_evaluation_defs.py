@@ -13,6 +13,7 @@ from sae_pipeline.evaluation.datasets import load_prompt_sets
 from sae_pipeline.evaluation.harness import evaluate, load_fingerprints
 from sae_pipeline.evaluation.redaction import scan_paths
 from sae_pipeline.evaluation.run import build_judges, select_primary
+from sae_pipeline.evaluation.tracking import log_run
 
 
 def _files_under(*roots):
@@ -80,6 +81,21 @@ def test_baseline_on_the_embedded_model_leaves_no_harmful_text_anywhere(artifact
     assert report.leaks == []
     print(f"redaction scan: {report.files_scanned} files, {report.bytes_scanned:,} bytes, {len(completions)} "
           f"completions, {fingerprints.size} shingles; no leak")
+
+    # W&B: the run's scalars reached it with their lineage (the metrics' sha256 rides on the reference artifact),
+    # and no harmful prompt's text did
+    wandb_blobs = [p.read_bytes() for p in files if "wandb" in p.parts]
+    metrics_sha256 = json.loads((tmp_path.joinpath(run_dir) / "metrics.json").read_text())["metrics_sha256"]
+    assert any(metrics_sha256.encode() in blob for blob in wandb_blobs)
+    prompt_needles = _needles([p.prompt for p in sets.harmful])
+    matchable, needle_count = sum(len(p.prompt) >= 40 for p in sets.harmful), len(prompt_needles)
+    assert matchable >= 400 and needle_count >= matchable
+    assert _exact_leak_count(wandb_blobs, prompt_needles) == 0
+    # control: a W&B run named after a harmful prompt (a request, allowed on disk) is caught by the same scan
+    named_after = next(p.prompt for p in sets.harmful if len(p.prompt) >= 40)
+    control = log_run(named_after, {"x": 1.0}, tmp_path / "wandb_control", "offline", {}, {})
+    caught = _exact_leak_count([p.read_bytes() for p in control.rglob("*") if p.is_file()], prompt_needles)
+    assert caught >= 1
 
     # negative control, in memory only (a completion is never written, not even to a temp file): an event-log
     # style record holding a completion is caught by both checks

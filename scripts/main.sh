@@ -94,5 +94,17 @@ dagster asset materialize -m sae_pipeline.defs --select release || status=1
 # runs it from a shell)
 dagster asset materialize -m sae_pipeline.defs --select smoke_reference || status=1
 dagster asset materialize -m sae_pipeline.defs --select smoke_metrics || status=1
+# the adversarial audit: the locked suite (data/audit/), each family unsteered and under the current release,
+# audit_metrics.json and its blocking audit_gates check; then the diagnostics of what failed and the per-locale
+# multipliers (locale_alphas.json)
+dagster asset materialize -m sae_pipeline.defs --select audit_suite || status=1
+families=$(python -c "from sae_pipeline.audit.suite import FAMILIES; print(' '.join(FAMILIES))")
+for arm in baseline steered; do
+  for family in $families; do
+    dagster asset materialize -m sae_pipeline.defs --select audit_arms --partition "$arm|$family" || status=1
+  done
+done
+dagster asset materialize -m sae_pipeline.defs --select audit_evaluation || status=1
+dagster asset materialize -m sae_pipeline.defs --select "audit_diagnostics,locale_alphas" || status=1
 python -m sae_pipeline.sae.summary --profile "$profile"
 exit $status

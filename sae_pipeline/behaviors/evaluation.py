@@ -23,7 +23,7 @@ from sae_pipeline.gates import GateResult, check_gates
 from sae_pipeline.hashing import config_hash, file_sha256
 from sae_pipeline.sae.model import TopKSAE
 from sae_pipeline.steering.behaviors import behavior_layers
-from sae_pipeline.steering.runtime import SteeringError, patched
+from sae_pipeline.steering.runtime import LayerSteering, SteeringError, patched
 from sae_pipeline.steering.sweep import reverse_capability_recovery, strength_gate_values
 
 ALL, REVERSE, ONLY = "all", "reverse", "only_"
@@ -63,10 +63,17 @@ class ReleasePolicy:
     def sha256(self) -> str:
         return config_hash({"release": self.config_sha256, "behaviors": list(self.behaviors)})
 
+    @property
+    def behavior_release(self) -> Release:
+        return self.release
+
+    def steering_layers(self, model: nn.Module, scale: float, alphas_per_behavior: dict | None = None
+                        ) -> tuple[dict[int, LayerSteering], int]:
+        return behavior_layers(self.release, alphas_per_behavior, self.behaviors, scale=scale)
+
     @contextmanager
     def applied(self, model: nn.Module, alpha: float, reverse: bool) -> Iterator[None]:
-        layers, gate_skip = behavior_layers(self.release, behaviors=self.behaviors, scale=alpha)
-        with patched(model, layers, gate_skip) as patch, patch.reverse_if(reverse):
+        with patched(model, *self.steering_layers(model, alpha)) as patch, patch.reverse_if(reverse):
             yield
 
     def readouts(self) -> list[FeatureReadout]:

@@ -1,17 +1,18 @@
 """Jobs: `main` materialises every stage. One job holds one partitioning, so each partitioned asset has its own:
 `sweep` (the strength sweep, by alpha), `ensemble` (the multi-layer ensemble's schedules), `behaviors` and `screens`
 (behaviour features and screens, by behaviour x layer), `arms` (the behaviour release's evaluation arms), `fused`
-(fused nets and their exports, by layer) and `fused_backends` (the fused release's arms, per backend);
+(fused nets and their exports, by layer), `fused_backends` (the fused release's arms, per backend) and `audit` (the
+audit's arms, by arm x family);
 scripts/main.sh drives them partition by partition."""
 
 import dagster as dg
 
 PARTITIONED = ("alpha_sweep", "ensemble_sweep", "behavior_features", "behavior_screen", "behavior_arms", "fused_net",
-               "fused_export", "fused_arms")
+               "fused_export", "fused_arms", "audit_arms")
 main_job = dg.define_asset_job(
     "main", selection=dg.AssetSelection.all() - dg.AssetSelection.assets(*PARTITIONED),
     description="Every stage on the active profile except the partitioned ones (strength sweep, ensemble schedules, "
-                "behaviour features and screens, behaviour arms, fused nets and exports, fused arms).")
+                "behaviour features and screens, behaviour arms, fused nets and exports, fused arms, audit arms).")
 behaviors_job = dg.define_asset_job("behaviors", selection=dg.AssetSelection.assets("behavior_features"),
                                     description="Each behaviour's ranked features at each layer.")
 screens_job = dg.define_asset_job("screens", selection=dg.AssetSelection.assets("behavior_screen"),
@@ -29,3 +30,5 @@ fused_job = dg.define_asset_job("fused", selection=dg.AssetSelection.assets("fus
 fused_arms_job = dg.define_asset_job(
     "fused_backends", selection=dg.AssetSelection.assets("fused_arms"),
     description="The fused release on the held-out sets per backend, and the INT8 path reversed.")
+audit_job = dg.define_asset_job("audit", selection=dg.AssetSelection.assets("audit_arms"),
+                               description="The audit suite's families, unsteered and under the current release.")

@@ -65,7 +65,8 @@ def metrics_dir(root: Path, model_hash: str, dataset_hash: str, alpha: float, re
     return root / model_hash / dataset_hash / (f"alpha_{alpha:.2f}" + ("_reverse" if reverse else "")) / cfg_hash[:12]
 
 
-def _select(records: Sequence, group: Callable, split: str | None, limit: int) -> list:
+def first_per_group(records: Sequence, group: Callable, split: str | None, limit: int) -> list:
+    """The records of `split` (None: every split), at most the first `limit` of each group (0: all), in order."""
     kept, seen = [], {}
     for record in records:
         if split is not None and record.split != split:
@@ -107,11 +108,11 @@ class Selection(NamedTuple):
 def select_prompts(sets: PromptSets, cfg: EvalConfig) -> Selection:
     """What a run evaluates: the configured split of the prompt sets, optionally the first n per group."""
     return Selection(
-        harmful=_select(sets.harmful, lambda r: r.category, cfg.split, cfg.limit_per_group),
-        benign=_select(sets.benign, lambda r: r.domain, cfg.split, cfg.limit_per_group),
-        tasks=_select(sets.capability_tasks, lambda r: r.kind, None, cfg.limit_per_group),
-        texts=_select(sets.capability_text, lambda r: "all", None, cfg.limit_per_group),
-        clean=_select(sets.clean_domain_qa, lambda r: r.domain, None, cfg.limit_per_group))
+        harmful=first_per_group(sets.harmful, lambda r: r.category, cfg.split, cfg.limit_per_group),
+        benign=first_per_group(sets.benign, lambda r: r.domain, cfg.split, cfg.limit_per_group),
+        tasks=first_per_group(sets.capability_tasks, lambda r: r.kind, None, cfg.limit_per_group),
+        texts=first_per_group(sets.capability_text, lambda r: "all", None, cfg.limit_per_group),
+        clean=first_per_group(sets.clean_domain_qa, lambda r: r.domain, None, cfg.limit_per_group))
 
 
 def evaluate(loaded: LoadedModel, sets: PromptSets, judges: Judges, cfg: EvalConfig, out_root: Path,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 from sae_pipeline.evaluation.redaction import RedactionError
@@ -23,9 +22,19 @@ def flatten_scalars(metrics: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
-def log_scalars(run_name: str, scalars: dict[str, float], directory: Path) -> Path | None:
-    """One W&B run with these scalars; returns its directory (None when WANDB_MODE=disabled)."""
-    mode = os.environ.get("WANDB_MODE", "offline")
+LINEAGE_KEYS = ("model_hash", "dataset_hash", "cfg_hash", "metrics_sha256", "run_id")
+
+
+def lineage_of(metrics: dict) -> dict[str, str]:
+    """The hashes that tie a metrics file to its model, datasets, configuration and run."""
+    return {key: str(metrics[key]) for key in LINEAGE_KEYS if key in metrics}
+
+
+def log_run(run_name: str, scalars: dict[str, float], directory: Path, mode: str,
+            references: dict[str, Path], lineage: dict[str, str]) -> Path | None:
+    """One W&B run with these scalars and one artifact of `references` (files referenced by path and checksum, never
+    uploaded) carrying `lineage` as metadata; returns the run's directory (None when mode is disabled).
+    Offline W&B cannot record an artifact as a run's input, so lineage travels as the artifact's hashes."""
     if mode == "disabled":
         return None
     bad = [k for k, v in scalars.items() if not isinstance(v, (int, float)) or isinstance(v, bool)]
@@ -38,6 +47,11 @@ def log_scalars(run_name: str, scalars: dict[str, float], directory: Path) -> Pa
     run = wandb.init(project=WANDB_PROJECT, name=run_name, dir=str(directory), mode=mode,
                      settings=wandb.Settings(console="off", silent=True, save_code=False))
     run.log(scalars)
+    if references:
+        artifact = wandb.Artifact(f"{run_name}-outputs", type="evaluation", metadata=dict(lineage))
+        for name, path in references.items():
+            artifact.add_reference(Path(path).resolve().as_uri(), name=name)
+        run.log_artifact(artifact)
     run_dir = Path(run.dir).parent
     run.finish()
     return run_dir

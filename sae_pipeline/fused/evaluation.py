@@ -29,7 +29,7 @@ from sae_pipeline.fused.runtime import release_layers
 from sae_pipeline.gates import GateResult, check_gates
 from sae_pipeline.hashing import config_hash, file_sha256
 from sae_pipeline.steering.behaviors import behavior_layers
-from sae_pipeline.steering.runtime import DEFAULT_EPSILON, patched
+from sae_pipeline.steering.runtime import DEFAULT_EPSILON, LayerSteering, patched
 from sae_pipeline.steering.sweep import reverse_capability_recovery, strength_gate_values
 
 REVERSE = "reverse"  # the arm that runs the INT8 path reversed
@@ -68,14 +68,20 @@ class FusedPolicy:
         arm = EXACT_RULE if self.exact_rule else self.release.backend
         return config_hash({"fused_release": self.config_sha256, "backend": arm})
 
+    @property
+    def behavior_release(self) -> Release:
+        return self.release.behaviors
+
+    def steering_layers(self, model: nn.Module, scale: float, alphas_per_behavior: dict | None = None
+                        ) -> tuple[dict[int, LayerSteering], int]:
+        if self.exact_rule:
+            layers, gate_skip = behavior_layers(self.release.behaviors, alphas_per_behavior, scale=scale)
+            return fused_layers(layers, exact_rule_nets(self.release.behaviors)), gate_skip
+        return release_layers(self.release, next(model.parameters()).device, alphas_per_behavior, scale=scale)
+
     @contextmanager
     def applied(self, model: nn.Module, alpha: float, reverse: bool) -> Iterator[None]:
-        if self.exact_rule:
-            layers, gate_skip = behavior_layers(self.release.behaviors, scale=alpha)
-            layers = fused_layers(layers, exact_rule_nets(self.release.behaviors))
-        else:
-            layers, gate_skip = release_layers(self.release, next(model.parameters()).device, scale=alpha)
-        with patched(model, layers, gate_skip) as patch, patch.reverse_if(reverse):
+        with patched(model, *self.steering_layers(model, alpha)) as patch, patch.reverse_if(reverse):
             yield
 
     def readouts(self) -> list[FeatureReadout]:

@@ -56,17 +56,18 @@ def release_layers(release: FusedRelease, device: torch.device,
 def apply_fused_behaviors(model: nn.Module, fused_paths_per_layer: str | Path | dict[int, str | Path],
                           alphas_per_behavior: dict[str, float | dict[int, float]] | None = None,
                           backend: str | None = None, behaviors: Sequence[str] | None = None, steer_on: bool = True,
-                          accept_failed_gates: bool = False) -> SteeringPatch:
+                          accept_failed_gates: bool = False, scale: float = 1.0) -> SteeringPatch:
     """Attach fused nets. fused_paths_per_layer: a fused release directory (`artifacts/fused/release`: backend
     int8, onnx or torch, by default the release's; behaviors: the subset to enable; a release whose gates failed
     only with accept_failed_gates) or {layer: net file} (the feature rule alone; backend torch or onnx, by default
     from the suffix). alphas_per_behavior: {behaviour: alpha or {layer: alpha}}, unnamed behaviours at the release's
-    alpha (files: the default alpha), a behaviour at 0 switched off. Everything is checked before any hook goes
-    on."""
+    alpha (files: the default alpha), a behaviour at 0 switched off; scale multiplies every alpha (a locale's
+    multiplier). Everything is checked before any hook goes on."""
     device = next(model.parameters()).device
     if not isinstance(fused_paths_per_layer, dict):
         release = read_fused_release(Path(fused_paths_per_layer), backend, accept_failed_gates)
-        return apply_patch_layers(model, *release_layers(release, device, alphas_per_behavior, behaviors, steer_on))
+        return apply_patch_layers(model, *release_layers(release, device, alphas_per_behavior, behaviors, steer_on,
+                                                         scale))
     if behaviors is not None:
         raise SteeringError("behaviors= selects within a release; with net files, set an alpha to 0 instead")
     nets = {int(layer): load_side_net(Path(path), device, backend) for layer, path in fused_paths_per_layer.items()}

@@ -119,10 +119,10 @@ class Applied(NamedTuple):
 
 
 def apply_release(model: nn.Module, directory: Path, public_key: str | None = None, backend: str | None = None,
-                  accept_failed_gates: bool = False) -> Applied:
+                  accept_failed_gates: bool = False, scale: float = 1.0) -> Applied:
     """Verify the bundle (BundleError when it fails: nothing is applied), then attach the best path that loads:
-    the fused nets, else the behaviour sidecars, else nothing (the unsteered model). remove_behaviors(model)
-    detaches whatever was attached."""
+    the fused nets, else the behaviour sidecars, else nothing (the unsteered model). scale multiplies every alpha
+    (per request: LocaleAlphas.scale(prompt)). remove_behaviors(model) detaches whatever was attached."""
     from sae_pipeline.fused.net import FusedNetError
     from sae_pipeline.fused.runtime import apply_fused_behaviors
     from sae_pipeline.steering.behaviors import apply_behaviors
@@ -133,14 +133,15 @@ def apply_release(model: nn.Module, directory: Path, public_key: str | None = No
     reasons = []
     if manifest["fused"]:
         try:
-            apply_fused_behaviors(model, directory / FUSED, backend=backend, accept_failed_gates=accept_failed_gates)
+            apply_fused_behaviors(model, directory / FUSED, backend=backend, accept_failed_gates=accept_failed_gates,
+                                  scale=scale)
             return Applied("fused", reasons)
         except (SidecarError, FusedNetError, OSError, RuntimeError) as err:  # RuntimeError: SteeringError, ORT
             reasons.append(f"fused: {err}")
     else:
         reasons.append("fused: the bundle holds no fused release")
     try:
-        apply_behaviors(model, directory / BEHAVIORS, accept_failed_gates=accept_failed_gates)
+        apply_behaviors(model, directory / BEHAVIORS, accept_failed_gates=accept_failed_gates, scale=scale)
         return Applied("sidecars", reasons)
     except (SidecarError, SteeringError, OSError) as err:
         reasons.append(f"sidecars: {err}")

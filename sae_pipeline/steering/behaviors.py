@@ -105,20 +105,20 @@ def apply_behaviors(model: nn.Module, sae_paths_per_behavior: str | Path | dict,
                     alphas_per_behavior: dict[str, float | dict[int, float]] | None = None, steer_on: bool = True,
                     reverse_token: str = REVERSE_TOKEN, no_steer_token: str = NO_STEER_TOKEN,
                     behaviors: Sequence[str] | None = None, epsilon: float | None = None,
-                    accept_failed_gates: bool = False) -> SteeringPatch:
+                    accept_failed_gates: bool = False, scale: float = 1.0) -> SteeringPatch:
     """Attach per-behaviour steering. sae_paths_per_behavior: a release directory (`behaviors/release`, applied as
     evaluated, its alphas unless overridden; one that failed its gates only with accept_failed_gates) or
     {behaviour: {layer: sidecar file (dense or .sae8)}} (the feature rule alone). alphas_per_behavior: {behaviour:
     alpha or {layer: alpha}} overrides. behaviors: the subset to enable (default all). epsilon: the firing threshold
-    (default the release's, else 0.02). steer_on=False attaches the hooks inert. remove_behaviors(model) detaches
-    them."""
+    (default the release's, else 0.02). steer_on=False attaches the hooks inert. scale multiplies every alpha (a
+    locale's multiplier: LocaleAlphas.scale(prompt)). remove_behaviors(model) detaches them."""
     if (reverse_token, no_steer_token) != (REVERSE_TOKEN, NO_STEER_TOKEN):
         raise SteeringError(f"control tokens are fixed: {REVERSE_TOKEN} and {NO_STEER_TOKEN}")
     if isinstance(sae_paths_per_behavior, dict):
         release = Release(_from_paths(sae_paths_per_behavior), None, {}, {})
     else:
         release = read_release(Path(sae_paths_per_behavior), accept_failed_gates)
-    layers, gate_skip = behavior_layers(release, alphas_per_behavior, behaviors, steer_on, epsilon)
+    layers, gate_skip = behavior_layers(release, alphas_per_behavior, behaviors, steer_on, epsilon, scale)
     return apply_patch_layers(model, layers, gate_skip)
 
 

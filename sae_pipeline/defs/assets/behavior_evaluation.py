@@ -14,9 +14,10 @@ from sae_pipeline.behaviors.evaluation import (
 from sae_pipeline.behaviors.release import CONFIG_FILE, read_release
 from sae_pipeline.config import Profile, artifacts_root, load_gates
 from sae_pipeline.defs.assets.evaluation import redaction_check_spec, require_audit, steered_run
+from sae_pipeline.defs.execution import on_gpu
 from sae_pipeline.defs.lineage import required_metadata
 from sae_pipeline.defs.metadata import numbers, png_markdown, table
-from sae_pipeline.defs.resources import ModelResource
+from sae_pipeline.defs.resources import ModelResource, TrackingResource
 from sae_pipeline.evaluation.datasets import load_prompt_sets
 from sae_pipeline.evaluation.generation import chat_ids
 from sae_pipeline.evaluation.harness import load_metrics
@@ -36,22 +37,23 @@ def _release_dir(instance: dg.DagsterInstance) -> Path:
 
 
 def build_behavior_evaluation_assets(profile: Profile) -> list:
+    gpu = on_gpu(profile.execution)
     behaviors, eval_cfg = profile.behaviors.behaviors, profile.evaluation
     arms = dg.StaticPartitionsDefinition(arm_names(behaviors))
 
-    @dg.asset(group_name=GROUP, deps=["behavior_release", "refusal_judge"], partitions_def=arms, kinds={"pytorch"},
+    @dg.asset(**gpu, group_name=GROUP, deps=["behavior_release", "refusal_judge"], partitions_def=arms, kinds={"pytorch"},
               check_specs=[redaction_check_spec(ARM_REDACTION, "behavior_arms")],
               description="The behaviour release on the held-out sets with one arm's behaviours on (metrics.json "
                           f"with bootstrap CIs): `{ALL}`, `{ONLY}<behaviour>` alone, `{REVERSE}` (every behaviour "
                           "flipped, needs STEER_DEBUG=1).")
-    def behavior_arms(context: dg.AssetExecutionContext, model: ModelResource):
+    def behavior_arms(context: dg.AssetExecutionContext, model: ModelResource, tracking: TrackingResource):
         arm = context.partition_key
         reverse = arm == REVERSE
         require_audit(reverse)
         enabled = arm_behaviors(arm, behaviors)
         policy = ReleasePolicy.load(_release_dir(context.instance), enabled)
         loaded = model.load(profile, dtype=eval_cfg.model_dtype)
-        _, metadata, check = steered_run(context.instance, loaded, eval_cfg, policy, RELEASE_ALPHA, reverse,
+        _, metadata, check = steered_run(context.instance, tracking, loaded, eval_cfg, policy, RELEASE_ALPHA, reverse,
                                          policy.readouts(), f"behaviour arm {arm}", ARM_REDACTION)
         yield dg.MaterializeResult(
             metadata={**metadata, "arm": arm, "behaviors": ",".join(enabled), "policy_sha256": policy.sha256,
@@ -72,7 +74,7 @@ def build_behavior_evaluation_assets(profile: Profile) -> list:
             pinned[arm] = {"path": meta["path"], "metrics_sha256": metrics[arm]["metrics_sha256"]}
         return metrics, pinned
 
-    @dg.asset(group_name=GROUP, deps=[dg.AssetDep(behavior_arms, partition_mapping=dg.AllPartitionMapping()),
+    @dg.asset(**gpu, group_name=GROUP, deps=[dg.AssetDep(behavior_arms, partition_mapping=dg.AllPartitionMapping()),
                                       "baseline_metrics", "behavior_release"], kinds={"json"},
               description="ensemble_behavior_metrics.json: per behaviour its alpha, harmful completion (every "
                           "behaviour on, and alone) against the baseline, benign false refusal; global capability, "

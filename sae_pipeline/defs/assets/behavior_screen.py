@@ -15,6 +15,7 @@ import torch
 from sae_pipeline.behaviors.crosstalk import load_directions
 from sae_pipeline.behaviors.screen import steered_sign_flips
 from sae_pipeline.config import Profile, load_gates
+from sae_pipeline.defs.execution import on_gpu
 from sae_pipeline.defs.lineage import required_metadata
 from sae_pipeline.defs.metadata import numbers, table
 from sae_pipeline.defs.resources import ModelResource
@@ -34,10 +35,11 @@ def screen_path(crosstalk_report: Path, behavior: str, layer: int) -> Path:
 
 
 def build_behavior_screen_assets(profile: Profile, partitions: dg.MultiPartitionsDefinition) -> list:
+    gpu = on_gpu(profile.execution)
     cfg = profile.behaviors
     screen_cfg = cfg.screen_config(profile.features)
 
-    @dg.asset(group_name=GROUP, deps=["behavior_crosstalk", "refusal_judge"], partitions_def=partitions,
+    @dg.asset(**gpu, group_name=GROUP, deps=["behavior_crosstalk", "refusal_judge"], partitions_def=partitions,
               kinds={"pytorch"},
               description=f"A behaviour's causal quick screen at a layer: its first {cfg.screen_candidates} "
                           "cross-talk-kept features nudged along their (possibly deflated) directions, refusal "

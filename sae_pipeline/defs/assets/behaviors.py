@@ -21,6 +21,7 @@ from sae_pipeline.behaviors.router import fit_router, load_router, save_router
 from sae_pipeline.config import Profile, artifacts_root, load_gates
 from sae_pipeline.corpus.build import load_manifest
 from sae_pipeline.defs.assets.behavior_screen import build_behavior_screen_assets
+from sae_pipeline.defs.execution import on_gpu
 from sae_pipeline.defs.lineage import required_metadata
 from sae_pipeline.defs.metadata import numbers, png_markdown, table
 from sae_pipeline.defs.resources import ModelResource
@@ -42,6 +43,7 @@ COUNT_GATES = ("crosstalk_shortfall_max",)  # recorded in the release (apply_beh
 
 
 def build_behavior_assets(profile: Profile) -> list:
+    gpu = on_gpu(profile.execution)
     cfg = profile.behaviors
     layers = profile.harvest.layers
     partitions = dg.MultiPartitionsDefinition({
@@ -52,7 +54,7 @@ def build_behavior_assets(profile: Profile) -> list:
         corpus_sha256 = load_manifest(corpus_dir(profile)).sha256
         return {layer: sae_layer_dir(profile, loaded, corpus_sha256, layer) for layer in layers}
 
-    @dg.asset(group_name=GROUP, deps=["sae", "prompt_sets"], kinds={"pytorch"},
+    @dg.asset(**gpu, group_name=GROUP, deps=["sae", "prompt_sets"], kinds={"pytorch"},
               description="Per behaviour, a probe (its harmful tuning prompts vs the benign ones, pooled MLP outputs) "
                           "at every SAE layer, AUROC on the held-back half; each behaviour keeps its best layers "
                           "among those whose SAE passes its gates.")
@@ -85,7 +87,7 @@ def build_behavior_assets(profile: Profile) -> list:
             "path": dg.MetadataValue.path(str(path)), "eligible_layers": ",".join(map(str, eligible)) or "none",
             "auroc": table(rows)})
 
-    @dg.asset(group_name=GROUP, deps=[behavior_layers, "sae"], partitions_def=partitions, kinds={"pandas"},
+    @dg.asset(**gpu, group_name=GROUP, deps=[behavior_layers, "sae"], partitions_def=partitions, kinds={"pandas"},
               description=f"At a layer the behaviour chose: every latent scored on that behaviour's harmful tuning "
                           f"prompts vs the benign ones, and the top {cfg.top_n} by the harmonic mean of the ranks "
                           "of |delta_mu| and probe contribution. A layer the behaviour did not choose records why.")
@@ -209,7 +211,7 @@ def build_behavior_assets(profile: Profile) -> list:
     def crosstalk_count(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         return crosstalk_results(context, COUNT_GATES)
 
-    @dg.asset(group_name=GROUP, deps=["refusal_gate", "prompt_sets"], kinds={"pytorch"},
+    @dg.asset(**gpu, group_name=GROUP, deps=["refusal_gate", "prompt_sets"], kinds={"pytorch"},
               description="Whose request is it: a one-vs-rest classifier over the behaviours on the refusal gate's "
                           "prompt summary (the harmful tuning prompts), L2 by cross-validated accuracy; the release "
                           "routes each prompt the gate fires on to one behaviour's refusal strength.")

@@ -17,9 +17,10 @@ import torch
 from sae_pipeline.config import Profile, artifacts_root, load_gates
 from sae_pipeline.defs.assets.evaluation import redaction_check_spec, require_audit, steered_run
 from sae_pipeline.defs.assets.operating_point import build_candidate
+from sae_pipeline.defs.execution import on_gpu
 from sae_pipeline.defs.lineage import required_metadata
 from sae_pipeline.defs.metadata import numbers, png_markdown, table
-from sae_pipeline.defs.resources import ModelResource
+from sae_pipeline.defs.resources import ModelResource, TrackingResource
 from sae_pipeline.evaluation.datasets import load_prompt_sets
 from sae_pipeline.evaluation.determinism import deterministic
 from sae_pipeline.evaluation.generation import chat_ids
@@ -57,6 +58,7 @@ def component_provenance(sources: dict[str, str]) -> dict:
 
 
 def build_ensemble_assets(profile: Profile) -> list:
+    gpu = on_gpu(profile.execution)
     cfg, eval_cfg = profile.steering, profile.evaluation
     named = {name: Schedule(name, dict(alphas)) for name, alphas in cfg.ensemble_schedules.items()}
     hooked = profile.harvest.layers
@@ -64,7 +66,7 @@ def build_ensemble_assets(profile: Profile) -> list:
     ablation_keys = {f"without_L{layer}": layer for layer in hooked}
     parts = dg.StaticPartitionsDefinition([*named, *grid_keys, *ablation_keys, REVERSE])
 
-    @dg.asset(group_name=GROUP, deps=["refusal_gate"], kinds={"pytorch"},
+    @dg.asset(**gpu, group_name=GROUP, deps=["refusal_gate"], kinds={"pytorch"},
               description="A refusal direction (refusal minus compliance continuations, the tuning prompts) at every "
                           "hooked layer after the gate's layers: where the ensemble's refusal mode can go in.")
     def ensemble_directions(context: dg.AssetExecutionContext, model: ModelResource) -> dg.MaterializeResult:
@@ -139,14 +141,14 @@ def build_ensemble_assets(profile: Profile) -> list:
             return f"layer {ablation_keys[key]} does not steer in {chosen.name}: nothing to switch off"
         return dropped[0]
 
-    @dg.asset(group_name=GROUP, partitions_def=parts, kinds={"pytorch"},
+    @dg.asset(**gpu, group_name=GROUP, partitions_def=parts, kinds={"pytorch"},
               deps=[ensemble_directions, "refusal_gate", "refusal_judge", "baseline_metrics",
                     dg.AssetDep("sidecars", partition_mapping=dg.AllPartitionMapping())],
               check_specs=[redaction_check_spec(ENSEMBLE_REDACTION, "ensemble_sweep")],
               description="One schedule of the multi-layer ensemble on the held-out sets (metrics.json with "
                           "bootstrap CIs): the named schedules, the +-step grid around the better one, the chosen "
                           "schedule with one layer off, and reverse-safety (STEER_DEBUG=1).")
-    def ensemble_sweep(context: dg.AssetExecutionContext, model: ModelResource):
+    def ensemble_sweep(context: dg.AssetExecutionContext, model: ModelResource, tracking: TrackingResource):
         key = context.partition_key
         reverse = key == REVERSE
         require_audit(reverse)
@@ -159,7 +161,7 @@ def build_ensemble_assets(profile: Profile) -> list:
                                       metadata={"note": "nothing was generated"})
             return
         ensemble = replace(ensemble, schedule=schedule)
-        _, metadata, check = steered_run(context.instance, loaded, eval_cfg, ensemble, 1.0, reverse, readouts,
+        _, metadata, check = steered_run(context.instance, tracking, loaded, eval_cfg, ensemble, 1.0, reverse, readouts,
                                          f"ensemble {schedule.name}{' reversed' if reverse else ''}",
                                          ENSEMBLE_REDACTION)
         yield dg.MaterializeResult(metadata={
@@ -168,7 +170,7 @@ def build_ensemble_assets(profile: Profile) -> list:
             "sources": dg.MetadataValue.json(sources)})
         yield check
 
-    @dg.asset(group_name=GROUP, deps=[dg.AssetDep(ensemble_sweep, partition_mapping=dg.AllPartitionMapping()),
+    @dg.asset(**gpu, group_name=GROUP, deps=[dg.AssetDep(ensemble_sweep, partition_mapping=dg.AllPartitionMapping()),
                                       "baseline_metrics"], kinds={"json"},
               description="ensemble_metrics.json: every evaluated schedule with its gate values, the chosen one, "
                           "the layer-ablation table (each layer's marginal change in harmful completion and "

@@ -6,20 +6,20 @@ from pathlib import Path
 
 import dagster as dg
 
-from sae_pipeline.config import EvalConfig, Profile, artifacts_root, load_gates
+from sae_pipeline.config import EvalConfig, Profile, load_gates
 from sae_pipeline.defs.checks import (
     DATASET_SIZES, DATASETS_LOCK, JUDGE_ACCURACY, SPLITS_DISJOINT, gate_check_result, problems_check_result)
+from sae_pipeline.defs.execution import on_gpu
 from sae_pipeline.defs.lineage import required_metadata
 from sae_pipeline.defs.metadata import numbers, png_markdown, table
-from sae_pipeline.defs.resources import ModelResource
+from sae_pipeline.defs.resources import ModelResource, TrackingResource
 from sae_pipeline.evaluation.datasets import (
     FILES, load_prompt_sets, lock_mismatches, size_shortfalls, split_overlaps)
 from sae_pipeline.evaluation.harness import (
     EvalResult, Steering, load_fingerprints, load_metrics, load_records, select_prompts)
 from sae_pipeline.evaluation.plots import rates_png
-from sae_pipeline.evaluation.redaction import ensure_clean, scan_paths
+from sae_pipeline.evaluation.redaction import Fingerprints, ensure_clean, scan_paths
 from sae_pipeline.evaluation.run import build_judges, evaluation_root, judge_gate_checks, run_frozen
-from sae_pipeline.evaluation.tracking import flatten_scalars, log_scalars
 from sae_pipeline.gates import check_gates
 from sae_pipeline.model.loading import LoadedModel
 
@@ -31,12 +31,12 @@ def _rate_rows(rates: dict[str, dict], label: str) -> list[dict]:
             for name, r in rates.items()]
 
 
-def evaluation_metadata(result: EvalResult, title: str) -> dict:
-    """A harness run as Dagster metadata (rates, per-group tables, bar chart; scalars to W&B), checked against the
-    run's redaction fingerprints before it leaves the step."""
+def evaluation_metadata(result: EvalResult, title: str, tracking: TrackingResource) -> dict:
+    """A harness run as Dagster metadata (rates, per-group tables, bar chart; scalars and an artifact reference to
+    W&B), checked against the run's redaction fingerprints before it leaves the step."""
     m = result.metrics
     run_name = f"{m['model_hash'][:8]}-{m['dataset_hash'][:8]}-a{m['alpha']:.2f}-{m['run_id'][:8]}"
-    wandb_dir = log_scalars(run_name, flatten_scalars(m), artifacts_root() / "wandb")
+    wandb_dir = tracking.log_metrics(run_name, m, {"evaluation": result.directory})
     harmful, benign = m["harmful_refusal_rate"], m["benign_false_refusal_rate"]
     metadata = {
         **numbers({"harmful_refusal_rate": harmful["overall"]["rate"],
@@ -65,16 +65,19 @@ def evaluation_metadata(result: EvalResult, title: str) -> dict:
     return metadata
 
 
-def redaction_scan(instance: dg.DagsterInstance, directory: Path) -> tuple[bool, dict]:
-    """Scan the evaluation artifacts, the W&B directory and the Dagster storage with the fingerprints of the run in
-    `directory`: (passed, check metadata)."""
-    fingerprints = load_fingerprints(directory)
+def redaction_scan(instance: dg.DagsterInstance, directory: Path, tracking: TrackingResource,
+                   fingerprints: Fingerprints | None = None) -> tuple[bool, dict]:
+    """Scan the evaluation artifacts (the run's own directory when it lies elsewhere, as the audit's do), the W&B
+    directory and the Dagster storage with the fingerprints of the run in `directory` (or those the run holds in
+    memory): (passed, check metadata)."""
+    fingerprints = fingerprints or load_fingerprints(directory)
     instance_root = getattr(instance, "root_directory", None)
     if not instance_root or not Path(instance_root).is_dir():
         raise dg.Failure("the Dagster instance has no storage directory to scan: redaction cannot be verified")
-    roots = [evaluation_root(), Path(instance_root)]
-    if os.environ.get("WANDB_MODE", "offline") != "disabled":
-        roots.append(artifacts_root() / "wandb")
+    artifacts = evaluation_root() if directory.resolve().is_relative_to(evaluation_root().resolve()) else directory
+    roots = [artifacts, Path(instance_root)]
+    if tracking.resolved_mode() != "disabled":
+        roots.append(tracking.root())
     missing = [str(root) for root in roots if not root.exists()]
     if missing:
         raise dg.Failure(f"expected output directories are missing, cannot scan them: {missing}")
@@ -97,19 +100,20 @@ def require_audit(reverse: bool) -> None:
         raise dg.Failure("the reverse-safety partition is an audit run: set STEER_DEBUG=1 to materialise it")
 
 
-def steered_run(instance: dg.DagsterInstance, loaded: LoadedModel, cfg: EvalConfig, steering: Steering,
+def steered_run(instance: dg.DagsterInstance, tracking: TrackingResource, loaded: LoadedModel, cfg: EvalConfig, steering: Steering,
                 alpha: float, reverse: bool, readouts: list, title: str, check_name: str
                 ) -> tuple[EvalResult, dict, dg.AssetCheckResult]:
     """One harness run under `steering` on the held-out sets: the result, its metadata (with the leaking-file
     count later steps refuse to build on) and the redaction check's result."""
     result = run_frozen(loaded, cfg, steering, alpha, reverse, readouts)
-    metadata = evaluation_metadata(result, f"{title}, 95% bootstrap CIs")
-    passed, scan = redaction_scan(instance, result.directory)
+    metadata = evaluation_metadata(result, f"{title}, 95% bootstrap CIs", tracking)
+    passed, scan = redaction_scan(instance, result.directory, tracking)
     return result, {**metadata, "redaction_leaking_files": scan["leaking_files"]}, dg.AssetCheckResult(
         check_name=check_name, passed=passed, severity=dg.AssetCheckSeverity.ERROR, metadata=scan)
 
 
 def build_evaluation_assets(profile: Profile) -> list:
+    gpu = on_gpu(profile.execution)
     cfg = profile.evaluation
 
     @dg.asset(group_name=GROUP, kinds={"json"}, check_specs=[DATASETS_LOCK, SPLITS_DISJOINT, DATASET_SIZES],
@@ -151,12 +155,13 @@ def build_evaluation_assets(profile: Profile) -> list:
             check_results=[gate_check_result(JUDGE_ACCURACY, judge_gate_checks(
                 judges.accuracy[cfg.refusal_judge], load_gates().judge_accuracy))])
 
-    @dg.asset(group_name=GROUP, deps=[refusal_judge], kinds={"pytorch"},
+    @dg.asset(**gpu, group_name=GROUP, deps=[refusal_judge], kinds={"pytorch"},
               description="The unsteered model on the held-out sets: metrics.json with bootstrap CIs (alpha 0.00).")
-    def baseline_metrics(context: dg.AssetExecutionContext, model: ModelResource) -> dg.MaterializeResult:
+    def baseline_metrics(context: dg.AssetExecutionContext, model: ModelResource,
+                         tracking: TrackingResource) -> dg.MaterializeResult:
         loaded = model.load(profile, dtype=cfg.model_dtype)
         result = run_frozen(loaded, cfg)
-        metadata = evaluation_metadata(result, "baseline (alpha 0.00), 95% bootstrap CIs")
+        metadata = evaluation_metadata(result, "baseline (alpha 0.00), 95% bootstrap CIs", tracking)
         return dg.MaterializeResult(metadata=metadata)
 
     @dg.asset_check(asset=baseline_metrics, blocking=True,
@@ -176,8 +181,8 @@ def build_evaluation_assets(profile: Profile) -> list:
     @dg.asset_check(asset=baseline_metrics, blocking=True,
                     description="No text generated from a harmful prompt in the evaluation artifacts, the W&B "
                                 "directory or the Dagster storage (scanned with the run's redaction fingerprints)")
-    def redaction(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        passed, metadata = redaction_scan(context.instance, _latest_path(context, baseline_metrics.key))
+    def redaction(context: dg.AssetCheckExecutionContext, tracking: TrackingResource) -> dg.AssetCheckResult:
+        passed, metadata = redaction_scan(context.instance, _latest_path(context, baseline_metrics.key), tracking)
         return dg.AssetCheckResult(passed=passed, severity=dg.AssetCheckSeverity.ERROR, metadata=metadata)
 
     return [prompt_sets, refusal_judge, baseline_metrics, baseline_complete, redaction]

@@ -10,6 +10,7 @@ import dagster as dg
 
 from sae_pipeline.config import Profile, load_gates
 from sae_pipeline.corpus.build import load_manifest
+from sae_pipeline.defs.execution import on_gpu
 from sae_pipeline.defs.lineage import required_metadata
 from sae_pipeline.defs.metadata import png_markdown, table
 from sae_pipeline.defs.resources import ModelResource
@@ -28,10 +29,11 @@ GROUP = "features"
 
 
 def build_feature_assets(profile: Profile) -> list:
+    gpu = on_gpu(profile.execution)
     layers = dg.StaticPartitionsDefinition([str(layer) for layer in profile.harvest.layers])
     cfg = profile.features
 
-    @dg.asset(group_name=GROUP, deps=["sae", "prompt_sets"], partitions_def=layers, kinds={"pytorch"},
+    @dg.asset(**gpu, group_name=GROUP, deps=["sae", "prompt_sets"], partitions_def=layers, kinds={"pytorch"},
               description="Every SAE latent scored as a harm detector on the tuning prompts (delta_mu, AUROC, "
                           "refusal correlation, liveness, position profile, probe AUROC, rank stability).")
     def feature_scores(context: dg.AssetExecutionContext, model: ModelResource) -> dg.MaterializeResult:

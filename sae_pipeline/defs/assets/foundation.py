@@ -6,6 +6,7 @@ from sae_pipeline.activations.harvest import harvest, heldout_windows
 from sae_pipeline.config import Profile, load_gates
 from sae_pipeline.corpus.build import build_corpus, load_manifest
 from sae_pipeline.defs.checks import SAE_QUALITY, gate_check_result
+from sae_pipeline.defs.execution import on_gpu
 from sae_pipeline.defs.metadata import numbers, png_markdown, table
 from sae_pipeline.defs.resources import ModelResource
 from sae_pipeline.layout import activations_root, corpus_dir, sae_layer_dir
@@ -15,12 +16,13 @@ GROUP = "foundation"
 
 
 def build_foundation_assets(profile: Profile) -> list:
+    gpu = on_gpu(profile.execution)
     layers = dg.StaticPartitionsDefinition([str(layer) for layer in profile.harvest.layers])
 
     @dg.asset(group_name=GROUP, kinds={"python"},
               description="Benign text corpus from licence-compatible sources, with a manifest and sha256.")
     def corpus(context: dg.AssetExecutionContext, model: ModelResource) -> dg.MaterializeResult:
-        loaded = model.load(profile)
+        loaded = model.load(profile, tokenizer_and_hashes_only=True)
         manifest = build_corpus(profile.corpus, corpus_dir(profile), loaded.tokenizer, loaded.tokenizer_hash)
         context.log.info(f"corpus: {manifest.n_documents} documents, {manifest.n_tokens:,} tokens")
         return dg.MaterializeResult(metadata={
@@ -30,7 +32,7 @@ def build_foundation_assets(profile: Profile) -> list:
                               for row in manifest.sources]),
         })
 
-    @dg.asset(group_name=GROUP, deps=[corpus], partitions_def=layers, kinds={"pytorch"},
+    @dg.asset(**gpu, group_name=GROUP, deps=[corpus], partitions_def=layers, kinds={"pytorch"},
               backfill_policy=dg.BackfillPolicy.single_run(),
               description="MLP-output activations per hooked layer: one forward pass feeds every layer in the run.")
     def activations(context: dg.AssetExecutionContext, model: ModelResource) -> dg.MaterializeResult:
@@ -45,7 +47,7 @@ def build_foundation_assets(profile: Profile) -> list:
             "forward_tokens_per_second": result.tokens_per_second, "shards_written": result.shards_written,
         })
 
-    @dg.asset(group_name=GROUP, deps=[activations], partitions_def=layers, kinds={"pytorch"},
+    @dg.asset(**gpu, group_name=GROUP, deps=[activations], partitions_def=layers, kinds={"pytorch"},
               check_specs=[SAE_QUALITY],
               description="Top-k SAE per layer, whitening folded in; metrics on held-out activations.")
     def sae(context: dg.AssetExecutionContext, model: ModelResource) -> dg.MaterializeResult:

@@ -17,9 +17,10 @@ from sae_pipeline.behaviors.release import CONFIG_FILE, read_release
 from sae_pipeline.config import Profile, artifacts_root, load_gates
 from sae_pipeline.corpus.build import load_manifest
 from sae_pipeline.defs.assets.evaluation import redaction_check_spec, require_audit, steered_run
+from sae_pipeline.defs.execution import on_gpu
 from sae_pipeline.defs.lineage import required_metadata
 from sae_pipeline.defs.metadata import numbers, png_markdown, table
-from sae_pipeline.defs.resources import ModelResource
+from sae_pipeline.defs.resources import ModelResource, TrackingResource
 from sae_pipeline.evaluation.datasets import load_prompt_sets
 from sae_pipeline.evaluation.determinism import deterministic
 from sae_pipeline.evaluation.generation import chat_ids
@@ -81,6 +82,7 @@ def _run_row(name: str, run: dict) -> dict:
 
 
 def build_fused_assets(profile: Profile) -> list:
+    gpu = on_gpu(profile.execution)
     cfg, eval_cfg = profile.fused, profile.evaluation
     layers = dg.StaticPartitionsDefinition([str(layer) for layer in profile.harvest.layers])
 
@@ -99,7 +101,7 @@ def build_fused_assets(profile: Profile) -> list:
         return dg.MaterializeResult(metadata={"hooked": False, "reason": reason},
                                     check_results=[_check(check, [], True, reason=reason)])
 
-    @dg.asset(group_name=GROUP, deps=["behavior_release", "activations"], partitions_def=layers, kinds={"pytorch"},
+    @dg.asset(**gpu, group_name=GROUP, deps=["behavior_release", "activations"], partitions_def=layers, kinds={"pytorch"},
               check_specs=[dg.AssetCheckSpec(NET_GATES, asset="fused_net", blocking=True, description=(
                   "The distilled net against the release's grouped sidecar on held-out tokens (data/gates.yaml "
                   "`fused`): median and p95 relative error, p95 norm with every gate at 0, composition"))],
@@ -148,7 +150,7 @@ def build_fused_assets(profile: Profile) -> list:
                       "distillation": png_markdown(distillation_png(result.losses, layer), "distillation loss")},
             check_results=[_check(NET_GATES, rows, all(g.passed for g in results))])
 
-    @dg.asset(group_name=GROUP, deps=[fused_net], partitions_def=layers, kinds={"onnx"},
+    @dg.asset(**gpu, group_name=GROUP, deps=[fused_net], partitions_def=layers, kinds={"onnx"},
               check_specs=[dg.AssetCheckSpec(EXPORT_GATES, asset="fused_export", blocking=True, description=(
                   "ONNX Runtime parity with PyTorch (<= 1e-4) and the float and INT8 nets' error gates against the "
                   "release's grouped sidecar on held-out tokens (data/gates.yaml `fused`)"))],
@@ -248,19 +250,19 @@ def build_fused_assets(profile: Profile) -> list:
     def release_dir_of(instance: dg.DagsterInstance) -> Path:
         return Path(required_metadata(instance, fused_release.key)["path"]).parent
 
-    @dg.asset(group_name=GROUP, deps=[fused_release, "refusal_judge"], partitions_def=arms, kinds={"pytorch"},
+    @dg.asset(**gpu, group_name=GROUP, deps=[fused_release, "refusal_judge"], partitions_def=arms, kinds={"pytorch"},
               check_specs=[redaction_check_spec(FUSED_REDACTION, "fused_arms")],
               description="The fused release on the held-out sets, one backend per arm with every behaviour on "
                           f"(metrics.json with bootstrap CIs); `{REVERSE}`: the INT8 path reversed (needs "
                           f"STEER_DEBUG=1); `{EXACT_RULE}`: the control, the sidecars' own rule in float32 (how far "
                           "arithmetic alone moves the decisions).")
-    def fused_arms(context: dg.AssetExecutionContext, model: ModelResource):
+    def fused_arms(context: dg.AssetExecutionContext, model: ModelResource, tracking: TrackingResource):
         arm = context.partition_key
         reverse = arm == REVERSE
         require_audit(reverse)
         policy = FusedPolicy.load(release_dir_of(context.instance), "int8" if reverse else arm)
         loaded = model.load(profile, dtype=eval_cfg.model_dtype)
-        _, metadata, check = steered_run(context.instance, loaded, eval_cfg, policy, 1.0, reverse,
+        _, metadata, check = steered_run(context.instance, tracking, loaded, eval_cfg, policy, 1.0, reverse,
                                          policy.readouts(), f"fused {arm}", FUSED_REDACTION)
         yield dg.MaterializeResult(metadata={**metadata, "arm": arm, "policy_sha256": policy.sha256,
                                              "fused_config_sha256": policy.config_sha256}, check_results=[check])
@@ -286,7 +288,7 @@ def build_fused_assets(profile: Profile) -> list:
         pinned["baseline"] = {"path": str(baseline_path), "metrics_sha256": baseline["metrics_sha256"]}
         return Evaluated(arms_metrics, sidecars, baseline, pinned, agreed, fused_sha256)
 
-    @dg.asset(group_name=GROUP, deps=[dg.AssetDep(fused_arms, partition_mapping=every),
+    @dg.asset(**gpu, group_name=GROUP, deps=[dg.AssetDep(fused_arms, partition_mapping=every),
                                       dg.AssetDep("behavior_arms", partition_mapping=every), "baseline_metrics"],
               kinds={"json"},
               description="fused_metrics.json: each backend against the sidecar ensemble (the behaviour release's "

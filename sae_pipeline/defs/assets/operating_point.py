@@ -9,9 +9,10 @@ import torch
 
 from sae_pipeline.config import Profile, artifacts_root, load_gates
 from sae_pipeline.defs.assets.evaluation import redaction_check_spec, require_audit, steered_run
+from sae_pipeline.defs.execution import on_gpu
 from sae_pipeline.defs.lineage import latest_metadata, required_metadata
 from sae_pipeline.defs.metadata import numbers, png_markdown, table
-from sae_pipeline.defs.resources import ModelResource
+from sae_pipeline.defs.resources import ModelResource, TrackingResource
 from sae_pipeline.evaluation.datasets import load_prompt_sets
 from sae_pipeline.evaluation.generation import chat_ids
 from sae_pipeline.evaluation.harness import load_metrics
@@ -51,24 +52,25 @@ def build_candidate(instance: dg.DagsterInstance, profile: Profile, loaded: Load
 
 
 def build_operating_point_assets(profile: Profile) -> list:
+    gpu = on_gpu(profile.execution)
     cfg, eval_cfg = profile.steering, profile.evaluation
     sweep_keys = [sweep_key(alpha) for alpha in cfg.alpha_grid]
     sweep_partitions = dg.StaticPartitionsDefinition([*sweep_keys, REVERSE])
 
     every_layer = dg.AllPartitionMapping()  # the candidate reads each layer's sidecars, whatever the alpha
 
-    @dg.asset(group_name=GROUP, deps=["refusal_gate", dg.AssetDep("sidecars", partition_mapping=every_layer),
+    @dg.asset(**gpu, group_name=GROUP, deps=["refusal_gate", dg.AssetDep("sidecars", partition_mapping=every_layer),
                                       "refusal_judge"], partitions_def=sweep_partitions,
               kinds={"pytorch"}, check_specs=[redaction_check_spec(SWEEP_REDACTION, "alpha_sweep")],
               description="The candidate operating point on the held-out sets at one strength of the grid (metrics."
                           "json with bootstrap CIs); `reverse` runs it flipped (needs STEER_DEBUG=1).")
-    def alpha_sweep(context: dg.AssetExecutionContext, model: ModelResource):
+    def alpha_sweep(context: dg.AssetExecutionContext, model: ModelResource, tracking: TrackingResource):
         reverse = context.partition_key == REVERSE
         require_audit(reverse)
         alpha = REVERSE_ALPHA if reverse else float(context.partition_key)
         loaded = model.load(profile, dtype=eval_cfg.model_dtype)
         candidate, readouts, sources = build_candidate(context.instance, profile, loaded)
-        result, metadata, check = steered_run(context.instance, loaded, eval_cfg, candidate, alpha, reverse, readouts,
+        result, metadata, check = steered_run(context.instance, tracking, loaded, eval_cfg, candidate, alpha, reverse, readouts,
                                               "reverse-safety" if reverse else f"alpha {alpha:.2f}", SWEEP_REDACTION)
         stability = result.metrics.get("feature_stability", {})
         yield dg.MaterializeResult(
@@ -79,7 +81,7 @@ def build_operating_point_assets(profile: Profile) -> list:
                       "sources": dg.MetadataValue.json(sources)},
             check_results=[check])
 
-    @dg.asset(group_name=GROUP, deps=["refusal_gate", dg.AssetDep("sidecars", partition_mapping=every_layer),
+    @dg.asset(**gpu, group_name=GROUP, deps=["refusal_gate", dg.AssetDep("sidecars", partition_mapping=every_layer),
                                       dg.AssetDep(alpha_sweep, partition_mapping=dg.AllPartitionMapping())],
               kinds={"json"},
               description="The chosen strength (smallest alpha of the sweep that passes every per-strength steering "

@@ -13,9 +13,10 @@ import dagster as dg
 
 from sae_pipeline.config import Profile, artifacts_root, gates_path, load_gates
 from sae_pipeline.defs.assets.evaluation import redaction_check_spec, steered_run
+from sae_pipeline.defs.execution import on_gpu
 from sae_pipeline.defs.lineage import required_metadata
 from sae_pipeline.defs.metadata import numbers, table
-from sae_pipeline.defs.resources import ModelResource
+from sae_pipeline.defs.resources import ModelResource, TrackingResource
 from sae_pipeline.release.bundle import (
     SIGNATURE, SIGNING_KEY_ENV, VERIFY_KEY_ENV, BundleError, sign_bundle, verify_bundle, write_bundle)
 from sae_pipeline.release.smoke import (
@@ -27,6 +28,7 @@ RELEASE_INTEGRITY = "release_integrity"
 
 
 def build_release_assets(profile: Profile) -> list:
+    gpu = on_gpu(profile.execution)
     eval_cfg, per_group = profile.evaluation, profile.smoke.per_group
 
     @dg.asset(group_name=GROUP, deps=["behavior_evaluation", "fused_evaluation"], kinds={"json"},
@@ -41,7 +43,7 @@ def build_release_assets(profile: Profile) -> list:
         metrics = {f"metrics/{name}.json": Path(required_metadata(context.instance, dg.AssetKey(key))["path"])
                    for name, key in (("fused_metrics", "fused_evaluation"),
                                      ("ensemble_behavior_metrics", "behavior_evaluation"))}
-        loaded = model.load(profile, dtype=eval_cfg.model_dtype)
+        loaded = model.load(profile, dtype=eval_cfg.model_dtype, tokenizer_and_hashes_only=True)
         directory = artifacts_root() / "release" / "bundle"
         manifest = write_bundle(directory, behaviors, fused, {"gates.yaml": gates_path(), **metrics},
                                 loaded.model_hash, loaded.tokenizer_hash)
@@ -68,39 +70,40 @@ def build_release_assets(profile: Profile) -> list:
             "files": len(manifest["files"]), "signature_checked": bool(os.environ.get(VERIFY_KEY_ENV)),
             "signed": (directory / SIGNATURE).exists()})
 
-    def smoke_run(context: dg.AssetExecutionContext, model: ModelResource, check_name: str):
+    def smoke_run(context: dg.AssetExecutionContext, model: ModelResource, tracking: TrackingResource,
+                  check_name: str):
         """The harness on the shard with the current release, as every steered run (figures, redaction check)."""
         try:
             policy, release_sha256 = current_release()
         except SmokeError as err:
             raise dg.Failure(str(err)) from err
         loaded = model.load(profile, dtype=eval_cfg.model_dtype)
-        result, metadata, check = steered_run(context.instance, loaded, smoke_config(eval_cfg, per_group), policy,
+        result, metadata, check = steered_run(context.instance, tracking, loaded, smoke_config(eval_cfg, per_group), policy,
                                               1.0, False, policy.readouts(), f"smoke, {policy.name}", check_name)
         return result, metadata, policy.name, release_sha256, check
 
-    @dg.asset(group_name=GROUP, deps=["behavior_release", "refusal_judge"], kinds={"pytorch"},
+    @dg.asset(**gpu, group_name=GROUP, deps=["behavior_release", "refusal_judge"], kinds={"pytorch"},
               check_specs=[redaction_check_spec(REFERENCE_REDACTION, "smoke_reference")],
               description=f"The current release (the fused release at its default backend, else the behaviour "
                           f"release) on the first {per_group} held-out prompts of every category, domain and task "
                           "kind: the reference the nightly smoke is held against. Materialise it once per release.")
-    def smoke_reference(context: dg.AssetExecutionContext, model: ModelResource):
-        result, metadata, release, release_sha256, check = smoke_run(context, model, REFERENCE_REDACTION)
+    def smoke_reference(context: dg.AssetExecutionContext, model: ModelResource, tracking: TrackingResource):
+        result, metadata, release, release_sha256, check = smoke_run(context, model, tracking, REFERENCE_REDACTION)
         path = record_reference(result, release, release_sha256, per_group)
         yield dg.MaterializeResult(metadata={
             **metadata, "path": dg.MetadataValue.path(str(path)), "release": release,
             "release_sha256": release_sha256,
             "metrics_sha256": result.metrics["metrics_sha256"], "per_group": per_group}, check_results=[check])
 
-    @dg.asset(group_name=GROUP, deps=[smoke_reference], kinds={"pytorch"},
+    @dg.asset(**gpu, group_name=GROUP, deps=[smoke_reference], kinds={"pytorch"},
               check_specs=[redaction_check_spec(SMOKE_REDACTION, "smoke_metrics"),
                            dg.AssetCheckSpec(SMOKE_GATES, asset="smoke_metrics", blocking=True, description=(
                                "The smoke run against its reference (data/gates.yaml `smoke`): per category harmful "
                                "completion within a point, capability gates, byte-identical metrics"))],
               description="The nightly smoke: the current release on the reference's shard again, compared with the "
                           "reference (smoke.json beside it).")
-    def smoke_metrics(context: dg.AssetExecutionContext, model: ModelResource):
-        result, metadata, release, release_sha256, redaction = smoke_run(context, model, SMOKE_REDACTION)
+    def smoke_metrics(context: dg.AssetExecutionContext, model: ModelResource, tracking: TrackingResource):
+        result, metadata, release, release_sha256, redaction = smoke_run(context, model, tracking, SMOKE_REDACTION)
         pinned = required_metadata(context.instance, smoke_reference.key)
         if pinned["release_sha256"] != release_sha256:
             raise dg.Failure(f"the release changed since smoke_reference ({pinned['release_sha256'][:16]} -> "

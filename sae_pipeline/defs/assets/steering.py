@@ -10,6 +10,7 @@ import dagster as dg
 import torch
 
 from sae_pipeline.config import Profile, artifacts_root
+from sae_pipeline.defs.execution import on_gpu
 from sae_pipeline.defs.lineage import required_metadata
 from sae_pipeline.defs.metadata import numbers, table
 from sae_pipeline.defs.resources import ModelResource
@@ -28,9 +29,10 @@ GROUP = "steering"
 
 
 def build_steering_assets(profile: Profile) -> list:
+    gpu = on_gpu(profile.execution)
     cfg = profile.steering
 
-    @dg.asset(group_name=GROUP, deps=["prompt_sets"], kinds={"pytorch"},
+    @dg.asset(**gpu, group_name=GROUP, deps=["prompt_sets"], kinds={"pytorch"},
               description="Probe gate for the conditional refusal mode: one per candidate layer set (L2 and "
                           "threshold by cross-validation on the tuning prompts, benign budget from the config), the "
                           "set that catches the most harmful prompts kept (residual-stream summaries: mean and last "
@@ -70,7 +72,7 @@ def build_steering_assets(profile: Profile) -> list:
     layers = dg.StaticPartitionsDefinition([str(layer) for layer in profile.harvest.layers])
     features_cfg = profile.features
 
-    @dg.asset(group_name=GROUP, deps=["feature_ranking", "refusal_judge"], partitions_def=layers,
+    @dg.asset(**gpu, group_name=GROUP, deps=["feature_ranking", "refusal_judge"], partitions_def=layers,
               kinds={"pytorch"},
               description=f"Each top-ranked latent nudged by +-{features_cfg.screen_sigmas:g} sigma at its hook: "
                           "refusal log-prob, then decoded refusal on harmful mini-batches (several seeds) and false "
