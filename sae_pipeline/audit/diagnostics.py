@@ -111,13 +111,15 @@ def fired_features(model: nn.Module, prompts: Sequence[list[int]], readouts: Seq
 def run_diagnostics(loaded: LoadedModel, root: Path, eval_cfg: EvalConfig, cfg: AuditConfig,
                     steered_records: list[dict]) -> dict:
     """On the failing items (harmful ones the steered model answered, benign ones it refused, then other benign
-    ones; at most cfg.diagnostic_items of each): attack success and false refusal as released and under every
-    variant, and the features that fired on the failing harmful prompts. Written to diagnostics.json."""
+    ones; at most cfg.diagnostic_items of each; long-context items left out, each variant reruns every item):
+    attack success and false refusal as released and under every variant, and the features that fired on the
+    failing harmful prompts. Written to diagnostics.json."""
     items, _ = load_suite()
     by_id = {item.id: item for item in items}
     policy, _ = current_release()
-    failing = sorted(r["id"] for r in steered_records if r["attack_succeeded"])[: cfg.diagnostic_items]
-    benign = sorted((r for r in steered_records if r["kind"] == "benign"), key=lambda r: (not r["refused"], r["id"]))
+    short = [r for r in steered_records if not by_id[r["id"]].preamble_tokens]
+    failing = sorted(r["id"] for r in short if r["attack_succeeded"])[: cfg.diagnostic_items]
+    benign = sorted((r for r in short if r["kind"] == "benign"), key=lambda r: (not r["refused"], r["id"]))
     subset = [by_id[i] for i in failing + [r["id"] for r in benign[: cfg.diagnostic_items]]]
     chosen = {item.id for item in subset}
     sets = load_prompt_sets()

@@ -91,13 +91,13 @@ def run_items(loaded: LoadedModel, items: Sequence[AuditItem], judges: Judges, e
     guard = RedactionGuard(stored_texts(items, sets))
     rows: dict[str, dict] = {}
     by_group: dict[tuple[str, str, float], list[AuditItem]] = {}
-    for item in items:
-        by_group.setdefault((item.kind, item.lang, scale_of(item.lang)), []).append(item)
+    for item in items:  # scale 0: unsteered
+        by_group.setdefault((item.kind, item.lang, scale_of(item.lang) if steering else 0.0), []).append(item)
     with deterministic(eval_cfg.seed):
         for (kind, lang, scale), group in sorted(by_group.items()):
             ids = [item_ids(tokenizer, item, texts, room) for item in group]
             new_tokens = eval_cfg.harmful_max_new_tokens if kind == "harmful" else eval_cfg.judge_tokens
-            context = steering.applied(model, scale, False) if steering and scale else nullcontext()
+            context = steering.applied(model, scale, False) if scale else nullcontext()
             with context:
                 generations = generate_greedy(model, tokenizer, ids, new_tokens, eval_cfg.batch_size,
                                               f"audit {kind} {lang}")

@@ -17,8 +17,8 @@ from sae_pipeline.defs.assets.operating_point import build_operating_point_asset
 from sae_pipeline.defs.assets.release import build_release_assets
 from sae_pipeline.defs.assets.steering import build_steering_assets
 from sae_pipeline.defs.execution import build_executor
-from sae_pipeline.defs.jobs import (audit_job, behavior_arms_job, behaviors_job, ensemble_job, fused_arms_job, fused_job,
-                                   main_job, screens_job, sweep_job)
+from sae_pipeline.defs.jobs import (audit_job, behavior_arms_job, behaviors_job, ensemble_job, fused_arms_job,
+                                   fused_job, main_job, screens_job, sweep_job)
 from sae_pipeline.defs.resources import ModelResource, TrackingResource
 
 

@@ -41,7 +41,8 @@ def build_behavior_evaluation_assets(profile: Profile) -> list:
     behaviors, eval_cfg = profile.behaviors.behaviors, profile.evaluation
     arms = dg.StaticPartitionsDefinition(arm_names(behaviors))
 
-    @dg.asset(**gpu, group_name=GROUP, deps=["behavior_release", "refusal_judge"], partitions_def=arms, kinds={"pytorch"},
+    @dg.asset(**gpu, group_name=GROUP, deps=["behavior_release", "refusal_judge"], partitions_def=arms,
+              kinds={"pytorch"},
               check_specs=[redaction_check_spec(ARM_REDACTION, "behavior_arms")],
               description="The behaviour release on the held-out sets with one arm's behaviours on (metrics.json "
                           f"with bootstrap CIs): `{ALL}`, `{ONLY}<behaviour>` alone, `{REVERSE}` (every behaviour "

@@ -100,8 +100,8 @@ def require_audit(reverse: bool) -> None:
         raise dg.Failure("the reverse-safety partition is an audit run: set STEER_DEBUG=1 to materialise it")
 
 
-def steered_run(instance: dg.DagsterInstance, tracking: TrackingResource, loaded: LoadedModel, cfg: EvalConfig, steering: Steering,
-                alpha: float, reverse: bool, readouts: list, title: str, check_name: str
+def steered_run(instance: dg.DagsterInstance, tracking: TrackingResource, loaded: LoadedModel, cfg: EvalConfig,
+                steering: Steering, alpha: float, reverse: bool, readouts: list, title: str, check_name: str
                 ) -> tuple[EvalResult, dict, dg.AssetCheckResult]:
     """One harness run under `steering` on the held-out sets: the result, its metadata (with the leaking-file
     count later steps refuse to build on) and the redaction check's result."""

@@ -101,7 +101,8 @@ def build_fused_assets(profile: Profile) -> list:
         return dg.MaterializeResult(metadata={"hooked": False, "reason": reason},
                                     check_results=[_check(check, [], True, reason=reason)])
 
-    @dg.asset(**gpu, group_name=GROUP, deps=["behavior_release", "activations"], partitions_def=layers, kinds={"pytorch"},
+    @dg.asset(**gpu, group_name=GROUP, deps=["behavior_release", "activations"], partitions_def=layers,
+              kinds={"pytorch"},
               check_specs=[dg.AssetCheckSpec(NET_GATES, asset="fused_net", blocking=True, description=(
                   "The distilled net against the release's grouped sidecar on held-out tokens (data/gates.yaml "
                   "`fused`): median and p95 relative error, p95 norm with every gate at 0, composition"))],

@@ -70,8 +70,9 @@ def build_operating_point_assets(profile: Profile) -> list:
         alpha = REVERSE_ALPHA if reverse else float(context.partition_key)
         loaded = model.load(profile, dtype=eval_cfg.model_dtype)
         candidate, readouts, sources = build_candidate(context.instance, profile, loaded)
-        result, metadata, check = steered_run(context.instance, tracking, loaded, eval_cfg, candidate, alpha, reverse, readouts,
-                                              "reverse-safety" if reverse else f"alpha {alpha:.2f}", SWEEP_REDACTION)
+        result, metadata, check = steered_run(context.instance, tracking, loaded, eval_cfg, candidate, alpha, reverse,
+                                              readouts, "reverse-safety" if reverse else f"alpha {alpha:.2f}",
+                                              SWEEP_REDACTION)
         stability = result.metrics.get("feature_stability", {})
         yield dg.MaterializeResult(
             metadata={**metadata, "candidate_sha256": candidate.sha256, "alpha": alpha, "reverse": reverse,

@@ -78,8 +78,9 @@ def build_release_assets(profile: Profile) -> list:
         except SmokeError as err:
             raise dg.Failure(str(err)) from err
         loaded = model.load(profile, dtype=eval_cfg.model_dtype)
-        result, metadata, check = steered_run(context.instance, tracking, loaded, smoke_config(eval_cfg, per_group), policy,
-                                              1.0, False, policy.readouts(), f"smoke, {policy.name}", check_name)
+        result, metadata, check = steered_run(context.instance, tracking, loaded, smoke_config(eval_cfg, per_group),
+                                              policy, 1.0, False, policy.readouts(), f"smoke, {policy.name}",
+                                              check_name)
         return result, metadata, policy.name, release_sha256, check
 
     @dg.asset(**gpu, group_name=GROUP, deps=["behavior_release", "refusal_judge"], kinds={"pytorch"},
