@@ -144,8 +144,8 @@ def test_tiny_audit_from_the_suite_to_locale_alphas(artifacts_with_encoder, tmp_
         assert _materialize(defs, ["audit_diagnostics", "locale_alphas"], instance).success
         root = tmp_path.joinpath(path).parent
         diagnostics = json.loads((root / "diagnostics.json").read_text())
-        assert [row["variant"] for row in diagnostics["variants"]][:2] == ["as released", "layer 2 off"]
-        assert len(diagnostics["variants"]) == 6
+        assert [row["variant"] for row in diagnostics["variants"]][:3] == ["as audited", "as released", "layer 2 off"]
+        assert len(diagnostics["variants"]) == 7
         locale = LocaleAlphas.load(root / "locale_alphas.json")
         written = json.loads((root / "locale_alphas.json").read_text())
         assert set(written["locales"]) == set(LANGUAGES)

@@ -112,8 +112,8 @@ def run_diagnostics(loaded: LoadedModel, root: Path, eval_cfg: EvalConfig, cfg: 
                     steered_records: list[dict]) -> dict:
     """On the failing items (harmful ones the steered model answered, benign ones it refused, then other benign
     ones; at most cfg.diagnostic_items of each; long-context items left out, each variant reruns every item):
-    attack success and false refusal as released and under every variant, and the features that fired on the
-    failing harmful prompts. Written to diagnostics.json."""
+    attack success and false refusal as the audit recorded them, rerun as released, and under every variant; and
+    the features that fired on the failing harmful prompts. Written to diagnostics.json."""
     items, _ = load_suite()
     by_id = {item.id: item for item in items}
     policy, _ = current_release()
@@ -124,8 +124,10 @@ def run_diagnostics(loaded: LoadedModel, root: Path, eval_cfg: EvalConfig, cfg: 
     chosen = {item.id for item in subset}
     sets = load_prompt_sets()
     judges = select_primary(build_judges(sets)[0], eval_cfg.refusal_judge)
-    rows = [{"variant": "as released", **trial([r for r in steered_records if r["id"] in chosen])}]
-    for variant in variants(policy, cfg.alpha_step):
+    # the subset as released is rerun too: batches of other items than the partition's change greedy decoding's
+    # numerics, so the variants compare with this run, not with the partition's records
+    rows = [{"variant": "as audited", **trial([r for r in steered_records if r["id"] in chosen])}]
+    for variant in [PolicyVariant(policy, "as released"), *variants(policy, cfg.alpha_step)]:
         slug = variant.label.replace(" ", "_").replace("+", "plus").replace("-", "minus")
         run = run_items(loaded, subset, judges, eval_cfg, root / "diagnostics" / slug, sets, variant)
         rows.append({"variant": variant.label, **trial(run.records)})
