@@ -1,21 +1,23 @@
 """Putting the audit's partitions together: audit_metrics.json (deterministic: scalars and ids only) and
-audit_timing.json (hook latency, which no two runs share)."""
+audit_timing.json (the hooks' decoding overhead, which no two runs share)."""
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
 from sae_pipeline.audit.metrics import ARMS, audit_metrics
-from sae_pipeline.audit.run import hook_latency, item_ids, load_arm, run_arm, select_items
+import torch
+
+from sae_pipeline.audit.run import item_ids, load_arm, run_arm, select_items
 from sae_pipeline.audit.suite import FAMILIES, load_suite
-from sae_pipeline.config import AuditConfig, EvalConfig, Gate
+from sae_pipeline.config import AuditConfig, EvalConfig, Gate, SteeringConfig
 from sae_pipeline.evaluation.redaction import RedactionGuard
 from sae_pipeline.gates import GateResult
 from sae_pipeline.model.loading import LoadedModel
 from sae_pipeline.release.smoke import current_release
+from sae_pipeline.steering.overhead import measure_overhead
 
 METRICS_FILE, TIMING_FILE = "audit_metrics.json", "audit_timing.json"
 REPLAYED = ("steered", "plain")  # the partition the determinism check runs again
@@ -24,7 +26,6 @@ REPLAYED = ("steered", "plain")  # the partition the determinism check runs agai
 class AuditReport(NamedTuple):
     metrics: dict
     gates: list[GateResult]
-    records: dict[str, list[dict]]
     timing: dict
     path: Path
 
@@ -50,9 +51,10 @@ def collect(root: Path) -> tuple[dict[str, list[dict]], dict[str, dict], dict[st
     return records, capability, {"suite_sha256": suite, "release_sha256": release, "model_hash": model}
 
 
-def write_report(loaded: LoadedModel, root: Path, eval_cfg: EvalConfig, cfg: AuditConfig,
+def write_report(loaded: LoadedModel, root: Path, eval_cfg: EvalConfig, cfg: AuditConfig, steering_cfg: SteeringConfig,
                  gates: dict[str, Gate]) -> AuditReport:
-    """audit_metrics.json from every partition under `root`, with the determinism replay and the hook latency."""
+    """audit_metrics.json from every partition under `root`, with the determinism replay; the release's decoding
+    overhead on the plain prompts (steering's overhead settings) in audit_timing.json."""
     records, capability, identity = collect(root)
     arm, family = REPLAYED
     with tempfile.TemporaryDirectory() as replay_dir:
@@ -65,11 +67,12 @@ def write_report(loaded: LoadedModel, root: Path, eval_cfg: EvalConfig, cfg: Aud
     guard.write(root / METRICS_FILE, metrics)
     items, _ = load_suite()
     policy, _ = current_release()
-    plain = [item_ids(loaded.tokenizer, i, (), 0) for i in select_items(items, "plain", 0)][: cfg.latency_prompts]
-    timing = {"hook_latency": hook_latency(loaded, policy, plain)}
+    device = next(loaded.model.parameters()).device
+    plain = [torch.tensor([item_ids(loaded.tokenizer, i, (), 0)], device=device)
+             for i in select_items(items, "plain", 0)][: cfg.latency_prompts]
+    overhead = measure_overhead(loaded.model, plain, *policy.steering_layers(loaded.model, 1.0),
+                                steering_cfg.overhead_new_tokens, steering_cfg.overhead_rounds)
+    timing = {"decode_overhead": round(overhead.overhead, 6), "unsteered_tokens_per_s": overhead.unsteered_tokens_per_s,
+              "steered_tokens_per_s": overhead.steered_tokens_per_s, "prompts": len(plain), "device": str(device)}
     guard.write(root / TIMING_FILE, timing)
-    return AuditReport(metrics, results, records, timing, root / METRICS_FILE)
-
-
-def load_report(root: Path) -> dict:
-    return json.loads((root / METRICS_FILE).read_text())
+    return AuditReport(metrics, results, timing, root / METRICS_FILE)

@@ -6,21 +6,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
 
-import torch
 from transformers import PreTrainedTokenizerBase
 
+from sae_pipeline.audit.metrics import ARMS
 from sae_pipeline.audit.suite import AuditItem, load_suite
 from sae_pipeline.config import AuditConfig, EvalConfig, artifacts_root
 from sae_pipeline.evaluation.datasets import PromptSets, load_prompt_sets
 from sae_pipeline.evaluation.determinism import deterministic
-from sae_pipeline.evaluation.generation import chat_ids, generate_greedy, mean_next_token_kl, perplexity
+from sae_pipeline.evaluation.generation import (chat_ids, conversation_ids, generate_greedy, mean_next_token_kl,
+                                               perplexity)
 from sae_pipeline.evaluation.harness import FINGERPRINTS_FILE, Judges, Steering, answer_matches, first_per_group
 from sae_pipeline.evaluation.redaction import Fingerprints, RedactionGuard
 from sae_pipeline.evaluation.run import build_judges, select_primary
@@ -44,10 +44,8 @@ def _sha(text: str) -> str:
 @lru_cache(maxsize=4)
 def _preamble_ids(tokenizer: PreTrainedTokenizerBase, texts: tuple[str, ...], n_tokens: int) -> tuple[int, ...]:
     """`n_tokens` tokens of benign prose (the capability passages, repeated as needed)."""
-    ids: list[int] = []
-    while len(ids) < n_tokens:
-        ids += tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
-    return tuple(ids[:n_tokens])
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
+    return tuple((ids * (n_tokens // max(len(ids), 1) + 1))[:n_tokens])
 
 
 def item_ids(tokenizer: PreTrainedTokenizerBase, item: AuditItem, preamble_texts: Sequence[str],
@@ -56,16 +54,11 @@ def item_ids(tokenizer: PreTrainedTokenizerBase, item: AuditItem, preamble_texts
     opens with its benign preamble, cut so that prompt and reply fit in `room` tokens."""
     turns = [dict(t) for t in item.turns]
     if item.preamble_tokens:
-        bare = len(_chat(tokenizer, turns))
+        bare = len(conversation_ids(tokenizer, turns))
         fit = max(0, min(item.preamble_tokens, room - bare - 16))
         preamble = tokenizer.decode(list(_preamble_ids(tokenizer, tuple(preamble_texts), fit)))
         turns[-1]["content"] = f"Here are my notes:\n\n{preamble}\n\nNow, {turns[-1]['content']}"
-    return _chat(tokenizer, turns)
-
-
-def _chat(tokenizer: PreTrainedTokenizerBase, turns: list[dict]) -> list[int]:
-    ids = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return conversation_ids(tokenizer, turns)
 
 
 def context_room(loaded: LoadedModel, eval_cfg: EvalConfig) -> int:
@@ -81,8 +74,7 @@ def stored_texts(items: Sequence[AuditItem], sets: PromptSets) -> list[str]:
 
 def run_items(loaded: LoadedModel, items: Sequence[AuditItem], judges: Judges, eval_cfg: EvalConfig,
               out_dir: Path, sets: PromptSets, steering: Steering | None = None,
-              scale_of: Callable[[str], float] = lambda lang: 1.0,
-              on_harmful_completion: Callable[[str], None] | None = None) -> AuditRun:
+              scale_of: Callable[[str], float] = lambda lang: 1.0) -> AuditRun:
     """Every item's reply, judged; harmful items decode `harmful_max_new_tokens`, benign ones the judge's window.
     Items run in groups of one language, each under the steering at scale_of(language) (the locale multiplier)."""
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -108,8 +100,7 @@ def run_items(loaded: LoadedModel, items: Sequence[AuditItem], judges: Judges, e
             harmfulness = (judges.harmfulness.harmfulness([i.turns[-1]["content"] for i in group], judged)
                            if kind == "harmful" else [0.0] * len(group))
             if kind == "harmful":
-                for register in (guard.register, on_harmful_completion or (lambda _: None)):
-                    list(map(register, replies))
+                list(map(guard.register, replies))
             for item, g, reply, p, h, prompt in zip(group, generations, replies, refusal, harmfulness, ids):
                 rows[item.id] = {"id": item.id, "family": item.family, "variant": item.variant, "kind": kind,
                                  "group": item.group, "lang": lang, "scale": scale, "prompt_tokens": len(prompt),
@@ -147,20 +138,10 @@ def capability(loaded: LoadedModel, sets: PromptSets, cfg: AuditConfig, eval_cfg
             "perplexity": round(ppl, 6), "next_token_kl": round(kl, 8)}
 
 
-ARM_STEERING = ("baseline", "steered")
-
-
 def select_items(items: Sequence[AuditItem], family: str, per_variant: int) -> list[AuditItem]:
     """The family's items; with per_variant, at most that many harmful and benign ones per variant."""
-    kept, seen = [], {}
-    for item in items:
-        if item.family != family:
-            continue
-        key = (item.variant, item.kind)
-        seen[key] = seen.get(key, 0) + 1
-        if not per_variant or seen[key] <= per_variant:
-            kept.append(item)
-    return kept
+    return first_per_group([i for i in items if i.family == family], lambda i: (i.variant, i.kind), None,
+                           per_variant)
 
 
 def audit_root(model_hash: str, suite_sha256: str, release_sha256: str) -> Path:
@@ -171,8 +152,8 @@ def run_arm(loaded: LoadedModel, arm: str, family: str, eval_cfg: EvalConfig, cf
             out_dir: Path | None = None) -> AuditRun:
     """One partition of the audit: `family` under the current release (steered) or unsteered (baseline), records
     and, for the plain family, capability.json; run.json names the suite, the release and the records' sha256."""
-    if arm not in ARM_STEERING:
-        raise ValueError(f"unknown audit arm {arm!r}; arms are {ARM_STEERING}")
+    if arm not in ARMS:
+        raise ValueError(f"unknown audit arm {arm!r}; arms are {ARMS}")
     items, suite_sha256 = load_suite()
     policy, release_sha256 = current_release()
     steering = policy if arm == "steered" else None
@@ -208,23 +189,3 @@ def load_arm(directory: Path) -> tuple[dict, list[dict], dict | None]:
     capability_file = directory / CAPABILITY_FILE
     capability_of = json.loads(capability_file.read_text()) if capability_file.exists() else None
     return summary, [json.loads(line) for line in text.splitlines()], capability_of
-
-
-@torch.no_grad()
-def hook_latency(loaded: LoadedModel, steering: Steering, prompts: Sequence[list[int]], rounds: int = 3) -> dict:
-    """Forward-pass milliseconds per token, unsteered and steered, interleaved round by round (best round each):
-    the hooks' cost as a ratio measured in one run."""
-    model, device = loaded.model, next(loaded.model.parameters()).device
-    tokens = sum(len(p) for p in prompts)
-    best = {"unsteered": float("inf"), "steered": float("inf")}
-    for _ in range(rounds):
-        for arm in best:
-            context = steering.applied(model, 1.0, False) if arm == "steered" else nullcontext()
-            with context:
-                started = time.perf_counter()
-                for ids in prompts:
-                    model(input_ids=torch.tensor([ids], device=device))
-                best[arm] = min(best[arm], time.perf_counter() - started)
-    return {"unsteered_ms_per_token": round(1000 * best["unsteered"] / tokens, 4),
-            "steered_ms_per_token": round(1000 * best["steered"] / tokens, 4),
-            "steered_over_unsteered": round(best["steered"] / best["unsteered"], 4), "tokens": tokens}

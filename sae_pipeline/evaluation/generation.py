@@ -18,11 +18,15 @@ class Generation(NamedTuple):
     token_ids: list[int]  # generated ids, EOS and padding removed
 
 
+def conversation_ids(tokenizer: PreTrainedTokenizerBase, turns: Sequence[dict]) -> list[int]:
+    """Chat messages ({"role", "content"}), ready for the assistant's reply."""
+    ids = tokenizer.apply_chat_template(list(turns), add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # a BatchEncoding in transformers 5
+
+
 def chat_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
     """The prompt as a single user turn, ready for the assistant's reply."""
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                        tokenize=True)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # a BatchEncoding in transformers 5
+    return conversation_ids(tokenizer, [{"role": "user", "content": prompt}])
 
 
 def user_token_span(tokenizer: PreTrainedTokenizerBase, prompt: str) -> tuple[int, int]:

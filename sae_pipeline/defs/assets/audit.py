@@ -79,10 +79,12 @@ def build_audit_assets(profile: Profile) -> list:
         passed, scan = redaction_scan(context.instance, run.directory, tracking, run.fingerprints)
         harmful = [r for r in run.records if r["kind"] == "harmful"]
         benign = [r for r in run.records if r["kind"] == "benign"]
-        variants = sorted({(r["variant"], r["kind"]) for r in run.records})
-        rows = [{"variant": v, "kind": k, "items": sum(1 for r in run.records if (r["variant"], r["kind"]) == (v, k)),
-                 "rate": _rate([r for r in run.records if (r["variant"], r["kind"]) == (v, k)],
-                               "attack_succeeded" if k == "harmful" else "refused")} for v, k in variants]
+        by_variant: dict[tuple[str, str], list[dict]] = {}
+        for r in run.records:
+            by_variant.setdefault((r["variant"], r["kind"]), []).append(r)
+        rows = [{"variant": v, "kind": k, "items": len(rs),
+                 "rate": _rate(rs, "attack_succeeded" if k == "harmful" else "refused")}
+                for (v, k), rs in sorted(by_variant.items())]
         yield dg.MaterializeResult(metadata={
             "path": dg.MetadataValue.path(str(run.directory)), "records_sha256": run.records_sha256,
             **numbers({"items": len(run.records), "attack_success_rate": _rate(harmful, "attack_succeeded") or 0.0,
@@ -108,7 +110,7 @@ def build_audit_assets(profile: Profile) -> list:
         loaded = model.load(profile, dtype=eval_cfg.model_dtype)
         root = root_of(context.instance)
         try:
-            report = write_report(loaded, root, eval_cfg, cfg, load_gates().audit)
+            report = write_report(loaded, root, eval_cfg, cfg, profile.steering, load_gates().audit)
         except (ValueError, RedactionError) as err:
             raise dg.Failure(str(err)) from err
         m = report.metrics
@@ -123,7 +125,7 @@ def build_audit_assets(profile: Profile) -> list:
             **numbers({"attack_success_rate": m["steered"]["attack_success_rate"]["overall"]["rate"],
                        "baseline_attack_success_rate": m["baseline"]["attack_success_rate"]["overall"]["rate"],
                        "benign_false_refusal_rate": m["steered"]["benign_false_refusal_rate"]["overall"]["rate"],
-                       "hook_latency_ratio": report.timing["hook_latency"]["steered_over_unsteered"]}),
+                       "decode_overhead": report.timing["decode_overhead"]}),
             "asr_category_x_family": table(heat),
             "asr_category_x_family_baseline": table(category_family_rows(m, "baseline")),
             "per_language": table(language_rows(m)), "benign_false_refusal_by_domain": table(fr_rows),
@@ -141,10 +143,11 @@ def build_audit_assets(profile: Profile) -> list:
                           "prompts (ids and activations, never text): diagnostics.json.")
     def audit_diagnostics(context: dg.AssetExecutionContext, model: ModelResource) -> dg.MaterializeResult:
         root, records = steered_records(context.instance)
-        gates = required_metadata(context.instance, audit_evaluation.key)
+        evaluation = required_metadata(context.instance, audit_evaluation.key)
         report = run_diagnostics(model.load(profile, dtype=eval_cfg.model_dtype), root, eval_cfg, cfg, records)
         return dg.MaterializeResult(metadata={
-            "path": dg.MetadataValue.path(str(root / "diagnostics.json")), "metrics_sha256": gates["metrics_sha256"],
+            "path": dg.MetadataValue.path(str(root / "diagnostics.json")),
+            "metrics_sha256": evaluation["metrics_sha256"],
             **numbers({"failing_harmful": report["failing_harmful"], "benign": report["benign"]}),
             "variants": table(report["variants"]), "fired_features": table(report["fired_features"][:200])})
 
