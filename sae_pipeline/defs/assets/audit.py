@@ -104,7 +104,8 @@ def build_audit_assets(profile: Profile) -> list:
               check_specs=[gates_spec],
               description="audit_metrics.json: attack success per category x family, per variant and per language "
                           "with 95% CIs, benign false refusal per domain and language, transfer deltas vs the plain "
-                          "prompts, capability deltas, the determinism replay; hook latency in audit_timing.json.")
+                          "prompts, capability deltas, the determinism replay; the hooks' decoding overhead in "
+                          "audit_timing.json.")
     def audit_evaluation(context: dg.AssetExecutionContext, model: ModelResource,
                          tracking: TrackingResource) -> dg.MaterializeResult:
         loaded = model.load(profile, dtype=eval_cfg.model_dtype)
