@@ -6,11 +6,14 @@ reported overhead is the ratio of the medians. Hooks: n features at each of the 
 --behaviors B, each layer instead holds B behaviours' features as one grouped sidecar (apply_behaviors' runtime:
 each group fires and steers on its own, alpha 0.6 each), and the last layer the per-behaviour refusal mode (a probe
 gate on the first layer's residual summary, a router over the B behaviours, the refusal vector at the routed
-behaviour's strength).
+behaviour's strength). With --peer, a third arm applies one vector per hooked layer's MLP output, unconditionally,
+with the `steering-vectors` library (0.12.2; `pip install --no-deps steering-vectors==0.12.2 scikit-learn`, since
+it caps transformers below 5): the cheapest thing a steering library does, against our gated runtime.
 
     python benchmarks/bench_steering.py                          # embedded SmolLM2 on the CPU
     python benchmarks/bench_steering.py --mistral-shaped --device cuda --context 2048   # needs a GPU
     python benchmarks/bench_steering.py --behaviors 6 --out artifacts/benchmarks/behaviors.json
+    python benchmarks/bench_steering.py --peer --rounds 8        # ours vs steering-vectors, CPU
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 import torch
 
 from sae_pipeline.model.loading import load_model
-from sae_pipeline.steering.overhead import measure_overhead
+from sae_pipeline.steering.overhead import decode_rates
 from sae_pipeline.steering.runtime import CategoryRouter, FeatureGroups, LayerSteering, ProbeGate
 from sae_pipeline.steering.sidecar import DenseSidecar
 
@@ -74,6 +77,7 @@ def main() -> None:
     parser.add_argument("--behaviors", type=int, default=0, help="grouped behaviours per layer (0: single basis)")
     parser.add_argument("--layers", default=None, help="comma list; default 9,11,15,17,19 (SmolLM2) or "
                                                        "10,12,16,18,20 (Mistral-shaped)")
+    parser.add_argument("--peer", action="store_true", help="add a steering-vectors arm (same layers, one vector each)")
     parser.add_argument("--out", default="artifacts/benchmarks/steering.json")
     args = parser.parse_args()
     if args.mistral_shaped:
@@ -84,15 +88,28 @@ def main() -> None:
     layers = [int(x) for x in (args.layers or default_layers).split(",")]
     input_ids = torch.randint(10, 1000, (1, args.context), generator=torch.Generator().manual_seed(0)).to(args.device)
     steering = random_layers(d_model, layers, args.features, args.behaviors)
-    measured = measure_overhead(model, [input_ids], steering, 1, args.new_tokens, args.rounds)
-    rates = {"unsteered": measured.unsteered_tokens_per_s, "steered": measured.steered_tokens_per_s}
+    arms = {"unsteered": None, "steered": (steering, 1)}
+    if args.peer:
+        from steering_vectors import SteeringVector
+
+        vectors = {layer: steering[layer].refusal_D if steering[layer].refusal_D is not None
+                   else steering[layer].sidecar.A_sel_ND[0] for layer in layers}
+        peer = SteeringVector({layer: v.to(args.device, torch.bfloat16) for layer, v in vectors.items()}, "mlp")
+        arms["steering_vectors"] = lambda: peer.apply(model)
+        with torch.inference_mode():  # the peer arm must really steer, or its timing means nothing
+            clean = model(input_ids).logits
+            with peer.apply(model):
+                if torch.equal(clean, model(input_ids).logits):
+                    raise SystemExit("steering-vectors left the logits unchanged: its layer matching missed the model")
+    rates = decode_rates(model, [input_ids], arms, args.new_tokens, args.rounds)
     medians = {arm: statistics.median(values) for arm, values in rates.items()}
     report = {"model": name, "device": args.device, "threads": torch.get_num_threads(), "context": args.context,
               "new_tokens": args.new_tokens, "layers": layers, "features_per_layer": args.features,
               "behaviors_per_layer": args.behaviors,
               "tokens_per_s_median": {k: round(v, 2) for k, v in medians.items()},
               "tokens_per_s_rounds": {k: [round(x, 2) for x in v] for k, v in rates.items()},
-              "overhead": round(measured.overhead, 4)}
+              "overhead": {arm: round(1 - medians[arm] / medians["unsteered"], 4) for arm in medians
+                           if arm != "unsteered"}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

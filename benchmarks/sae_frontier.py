@@ -40,7 +40,9 @@ def main() -> None:
         coherence = coherence_metrics(result.sae.W_dec_FD, cfg.merge_cos)
         row = {"layer": args.layer, "train_tokens": int(train_ND.shape[0]), "epochs": cfg.epochs,
                "n_latents": cfg.n_latents, "k": cfg.k, "k_start": cfg.k_start, "l1_coeff": cfg.l1_coeff,
-               "lr": cfg.lr, "heldout_tokens": int(heldout_ND.shape[0]), "r2": round(recon.r2, 4),
+               "lr": cfg.lr, "batch_tokens": cfg.batch_tokens, "heldout_tokens": int(heldout_ND.shape[0]),
+               "r2": round(recon.r2, 4), "r2_ordinary": round(recon.r2_ordinary, 4),
+               "massive_variance_share": round(recon.massive_variance_share, 4),
                "dead_fraction": round(recon.dead_fraction, 4), "coherence_p95": round(coherence.p95, 4),
                "near_duplicates": coherence.near_duplicates, "tokens_per_second": round(result.tokens_per_second)}
         EVIDENCE.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from sae_pipeline.config import load_gates
@@ -32,6 +33,24 @@ def test_reconstruction_metrics_on_a_known_sae():
     assert metrics.r2 > 0.999999 and metrics.mse < 1e-10
     assert metrics.dead_fraction == 0.5  # latents 4..7 never win a top-4 slot with positive activation
     assert metrics.k_active_p50 == 4
+    assert metrics.massive_token_fraction == 0 and metrics.r2_ordinary == metrics.r2
+
+
+def test_massive_tokens_cannot_carry_r2_alone():
+    """A dictionary that only knows the attention-sink direction scores a high R2 when sinks hold the variance;
+    r2_ordinary shows it explains nothing of the other tokens."""
+    sae = TopKSAE(4, 8, 1)
+    with torch.no_grad():
+        sae.W_enc_DF.zero_()
+        sae.W_dec_FD.zero_()
+        sae.W_enc_DF[0, 0] = sae.W_dec_FD[0, 0] = 1
+    ordinary = torch.randn(1000, 4) * torch.tensor([0.0, 1.0, 1.0, 1.0])
+    massive = torch.zeros(5, 4)
+    massive[:, 0] = 500.0
+    metrics = reconstruction_metrics(sae, torch.cat([ordinary, massive]))
+    assert metrics.massive_token_fraction == pytest.approx(5 / 1005)
+    assert metrics.massive_variance_share > 0.9 and metrics.r2 > 0.9
+    assert abs(metrics.r2_ordinary) < 0.01  # the ordinary tokens' variance is all in dims 1..3, left unexplained
 
 
 def test_zero_sae_splice_recovers_nothing(tiny):

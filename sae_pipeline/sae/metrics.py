@@ -23,6 +23,11 @@ class ReconstructionMetrics(NamedTuple):
     liveness_p10: float
     liveness_p90: float
     dead_fraction: float  # latents that never fire on the held-out tokens
+    # Massive activations (Sun et al. 2024): a few delimiter tokens act as attention sinks with norms ~100x the
+    # rest. Where they carry most of the variance, R2 mostly measures them, so R2 over the other tokens is kept too.
+    massive_token_fraction: float
+    massive_variance_share: float
+    r2_ordinary: float  # R2 over the tokens that are not massive, about their own mean
     firing_frequency_F: torch.Tensor
 
 
@@ -45,26 +50,38 @@ def _quantiles(values: torch.Tensor, qs: tuple[float, ...]) -> list[float]:
     return torch.quantile(values.float(), torch.tensor(qs)).tolist()
 
 
+MASSIVE_NORM_RATIO = 10.0  # a token is massive when its centred norm exceeds this multiple of the median's
+
+
 @torch.no_grad()
 def reconstruction_metrics(sae: TopKSAE, acts_ND: torch.Tensor, batch: int = 4096) -> ReconstructionMetrics:
-    err_sum, k_active, fires_F = 0.0, [], torch.zeros(sae.n_latents)
+    k_active, fires_F, err_N = [], torch.zeros(sae.n_latents), []
+    acts_ND = acts_ND.float()
     mean_D = acts_ND.mean(0)
-    var_sum = float((acts_ND - mean_D).pow(2).sum())
+    sq_norm_N = (acts_ND - mean_D).pow(2).sum(1)
+    var_sum = float(sq_norm_N.sum())
     for start in range(0, acts_ND.shape[0], batch):
-        x_BD = acts_ND[start:start + batch].float()
+        x_BD = acts_ND[start:start + batch]
         codes = sae.encode(x_BD)
         recon_BD = sae.decode(codes.top_acts, codes.top_indices)
-        err_sum += float((recon_BD - x_BD).pow(2).sum())
+        err_N.append((recon_BD - x_BD).pow(2).sum(1))
         active_BK = codes.top_acts > 0
         k_active.append(active_BK.sum(-1))
         fires_F.index_add_(0, codes.top_indices[active_BK], torch.ones(int(active_BK.sum())))
     n = acts_ND.shape[0]
+    err_N = torch.cat(err_N)
+    err_sum = float(err_N.sum())
     freq_F = fires_F / n
     fvu = err_sum / max(var_sum, 1e-12)
+    massive_N = sq_norm_N > MASSIVE_NORM_RATIO ** 2 * sq_norm_N.median()
+    ordinary_ND = acts_ND[~massive_N]
+    ordinary_var = float((ordinary_ND - ordinary_ND.mean(0)).pow(2).sum()) if len(ordinary_ND) else 0.0
+    r2_ordinary = 1 - float(err_N[~massive_N].sum()) / max(ordinary_var, 1e-12)
     kp5, kp50, kp95 = _quantiles(torch.cat(k_active), (0.05, 0.5, 0.95))
     lp10, lp50, lp90 = _quantiles(freq_F, (0.1, 0.5, 0.9))
     return ReconstructionMetrics(err_sum / (n * acts_ND.shape[1]), 1 - fvu, fvu, kp5, kp50, kp95, lp50, lp10, lp90,
-                                 float((fires_F == 0).float().mean()), freq_F)
+                                 float((fires_F == 0).float().mean()), float(massive_N.float().mean()),
+                                 float(sq_norm_N[massive_N].sum()) / max(var_sum, 1e-12), r2_ordinary, freq_F)
 
 
 @torch.no_grad()

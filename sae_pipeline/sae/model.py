@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,6 +27,34 @@ class EncoderOutput(NamedTuple):
     top_acts: torch.Tensor  # (B, K), post-ReLU
     top_indices: torch.Tensor  # (B, K)
     pre_acts: torch.Tensor  # (B, F), before top-k: the L1 penalty and AuxK read it
+
+
+class _SelectedPreActs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, centred_BD, W_enc_DF, b_enc_F, pre_BF, indices_BS):
+        ctx.save_for_backward(centred_BD, W_enc_DF, indices_BS)
+        return pre_BF.gather(1, indices_BS)
+
+    @staticmethod
+    def backward(ctx, grad_BS):
+        centred_BD, W_enc_DF, indices_BS = ctx.saved_tensors
+        n_batch, n_latents = centred_BD.shape[0], W_enc_DF.shape[1]
+        flat_S = indices_BS.flatten()
+        grad_centred_BD = F.embedding_bag(indices_BS, W_enc_DF.T.contiguous(), per_sample_weights=grad_BS,
+                                          mode="sum")
+        # d pre[b, j] / d W_enc[:, j] = centred[b]: a sparse (F x B) matrix of the chosen entries times the batch,
+        # in CSR (rows sorted by latent), which multiplies ~1.7x faster than COO on a CPU
+        rows_S = torch.arange(n_batch, device=grad_BS.device).repeat_interleave(indices_BS.shape[1])
+        order_S = flat_S.argsort()
+        crow_F = torch.zeros(n_latents + 1, dtype=torch.long, device=grad_BS.device)
+        crow_F[1:] = torch.bincount(flat_S, minlength=n_latents).cumsum(0)
+        with warnings.catch_warnings():  # "CSR support is in beta": construction and matmul are what we use
+            warnings.simplefilter("ignore", UserWarning)
+            chosen_FB = torch.sparse_csr_tensor(crow_F, rows_S[order_S], grad_BS.flatten()[order_S],
+                                                (n_latents, n_batch))
+        grad_W_enc_DF = (chosen_FB @ centred_BD).T
+        grad_b_enc_F = W_enc_DF.new_zeros(n_latents).index_add_(0, flat_S, grad_BS.flatten())
+        return grad_centred_BD, grad_W_enc_DF, grad_b_enc_F, None, None
 
 
 class TopKSAE(nn.Module):
@@ -58,10 +87,21 @@ class TopKSAE(nn.Module):
             rows = self.W_dec_FD.data
             self.W_dec_FD.grad -= (self.W_dec_FD.grad * rows).sum(1, keepdim=True) * rows
 
+    def pre_acts(self, x_BD: torch.Tensor) -> torch.Tensor:
+        return (x_BD - self.b_dec_D) @ self.W_enc_DF + self.b_enc_F
+
     def encode(self, x_BD: torch.Tensor, k: int | None = None) -> EncoderOutput:
-        pre_BF = (x_BD - self.b_dec_D) @ self.W_enc_DF + self.b_enc_F
+        pre_BF = self.pre_acts(x_BD)
         top_acts_BK, top_indices_BK = pre_BF.topk(k or self.k, dim=-1, sorted=False)
         return EncoderOutput(F.relu(top_acts_BK), top_indices_BK, pre_BF)
+
+    def selected_pre_acts(self, x_BD: torch.Tensor, pre_BF: torch.Tensor, indices_BS: torch.Tensor) -> torch.Tensor:
+        """pre_BF (computed without a graph) at the chosen latents, differentiable in the encoder and b_dec.
+
+        A loss that reads only chosen latents (top-k, AuxK) has a gradient on those entries alone; this backward
+        touches only them, O(B*S*D) instead of the dense encoder's O(B*F*D) twice (the idea of sparsify's fused
+        encoder)."""
+        return _SelectedPreActs.apply(x_BD - self.b_dec_D, self.W_enc_DF, self.b_enc_F, pre_BF, indices_BS)
 
     def decode(self, top_acts_BK: torch.Tensor, top_indices_BK: torch.Tensor) -> torch.Tensor:
         # embedding_bag reads only the K selected decoder rows per token: cost K*D, not F*D.

@@ -10,8 +10,8 @@ from sae_pipeline.hashing import config_hash
 from sae_pipeline.config import SAEConfig, artifacts_root, load_profile
 from sae_pipeline.sae.run import METRICS_FILE
 
-COLUMNS = ("layer", "r2", "dead_fraction", "coherence_p95", "near_duplicates", "k_active_p50", "loss_recovered",
-           "wall_seconds", "gates")
+COLUMNS = ("layer", "r2", "r2_ordinary", "massive_variance_share", "dead_fraction", "coherence_p95", "near_duplicates",
+           "k_active_p50", "loss_recovered", "wall_seconds", "gates")
 
 
 def newest_metrics(root: Path, sae_cfg: SAEConfig, layers: list[int]) -> list[dict]:

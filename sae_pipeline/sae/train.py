@@ -137,7 +137,7 @@ def train_sae(train_ND: torch.Tensor, stats: WhiteningStats, cfg: SAEConfig, che
     optimizer = torch.optim.AdamW(
         [{"params": [sae.W_enc_DF], "weight_decay": cfg.encoder_weight_decay},
          {"params": [sae.b_enc_F, sae.W_dec_FD, sae.b_dec_D], "weight_decay": 0.0}],
-        lr=cfg.lr, betas=cfg.betas)
+        lr=cfg.lr, betas=cfg.betas, fused=True)  # one kernel per parameter: ~2x less optimizer time on a CPU
     tokens_since_fired_F = torch.zeros(cfg.n_latents, dtype=torch.long)
     history: list[dict] = []
     step, merged, resampled = 0, 0, 0
@@ -152,29 +152,45 @@ def train_sae(train_ND: torch.Tensor, stats: WhiteningStats, cfg: SAEConfig, che
                 state["tokens_since_fired"], state["history"], state["step"], state["merged"], state["resampled"])
     began, start_step = time.perf_counter(), step
     bar = tqdm(total=total_steps, initial=step, desc=f"train SAE F={cfg.n_latents} k={cfg.k}", unit="step")
+    order_epoch, order = -1, torch.empty(0, dtype=torch.long)
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
-        order = torch.randperm(n_tokens, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        if epoch != order_epoch:  # one permutation per epoch, derived from the seed, so a resume sees the same
+            order_epoch, order = epoch, torch.randperm(
+                n_tokens, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
         batch_ids = order[offset * cfg.batch_tokens:(offset + 1) * cfg.batch_tokens]
         x_BD = (train_ND[batch_ids].float() - mean_D) / scale_D
         k = k_at(step, total_steps, cfg)
-        # The encoder matmul (forward and backward) is nearly all the cost; bf16 runs it ~2.7x faster on
+        # Without L1 the loss reads only the top-k and AuxK latents, so their gradient is sparse: the dense encoder
+        # pass runs without a graph and only the chosen entries are differentiated. L1 on every pre-activation
+        # needs the dense graph. The encoder matmul is nearly all the cost; bf16 runs it ~2.7x faster on
         # AVX512-BF16 CPUs and on GPUs, while master weights, decoder, loss and optimizer stay fp32.
-        with torch.autocast(device_type=x_BD.device.type, dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
-            codes = sae.encode(x_BD, k)
-        codes = codes._replace(top_acts=codes.top_acts.float(), pre_acts=codes.pre_acts.float())
-        recon_BD = sae.decode(codes.top_acts, codes.top_indices)
+        sparse_grad = cfg.l1_coeff == 0
+        with torch.set_grad_enabled(not sparse_grad), torch.autocast(
+                device_type=x_BD.device.type, dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
+            pre_BF = sae.pre_acts(x_BD)
+        pre_BF = pre_BF.float()
+
+        def chosen(indices_BS: torch.Tensor) -> torch.Tensor:
+            if sparse_grad:
+                return sae.selected_pre_acts(x_BD, pre_BF, indices_BS)
+            return pre_BF.gather(1, indices_BS)
+
+        top_indices_BK = pre_BF.detach().topk(k, dim=-1, sorted=False).indices
+        top_acts_BK = F.relu(chosen(top_indices_BK))
+        recon_BD = sae.decode(top_acts_BK, top_indices_BK)
         fvu = _fvu(x_BD, recon_BD)
         # L1 on pre-top-k activations, divided by the same total variance as the L2 term, so lambda keeps its
         # meaning in "sum of squared errors + lambda * sum of |pre|" per token, whatever the activation scale.
-        l1 = F.relu(codes.pre_acts).sum() / (x_BD - x_BD.mean(0)).pow(2).sum().clamp_min(1e-12)
-        loss = fvu + cfg.l1_coeff * l1
+        l1 = F.relu(pre_BF).sum() / (x_BD - x_BD.mean(0)).pow(2).sum().clamp_min(1e-12)
+        loss = fvu + cfg.l1_coeff * l1 if cfg.l1_coeff else fvu
         dead_F = tokens_since_fired_F >= cfg.dead_window_tokens
         aux = torch.zeros(())
         if cfg.aux_k and dead_F.any():
             # AuxK: dead latents alone try to explain what the live ones missed, which pulls them back to life.
-            dead_pre_BF = codes.pre_acts.masked_fill(~dead_F, float("-inf"))
-            aux_acts, aux_idx = dead_pre_BF.topk(min(cfg.aux_k, int(dead_F.sum())), dim=-1, sorted=False)
+            dead_pre_BF = pre_BF.detach().masked_fill(~dead_F, float("-inf"))
+            aux_idx = dead_pre_BF.topk(min(cfg.aux_k, int(dead_F.sum())), dim=-1, sorted=False).indices
+            aux_acts = chosen(aux_idx)
             residual_BD = (x_BD - recon_BD).detach()
             aux_recon = F.embedding_bag(aux_idx, sae.W_dec_FD, per_sample_weights=F.relu(aux_acts), mode="sum")
             aux = _fvu(residual_BD, aux_recon)
@@ -187,7 +203,7 @@ def train_sae(train_ND: torch.Tensor, stats: WhiteningStats, cfg: SAEConfig, che
         optimizer.step()
         sae.normalize_decoder()
         fired_F = torch.zeros(cfg.n_latents, dtype=torch.bool)
-        fired_F[codes.top_indices[codes.top_acts > 0]] = True
+        fired_F[top_indices_BK[top_acts_BK > 0]] = True
         tokens_since_fired_F += x_BD.shape[0]
         tokens_since_fired_F[fired_F] = 0
         step += 1

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import NamedTuple
 
 import torch
@@ -45,17 +46,20 @@ def decode_rate(model: nn.Module, input_ids: torch.Tensor, new_tokens: int) -> f
     return (new_tokens - 1) * input_ids.shape[0] / max(total - prefill, 1e-9)
 
 
-def decode_rates(model: nn.Module, prompts: Sequence[torch.Tensor],
-                 arms: dict[str, tuple[dict[int, LayerSteering], int] | None], new_tokens: int, rounds: int
-                 ) -> dict[str, list[float]]:
-    """Decode tokens/s per arm ({name: (layers, gate_skip), or None for no hooks}), the arms interleaved: each
-    prompt of each round runs every arm, the order rotating one place per prompt and round (two arms: ABBA).
+Arm = tuple[dict[int, LayerSteering], int] | Callable[[], AbstractContextManager] | None
+
+
+def decode_rates(model: nn.Module, prompts: Sequence[torch.Tensor], arms: dict[str, Arm], new_tokens: int,
+                 rounds: int) -> dict[str, list[float]]:
+    """Decode tokens/s per arm ({name: (layers, gate_skip), a callable returning a context manager that steers the
+    model (a peer library), or None for no hooks}), the arms interleaved: each prompt of each round runs every
+    arm, the order rotating one place per prompt and round (two arms: ABBA).
     prompts: (1, S) input ids each; each arm decodes once untimed first (allocator, kernels, tensor casts)."""
 
     def run(arm: str, input_ids: torch.Tensor, tokens: int) -> float:
         if arms[arm] is None:
             return decode_rate(model, input_ids, tokens)
-        with patched(model, *arms[arm]):
+        with arms[arm]() if callable(arms[arm]) else patched(model, *arms[arm]):
             return decode_rate(model, input_ids, tokens)
 
     names = list(arms)
