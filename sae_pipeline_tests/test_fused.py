@@ -1,5 +1,6 @@
 """Fused side-nets: the fold of a grouped sidecar, FiLM gates per behaviour, linear composition."""
 
+import contextlib
 import json
 
 import pytest
@@ -309,8 +310,17 @@ def test_decode_rates_rotate_every_arm_and_hook_latency_times_each_token(tiny):
     directions = torch.nn.functional.normalize(torch.randn(3, 64, generator=generator), dim=-1)
     layers = {2: LayerSteering(DenseSidecar(directions, directions.clone(), torch.full((3,), -10.0)), alpha=0.6)}
     prompts = [torch.tensor([[5, 6, 7, 8]]), torch.tensor([[9, 10, 11]])]
-    rates = decode_rates(tiny.model, prompts, {"unsteered": None, "a": (layers, 1), "b": (layers, 1)}, 3, 2)
-    assert {arm: len(v) for arm, v in rates.items()} == {"unsteered": 4, "a": 4, "b": 4}
+    entered = []
+
+    @contextlib.contextmanager
+    def peer():  # a peer library's steering: a context manager around the decode
+        entered.append(True)
+        yield
+
+    rates = decode_rates(tiny.model, prompts, {"unsteered": None, "a": (layers, 1), "b": (layers, 1), "peer": peer},
+                         3, 2)
+    assert {arm: len(v) for arm, v in rates.items()} == {"unsteered": 4, "a": 4, "b": 4, "peer": 4}
+    assert len(entered) == 5  # one untimed warm-up, then every prompt of every round
     assert all(rate > 0 for values in rates.values() for rate in values)
     acts = torch.randn(7, 64, generator=generator)
     latencies = hook_latencies(tiny.model, prompts[0], layers, 1, {2: acts})
