@@ -6,7 +6,11 @@ activations (the first --tokens of a layer's train split), then the same code me
 resident set while training, above the resident set with the data loaded; Linux's clear_refs resets the peak)
 is its own. Peers run as their own trainers run them on a CPU, at their defaults:
 sparsify 1.3.3's SparseCoder with its SignSGD + schedule-free optimizer and learning rate (fp32, no autocast);
-SAE Lens 6.54.12's TopKTrainingSAE with its trainer's Adam, lr 3e-4, gradient clipping at 1 and AuxK.
+SAE Lens 6.54.12's TopKTrainingSAE with its trainer's Adam, lr 3e-4 and gradient clipping at 1. The peers see the
+same shuffled batches; ours draws its own per-epoch permutation of the same tokens. Each arm's modules are imported
+before the clock and the memory peak start. Dead-latent revival is each library's default: ours uses AuxK and
+resampling; sparsify's AuxK is off by default; SAE Lens's AuxK waits 1,000 steps for a latent to count as dead, more
+than a short run takes.
 
     pip install -e '.[bench]'
     python benchmarks/bench_peers.py --layer 15 --tokens 524288
@@ -17,6 +21,7 @@ Writes artifacts/benchmarks/sae_peers.json and prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import subprocess
 import sys
@@ -112,6 +117,10 @@ def train_sae_lens(train_ND, stats, sae_cfg, bf16: bool) -> Reconstruct:
 
 TRAINERS = {"ours": (train_ours, True), "ours_fp32": (train_ours, False), "sparsify": (train_sparsify, False),
             "sae_lens": (train_sae_lens, False)}
+# imported before timing, so neither clock nor memory peak counts a library's import
+MODULES = {"ours": ["sae_pipeline.sae.train"], "ours_fp32": ["sae_pipeline.sae.train"],
+           "sparsify": ["sparsify", "sparsify.sign_sgd", "schedulefree"],
+           "sae_lens": ["sae_lens.saes.sae", "sae_lens.saes.topk_sae"]}
 
 
 def _memory_kib() -> dict[str, int]:
@@ -136,6 +145,8 @@ def run_arm(arm: str, directory: Path, tokens: int, profile_name: str) -> dict:
     train_ND = load_split(directory, "train", tokens)[:tokens]
     heldout_ND, stats = load_split(directory, "heldout"), load_stats(directory)
     train, bf16 = TRAINERS[arm]
+    for module in MODULES[arm]:
+        importlib.import_module(module)
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")  # the peak resident set restarts from the data-loaded process
     rss_before = _memory_kib()["VmRSS"]
@@ -143,7 +154,7 @@ def run_arm(arm: str, directory: Path, tokens: int, profile_name: str) -> dict:
     reconstruct = train(train_ND, stats, sae_cfg, bf16)
     seconds = time.perf_counter() - began
     peak_mib = (_memory_kib()["VmHWM"] - rss_before) / 1024
-    trained = tokens // sae_cfg.batch_tokens * sae_cfg.batch_tokens
+    trained = train_ND.shape[0] // sae_cfg.batch_tokens * sae_cfg.batch_tokens
     return {"arm": arm, "tokens": trained, "seconds": seconds, "tokens_per_second": trained / seconds,
             "peak_mib_over_data": peak_mib, **heldout_quality(reconstruct, heldout_ND, sae_cfg.n_latents)}
 
@@ -169,7 +180,9 @@ def main() -> None:
     for arm in args.arms:
         child = subprocess.run([sys.executable, __file__, "--profile", args.profile, "--layer", str(args.layer),
                                 "--tokens", str(args.tokens), "--activations", str(roots[-1]), "--arm", arm],
-                               capture_output=True, text=True, check=True)
+                               capture_output=True, text=True)
+        if child.returncode:
+            sys.exit(f"arm {arm} failed:\n{child.stderr[-4000:]}")
         rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
     ours = next((r for r in rows if r["arm"] == "ours"), None)

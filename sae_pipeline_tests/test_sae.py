@@ -139,7 +139,8 @@ def test_auxk_and_resampling_engage_when_latents_die():
     assert max(row["aux"] for row in revived.history) > 0 and revived.resampled > 0
 
 
-def test_merge_pass_removes_near_duplicates_and_resampling_aims_at_the_residual():
+@pytest.mark.parametrize("chunk", [512, 4])  # 4: the pairs span row blocks of the cosine matrix
+def test_merge_pass_removes_near_duplicates_and_resampling_aims_at_the_residual(chunk):
     sae = TopKSAE(16, 32, 2)
     g = torch.Generator().manual_seed(0)
     sae.init_tied(g)
@@ -148,7 +149,7 @@ def test_merge_pass_removes_near_duplicates_and_resampling_aims_at_the_residual(
         sae.W_dec_FD[9] = -sae.W_dec_FD[2]
         sae.normalize_decoder()
     assert coherence_metrics(sae.W_dec_FD, 0.85).near_duplicates == 2
-    freed = merge_near_duplicates(sae, 0.85)
+    freed = merge_near_duplicates(sae, 0.85, chunk)
     assert sorted(freed) == [5, 9]
     x_BD = torch.randn(64, 16, generator=g)
     recon_BD = x_BD.clone()

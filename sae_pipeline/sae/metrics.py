@@ -73,7 +73,8 @@ def reconstruction_metrics(sae: TopKSAE, acts_ND: torch.Tensor, batch: int = 409
     err_sum = float(err_N.sum())
     freq_F = fires_F / n
     fvu = err_sum / max(var_sum, 1e-12)
-    massive_N = sq_norm_N > MASSIVE_NORM_RATIO ** 2 * sq_norm_N.median()
+    median = sq_norm_N.median()  # 0 when most tokens sit at the mean: then no token counts as massive
+    massive_N = sq_norm_N > MASSIVE_NORM_RATIO ** 2 * median if median > 0 else torch.zeros(len(sq_norm_N), dtype=bool)
     ordinary_ND = acts_ND[~massive_N]
     ordinary_var = float((ordinary_ND - ordinary_ND.mean(0)).pow(2).sum()) if len(ordinary_ND) else 0.0
     r2_ordinary = 1 - float(err_N[~massive_N].sum()) / max(ordinary_var, 1e-12)

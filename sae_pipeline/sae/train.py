@@ -56,22 +56,28 @@ def _fvu(x_BD: torch.Tensor, recon_BD: torch.Tensor) -> torch.Tensor:
     return (recon_BD - x_BD).pow(2).sum() / (x_BD - x_BD.mean(0)).pow(2).sum().clamp_min(1e-12)
 
 
-def merge_near_duplicates(sae: TopKSAE, threshold: float) -> list[int]:
+def merge_near_duplicates(sae: TopKSAE, threshold: float, chunk: int = 512) -> list[int]:
     """Fold each latent whose decoder |cos| with a kept one exceeds threshold into it; return the freed ids.
 
     Parallel pairs merge (encoder columns add, the decoder row is the renormalised sum); anti-parallel pairs
     cannot merge additively, so the second is only freed. Freed latents still hold their old weights: resample
     them before training on."""
     with torch.no_grad():
-        cos_FF = sae.W_dec_FD @ sae.W_dec_FD.T
-        cos_FF.fill_diagonal_(0)
+        rows, cols, signs = [], [], []
+        for start in range(0, sae.n_latents, chunk):  # row blocks: the F x F cosine matrix is never whole
+            cos_CF = sae.W_dec_FD[start:start + chunk] @ sae.W_dec_FD.T
+            block = torch.arange(cos_CF.shape[0])
+            cos_CF[block, start + block] = 0
+            r, c = torch.nonzero(cos_CF.abs() > threshold, as_tuple=True)
+            rows.append(r + start)
+            cols.append(c)
+            signs.append(cos_CF[r, c] > 0)
         freed: list[int] = []
         taken = torch.zeros(sae.n_latents, dtype=torch.bool)
-        rows, cols = torch.nonzero(cos_FF.abs() > threshold, as_tuple=True)
-        for i, j in zip(rows.tolist(), cols.tolist()):
+        for i, j, parallel in zip(torch.cat(rows).tolist(), torch.cat(cols).tolist(), torch.cat(signs).tolist()):
             if i >= j or taken[i] or taken[j]:
                 continue
-            if cos_FF[i, j] > 0:
+            if parallel:
                 sae.W_dec_FD[i] += sae.W_dec_FD[j]
                 sae.W_enc_DF[:, i] += sae.W_enc_DF[:, j]
             taken[i] = taken[j] = True
@@ -148,6 +154,8 @@ def train_sae(train_ND: torch.Tensor, stats: WhiteningStats, cfg: SAEConfig, che
         if state["fingerprint"] == fingerprint:
             sae.load_state_dict(state["sae"])
             optimizer.load_state_dict(state["optimizer"])
+            for group in optimizer.param_groups:  # a checkpoint from before the fused optimizer would switch it off
+                group["fused"] = True
             tokens_since_fired_F, history, step, merged, resampled = (
                 state["tokens_since_fired"], state["history"], state["step"], state["merged"], state["resampled"])
     began, start_step = time.perf_counter(), step
