@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from sae_pipeline.activations.store import layer_dir, load_split, load_stats
+from sae_pipeline.activations.store import layer_dir, load_split, load_stats, newest_harvest
 from sae_pipeline.config import artifacts_root, load_profile
 
 ARMS = ("ours", "ours_fp32", "sparsify", "sae_lens")
@@ -46,16 +46,19 @@ def batches(train_ND: torch.Tensor, batch_tokens: int, seed: int = 0):
         yield train_ND[order[start:start + batch_tokens]]
 
 
-def train_ours(train_ND, stats, sae_cfg, bf16: bool) -> Reconstruct:
-    from sae_pipeline.sae.train import train_sae
-
-    cfg = sae_cfg.model_copy(update={"epochs": 1.0, "l1_coeff": 0.0, "bf16_autocast": bf16})
-    sae = train_sae(train_ND, stats, cfg).sae
-
+def topk_reconstruct(sae) -> Reconstruct:
+    """Ours and sparsify's SAE share the interface: encode -> (top_acts, top_indices, ...), decode(acts, indices)."""
     def reconstruct(x_BD):
         codes = sae.encode(x_BD)
         return sae.decode(codes.top_acts, codes.top_indices), codes.top_indices[codes.top_acts > 0]
     return reconstruct
+
+
+def train_ours(train_ND, stats, sae_cfg, bf16: bool) -> Reconstruct:
+    from sae_pipeline.sae.train import train_sae
+
+    cfg = sae_cfg.model_copy(update={"epochs": 1.0, "l1_coeff": 0.0, "bf16_autocast": bf16})
+    return topk_reconstruct(train_sae(train_ND, stats, cfg).sae)
 
 
 def train_sparsify(train_ND, stats, sae_cfg, bf16: bool) -> Reconstruct:
@@ -79,11 +82,7 @@ def train_sparsify(train_ND, stats, sae_cfg, bf16: bool) -> Reconstruct:
         optimizer.step()
         optimizer.zero_grad()
     optimizer.eval()  # schedule-free: evaluate the averaged weights, as the trainer does before saving
-
-    def reconstruct(x_BD):
-        codes = sae.encode(x_BD)
-        return sae.decode(codes.top_acts, codes.top_indices), codes.top_indices[codes.top_acts > 0]
-    return reconstruct
+    return topk_reconstruct(sae)
 
 
 def train_sae_lens(train_ND, stats, sae_cfg, bf16: bool) -> Reconstruct:
@@ -168,18 +167,15 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--arm", default=None, help=argparse.SUPPRESS)  # the child process's single arm
     args = parser.parse_args()
-    roots = sorted((artifacts_root() / "activations").glob("*"), key=lambda p: p.stat().st_mtime)
-    roots = [Path(args.activations)] if args.activations else [r for r in roots if layer_dir(r, args.layer).exists()]
-    if not roots:
-        sys.exit(f"no harvested activations for layer {args.layer}: materialise `activations` first")
-    directory = layer_dir(roots[-1], args.layer)
+    root = Path(args.activations) if args.activations else newest_harvest(artifacts_root() / "activations", args.layer)
+    directory = layer_dir(root, args.layer)
     if args.arm:
         print(json.dumps(run_arm(args.arm, directory, args.tokens, args.profile)))
         return
     rows = []
     for arm in args.arms:
         child = subprocess.run([sys.executable, __file__, "--profile", args.profile, "--layer", str(args.layer),
-                                "--tokens", str(args.tokens), "--activations", str(roots[-1]), "--arm", arm],
+                                "--tokens", str(args.tokens), "--activations", str(root), "--arm", arm],
                                capture_output=True, text=True)
         if child.returncode:
             sys.exit(f"arm {arm} failed:\n{child.stderr[-4000:]}")

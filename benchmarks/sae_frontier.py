@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from sae_pipeline.activations.store import layer_dir, load_split, load_stats
+from sae_pipeline.activations.store import layer_dir, load_split, load_stats, newest_harvest
 from sae_pipeline.config import DATA_DIR, artifacts_root, load_profile
 from sae_pipeline.sae.metrics import coherence_metrics, reconstruction_metrics
 from sae_pipeline.sae.train import train_sae
@@ -25,12 +25,11 @@ def main() -> None:
     parser.add_argument("--profile", default="smollm2")
     parser.add_argument("--layer", type=int, default=15)
     parser.add_argument("--tokens", type=int, default=None, help="training tokens (default: all harvested)")
-    parser.add_argument("--activations", default=None, help="harvest root (default: the newest one)")
+    parser.add_argument("--activations", default=None, help="harvest root (default: the newest holding the layer)")
     parser.add_argument("overrides", nargs="+")
     args = parser.parse_args()
     profile = load_profile(args.profile)
-    roots = sorted((artifacts_root() / "activations").glob("*"), key=lambda p: p.stat().st_mtime)
-    root = Path(args.activations) if args.activations else roots[-1]
+    root = Path(args.activations) if args.activations else newest_harvest(artifacts_root() / "activations", args.layer)
     directory = layer_dir(root, args.layer)
     train_ND, heldout_ND = load_split(directory, "train", args.tokens), load_split(directory, "heldout")
     for override in args.overrides:

@@ -1,10 +1,14 @@
+import os
+
 import pytest
 import torch
 
 from sae_pipeline.activations import harvest as harvest_module
 from sae_pipeline.activations import store
 from sae_pipeline.activations.harvest import CorpusTooSmallError, harvest, heldout_windows, token_windows
-from sae_pipeline.activations.store import ShardError, layer_dir, load_split, load_stats, read_index
+from sae_pipeline.activations.store import (
+    ShardError, layer_dir, load_split, load_stats, newest_harvest, read_index,
+)
 from sae_pipeline.corpus.build import build_corpus
 from sae_pipeline.model.hooks import capture_outputs, run_until_captured
 
@@ -80,3 +84,14 @@ def test_budget_beyond_the_corpus_is_named(tmp_path, tiny, tiny_profile, tiny_co
     greedy = tiny_profile.harvest.model_copy(update={"train_tokens": 10_000_000})
     with pytest.raises(CorpusTooSmallError, match="ran out of text"):
         harvest(tiny.model, tiny.tokenizer, tiny_corpus, tmp_path / "acts", [1], greedy)
+
+
+def test_newest_harvest_is_the_latest_root_holding_the_layer(tmp_path):
+    older, newer = tmp_path / "older", tmp_path / "newer"
+    layer_dir(older, 3).mkdir(parents=True)
+    layer_dir(newer, 5).mkdir(parents=True)
+    os.utime(older, (1, 1))
+    assert newest_harvest(tmp_path, 5) == newer
+    assert newest_harvest(tmp_path, 3) == older  # the newer root lacks layer 3
+    with pytest.raises(ShardError, match="layer 7"):
+        newest_harvest(tmp_path, 7)

@@ -31,6 +31,14 @@ def layer_dir(root: Path, layer: int) -> Path:
     return root / f"layer_{layer:02d}"
 
 
+def newest_harvest(base: Path, layer: int) -> Path:
+    """The most recently written harvest root under `base` that holds `layer` (the benchmarks' default)."""
+    roots = sorted((r for r in base.glob("*") if layer_dir(r, layer).exists()), key=lambda r: r.stat().st_mtime)
+    if not roots:
+        raise ShardError(f"no harvested activations for layer {layer} under {base}: materialise `activations` first")
+    return roots[-1]
+
+
 def read_index(directory: Path) -> dict:
     path = directory / INDEX_FILE
     if not path.exists():

@@ -7,9 +7,9 @@ import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
-from sae_pipeline.audit.metrics import ARMS, audit_metrics
 import torch
 
+from sae_pipeline.audit.metrics import ARMS, audit_metrics
 from sae_pipeline.audit.run import item_ids, load_arm, run_arm, select_items
 from sae_pipeline.audit.suite import FAMILIES, load_suite
 from sae_pipeline.config import AuditConfig, EvalConfig, Gate, SteeringConfig

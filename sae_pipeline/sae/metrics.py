@@ -23,8 +23,8 @@ class ReconstructionMetrics(NamedTuple):
     liveness_p10: float
     liveness_p90: float
     dead_fraction: float  # latents that never fire on the held-out tokens
-    # Massive activations (Sun et al. 2024): a few delimiter tokens act as attention sinks with norms ~100x the
-    # rest. Where they carry most of the variance, R2 mostly measures them, so R2 over the other tokens is kept too.
+    # Massive activations (Sun et al. 2024): a few attention-sink tokens with norms 10-1000x the rest. Where they
+    # carry most of the variance, R2 mostly measures them, so R2 over the other tokens is kept too.
     massive_token_fraction: float
     massive_variance_share: float
     r2_ordinary: float  # R2 over the tokens that are not massive, about their own mean

@@ -115,6 +115,14 @@ def _reset_adam_rows(optimizer: torch.optim.Optimizer, sae: TopKSAE, latents: li
                 state[key][index] = 0.0
 
 
+def _chosen(sae: TopKSAE, x_BD: torch.Tensor, pre_BF: torch.Tensor, indices_BS: torch.Tensor,
+            sparse_grad: bool) -> torch.Tensor:
+    """The pre-activations at the chosen latents, differentiable through the sparse or the dense encoder graph."""
+    if sparse_grad:
+        return sae.selected_pre_acts(x_BD, pre_BF, indices_BS)
+    return pre_BF.gather(1, indices_BS)
+
+
 def _save_checkpoint(path: Path, payload: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(payload, tmp)
@@ -179,27 +187,21 @@ def train_sae(train_ND: torch.Tensor, stats: WhiteningStats, cfg: SAEConfig, che
                 device_type=x_BD.device.type, dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
             pre_BF = sae.pre_acts(x_BD)
         pre_BF = pre_BF.float()
-
-        def chosen(indices_BS: torch.Tensor) -> torch.Tensor:
-            if sparse_grad:
-                return sae.selected_pre_acts(x_BD, pre_BF, indices_BS)
-            return pre_BF.gather(1, indices_BS)
-
         top_indices_BK = pre_BF.detach().topk(k, dim=-1, sorted=False).indices
-        top_acts_BK = F.relu(chosen(top_indices_BK))
+        top_acts_BK = F.relu(_chosen(sae, x_BD, pre_BF, top_indices_BK, sparse_grad))
         recon_BD = sae.decode(top_acts_BK, top_indices_BK)
         fvu = _fvu(x_BD, recon_BD)
         # L1 on pre-top-k activations, divided by the same total variance as the L2 term, so lambda keeps its
         # meaning in "sum of squared errors + lambda * sum of |pre|" per token, whatever the activation scale.
         l1 = F.relu(pre_BF).sum() / (x_BD - x_BD.mean(0)).pow(2).sum().clamp_min(1e-12)
-        loss = fvu + cfg.l1_coeff * l1 if cfg.l1_coeff else fvu
+        loss = fvu + cfg.l1_coeff * l1
         dead_F = tokens_since_fired_F >= cfg.dead_window_tokens
         aux = torch.zeros(())
         if cfg.aux_k and dead_F.any():
             # AuxK: dead latents alone try to explain what the live ones missed, which pulls them back to life.
             dead_pre_BF = pre_BF.detach().masked_fill(~dead_F, float("-inf"))
             aux_idx = dead_pre_BF.topk(min(cfg.aux_k, int(dead_F.sum())), dim=-1, sorted=False).indices
-            aux_acts = chosen(aux_idx)
+            aux_acts = _chosen(sae, x_BD, pre_BF, aux_idx, sparse_grad)
             residual_BD = (x_BD - recon_BD).detach()
             aux_recon = F.embedding_bag(aux_idx, sae.W_dec_FD, per_sample_weights=F.relu(aux_acts), mode="sum")
             aux = _fvu(residual_BD, aux_recon)
