@@ -45,6 +45,28 @@ def test_sparse_decode_equals_dense_decode():
                           atol=1e-5)
 
 
+def test_sparse_decode_gradients_equal_the_dense_products():
+    """The decoder's own backward (CSR rows for W_dec, embedding_bag's per-sample kernel for the codes)."""
+    g = torch.Generator().manual_seed(5)
+    sae = TopKSAE(16, 64, 5)
+    sae.init_tied(g)
+    indices = torch.stack([torch.randperm(64, generator=g)[:5] for _ in range(12)])
+    acts = torch.rand(12, 5, generator=g)
+    target = torch.randn(12, 16, generator=g)
+    grads = []
+    for sparse in (True, False):
+        sae.zero_grad()
+        leaf = acts.clone().requires_grad_()
+        if sparse:
+            recon = sae.decoder_sum(leaf, indices)
+        else:
+            recon = torch.zeros(12, 64).scatter(1, indices, leaf) @ sae.W_dec_FD
+        (recon - target).pow(2).sum().backward()
+        grads.append((leaf.grad, sae.W_dec_FD.grad.clone()))
+    for sparse_grad, dense_grad in zip(*grads):
+        torch.testing.assert_close(sparse_grad, dense_grad, rtol=1e-5, atol=1e-5)
+
+
 def test_selected_pre_acts_give_the_dense_encoders_gradients():
     """The sparse backward (top-k and AuxK entries only) equals autograd through the dense encoder."""
     g = torch.Generator().manual_seed(3)
@@ -79,6 +101,15 @@ def test_selected_pre_acts_give_the_dense_encoders_gradients():
     for dense_grad, sparse_grad in zip(*grads):
         torch.testing.assert_close(sparse_grad, dense_grad, rtol=1e-5, atol=1e-5)
     assert grads[1][0].abs().sum() > 0  # W_enc learns
+
+
+def test_selected_pre_acts_refuse_inputs_with_a_graph():
+    sae = TopKSAE(8, 16, 2)
+    x = torch.randn(4, 8, requires_grad=True)
+    with torch.no_grad():
+        pre = sae.pre_acts(x)
+    with pytest.raises(ValueError, match="must carry no graph"):
+        sae.selected_pre_acts(x, pre, pre.topk(2, dim=-1).indices)
 
 
 @pytest.mark.parametrize("mode", ["diagonal", "scalar"])

@@ -30,34 +30,64 @@ class EncoderOutput(NamedTuple):
     pre_acts: torch.Tensor  # (B, F), before top-k: the L1 penalty and AuxK read it
 
 
+def _latent_rows(indices_BS: torch.Tensor, values_BS: torch.Tensor, dense_BD: torch.Tensor,
+                 n_latents: int) -> torch.Tensor:
+    """(F, D): row j sums values[b, s] * dense[b] over the entries where indices[b, s] == j.
+
+    The gradient of a weight read only at chosen latents (encoder columns, decoder rows): an (F x B) sparse matrix
+    of the chosen entries in CSR (rows sorted by latent) times the batch. On a CPU it multiplies ~1.7x faster than
+    COO and ~2.4x faster than embedding_bag's dense backward, which scatters into a zero-filled F x D."""
+    n_batch, width = indices_BS.shape
+    flat_S = indices_BS.flatten()
+    order_S = flat_S.argsort(stable=True)  # columns (tokens) stay sorted within each latent's row
+    tokens_S = torch.arange(n_batch, device=flat_S.device).repeat_interleave(width)
+    crow_F = torch.zeros(n_latents + 1, dtype=torch.long, device=flat_S.device)
+    crow_F[1:] = torch.bincount(flat_S, minlength=n_latents).cumsum(0)
+    with warnings.catch_warnings():  # "CSR support is in beta": construction and matmul are what we use
+        warnings.simplefilter("ignore", UserWarning)
+        chosen_FB = torch.sparse_csr_tensor(crow_F, tokens_S[order_S],
+                                            values_BS.to(dense_BD.dtype).flatten()[order_S], (n_latents, n_batch))
+    return chosen_FB @ dense_BD
+
+
 class _SelectedPreActs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, centred_BD, W_enc_DF, b_enc_F, pre_BF, indices_BS):
-        ctx.save_for_backward(centred_BD, W_enc_DF, indices_BS)
-        return pre_BF.gather(1, indices_BS)
+    def forward(ctx, x_BD, b_dec_D, W_enc_DF, b_enc_F, pre_BF, indices_BS):
+        ctx.save_for_backward(x_BD, b_dec_D, W_enc_DF, indices_BS)
+        return pre_BF.gather(1, indices_BS).to(W_enc_DF.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_BS):
-        centred_BD, W_enc_DF, indices_BS = ctx.saved_tensors
+        x_BD, b_dec_D, W_enc_DF, indices_BS = ctx.saved_tensors
         grad_BS = grad_BS.to(W_enc_DF.dtype)
-        n_batch, n_latents = centred_BD.shape[0], W_enc_DF.shape[1]
-        flat_S = indices_BS.flatten()
-        grad_centred_BD = F.embedding_bag(indices_BS, W_enc_DF.T.contiguous(), per_sample_weights=grad_BS,
-                                          mode="sum")
-        # d pre[b, j] / d W_enc[:, j] = centred[b]: a sparse (F x B) matrix of the chosen entries times the batch,
-        # in CSR (rows sorted by latent), which multiplies ~1.7x faster than COO on a CPU
-        rows_S = torch.arange(n_batch, device=grad_BS.device).repeat_interleave(indices_BS.shape[1])
-        order_S = flat_S.argsort(stable=True)  # columns (tokens) stay sorted within each latent's row
-        crow_F = torch.zeros(n_latents + 1, dtype=torch.long, device=grad_BS.device)
-        crow_F[1:] = torch.bincount(flat_S, minlength=n_latents).cumsum(0)
-        with warnings.catch_warnings():  # "CSR support is in beta": construction and matmul are what we use
-            warnings.simplefilter("ignore", UserWarning)
-            chosen_FB = torch.sparse_csr_tensor(crow_F, rows_S[order_S], grad_BS.flatten()[order_S],
-                                                (n_latents, n_batch))
-        grad_W_enc_DF = (chosen_FB @ centred_BD).T
-        grad_b_enc_F = W_enc_DF.new_zeros(n_latents).index_add_(0, flat_S, grad_BS.flatten())
-        return grad_centred_BD, grad_W_enc_DF, grad_b_enc_F, None, None
+        n_latents = W_enc_DF.shape[1]
+        grad_b_enc_F = W_enc_DF.new_zeros(n_latents).index_add_(0, indices_BS.flatten(), grad_BS.flatten())
+        grad_W_enc_DF = _latent_rows(indices_BS, grad_BS, x_BD - b_dec_D, n_latents).T
+        # d pre[b, j] / d b_dec = -W_enc[:, j] for every token, so the batch's sum is the encoder times b_enc's grad
+        grad_b_dec_D = -(W_enc_DF @ grad_b_enc_F)
+        return None, grad_b_dec_D, grad_W_enc_DF, grad_b_enc_F, None, None
+
+
+class _SparseDecode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, acts_BS, indices_BS, W_dec_FD):
+        ctx.save_for_backward(acts_BS, indices_BS, W_dec_FD)
+        return F.embedding_bag(indices_BS, W_dec_FD, per_sample_weights=acts_BS, mode="sum")
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_BD):
+        acts_BS, indices_BS, W_dec_FD = ctx.saved_tensors
+        n_batch, width = indices_BS.shape
+        grad_acts_BS = None
+        if ctx.needs_input_grad[0]:  # embedding_bag's own kernel: one dot product per chosen row
+            bag_starts = torch.arange(0, n_batch * width, width, device=grad_BD.device)
+            bag_of_entry = torch.arange(n_batch, device=grad_BD.device).repeat_interleave(width)
+            grad_acts_BS = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                grad_BD.contiguous(), W_dec_FD, indices_BS.flatten(), bag_starts, bag_of_entry, 0).view_as(acts_BS)
+        grad_W_dec_FD = _latent_rows(indices_BS, acts_BS, grad_BD, W_dec_FD.shape[0]) if ctx.needs_input_grad[2] else None
+        return grad_acts_BS, None, grad_W_dec_FD
 
 
 class TopKSAE(nn.Module):
@@ -88,10 +118,13 @@ class TopKSAE(nn.Module):
         """Project out the gradient component along each decoder row, so the unit-norm step stays exact."""
         if self.W_dec_FD.grad is not None:
             rows = self.W_dec_FD.data
-            self.W_dec_FD.grad -= (self.W_dec_FD.grad * rows).sum(1, keepdim=True) * rows
+            along_F = torch.linalg.vecdot(self.W_dec_FD.grad, rows)  # fused: no (F, D) temporary
+            self.W_dec_FD.grad.addcmul_(along_F[:, None], rows, value=-1)
 
     def pre_acts(self, x_BD: torch.Tensor) -> torch.Tensor:
-        return (x_BD - self.b_dec_D) @ self.W_enc_DF + self.b_enc_F
+        # addmm adds the bias inside the product: no second pass over the (B, F) result, and under bf16 autocast
+        # the result stays bf16 (a separate fp32 bias would promote it to an fp32 copy)
+        return torch.addmm(self.b_enc_F, x_BD - self.b_dec_D, self.W_enc_DF)
 
     def encode(self, x_BD: torch.Tensor, k: int | None = None) -> EncoderOutput:
         pre_BF = self.pre_acts(x_BD)
@@ -99,20 +132,23 @@ class TopKSAE(nn.Module):
         return EncoderOutput(F.relu(top_acts_BK), top_indices_BK, pre_BF)
 
     def selected_pre_acts(self, x_BD: torch.Tensor, pre_BF: torch.Tensor, indices_BS: torch.Tensor) -> torch.Tensor:
-        """pre_BF (computed without a graph) at the chosen latents, differentiable in the encoder and b_dec.
+        """pre_BF (computed without a graph) at the chosen latents, differentiable in the encoder and b_dec (not in
+        x_BD: the data).
 
         A loss that reads only chosen latents (top-k, AuxK) has a gradient on those entries alone; this backward
         touches only them, O(B*S*D) instead of the dense encoder's O(B*F*D) twice (the idea of sparsify's fused
         encoder). Indices must be unique within each row (top-k and AuxK choices are)."""
-        if pre_BF.requires_grad:
-            raise ValueError("pre_BF must be computed without a graph: its gradient would be dropped")
-        return _SelectedPreActs.apply(x_BD - self.b_dec_D, self.W_enc_DF, self.b_enc_F, pre_BF, indices_BS)
+        if pre_BF.requires_grad or x_BD.requires_grad:
+            raise ValueError("pre_BF and x_BD must carry no graph: their gradients would be dropped")
+        return _SelectedPreActs.apply(x_BD, self.b_dec_D, self.W_enc_DF, self.b_enc_F, pre_BF, indices_BS)
+
+    def decoder_sum(self, acts_BK: torch.Tensor, indices_BK: torch.Tensor) -> torch.Tensor:
+        """sum_k acts[b, k] * W_dec[indices[b, k]]: reads only the K chosen decoder rows per token (K*D, not F*D),
+        forward and backward."""
+        return _SparseDecode.apply(acts_BK.to(self.W_dec_FD.dtype), indices_BK, self.W_dec_FD)
 
     def decode(self, top_acts_BK: torch.Tensor, top_indices_BK: torch.Tensor) -> torch.Tensor:
-        # embedding_bag reads only the K selected decoder rows per token: cost K*D, not F*D.
-        weights_BK = top_acts_BK.to(self.W_dec_FD.dtype)
-        recon_BD = F.embedding_bag(top_indices_BK, self.W_dec_FD, per_sample_weights=weights_BK, mode="sum")
-        return recon_BD + self.b_dec_D
+        return self.decoder_sum(top_acts_BK, top_indices_BK) + self.b_dec_D
 
     def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
         codes = self.encode(x_BD)
