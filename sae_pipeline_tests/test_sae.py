@@ -225,3 +225,17 @@ def test_lr_holds_then_decays_linearly_to_zero():
     lrs = [lr_at(step, 100, cfg) for step in range(101)]
     assert lrs[:76] == [1.0] * 76
     assert lrs[100] == 0.0 and abs(lrs[90] - 0.4) < 1e-9
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: runs on the device machine "
+                    "(scripts/device_checks.sh)")
+@pytest.mark.parametrize("l1_coeff", [0.0, 3e-3])
+def test_training_and_metrics_on_cuda_match_the_cpu(l1_coeff):
+    x = sparse_data()
+    cfg = CFG.model_copy(update={"l1_coeff": l1_coeff})
+    on_gpu = train_sae(x[:7168], stats_of(x[:7168]), cfg, device="cuda")
+    on_cpu = train_sae(x[:7168], stats_of(x[:7168]), cfg)
+    assert on_gpu.sae.W_enc_DF.is_cuda
+    held_gpu, held_cpu = reconstruction_metrics(on_gpu.sae, x[7168:]), reconstruction_metrics(on_cpu.sae, x[7168:])
+    assert held_gpu.r2 > 0.85 and abs(held_gpu.r2 - held_cpu.r2) < 0.05
+    assert 0 < coherence_metrics(on_gpu.sae.W_dec_FD, CFG.merge_cos).p95 < 1  # the chunked cosines run there too

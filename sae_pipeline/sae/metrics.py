@@ -55,19 +55,21 @@ MASSIVE_NORM_RATIO = 10.0  # a token is massive when its centred norm exceeds th
 
 @torch.no_grad()
 def reconstruction_metrics(sae: TopKSAE, acts_ND: torch.Tensor, batch: int = 4096) -> ReconstructionMetrics:
-    k_active, fires_F, err_N = [], torch.zeros(sae.n_latents), []
+    device = sae.W_enc_DF.device  # the SAE's device does the work; the tokens come to it a batch at a time
+    k_active, fires_F, err_N = [], torch.zeros(sae.n_latents, device=device), []
     acts_ND = acts_ND.float()
     mean_D = acts_ND.mean(0)
     sq_norm_N = (acts_ND - mean_D).pow(2).sum(1)
     var_sum = float(sq_norm_N.sum())
     for start in range(0, acts_ND.shape[0], batch):
-        x_BD = acts_ND[start:start + batch]
+        x_BD = acts_ND[start:start + batch].to(device)
         codes = sae.encode(x_BD)
         recon_BD = sae.decode(codes.top_acts, codes.top_indices)
-        err_N.append((recon_BD - x_BD).pow(2).sum(1))
+        err_N.append((recon_BD - x_BD).pow(2).sum(1).cpu())
         active_BK = codes.top_acts > 0
-        k_active.append(active_BK.sum(-1))
-        fires_F.index_add_(0, codes.top_indices[active_BK], torch.ones(int(active_BK.sum())))
+        k_active.append(active_BK.sum(-1).cpu())
+        fires_F.index_add_(0, codes.top_indices[active_BK], torch.ones(int(active_BK.sum()), device=device))
+    fires_F = fires_F.cpu()
     n = acts_ND.shape[0]
     err_N = torch.cat(err_N)
     err_sum = float(err_N.sum())
@@ -95,10 +97,10 @@ def coherence_metrics(W_dec_FD: torch.Tensor, duplicate_cos: float, chunk: int =
     total, maximum, duplicates = 0.0, 0.0, 0
     for start in range(0, n, chunk):
         cos = (unit_FD[start:start + chunk] @ unit_FD.T).abs()
-        rows = torch.arange(start, min(start + chunk, n))
-        upper = torch.arange(n)[None, :] > rows[:, None]  # each unordered pair once
+        rows = torch.arange(start, min(start + chunk, n), device=cos.device)
+        upper = torch.arange(n, device=cos.device)[None, :] > rows[:, None]  # each unordered pair once
         values = cos[upper]
-        hist += torch.histc(values, bins=bins, min=0.0, max=1.0).double()
+        hist += torch.histc(values, bins=bins, min=0.0, max=1.0).double().cpu()
         total += float(values.double().sum())
         maximum = max(maximum, float(values.max())) if values.numel() else maximum
         duplicates += int((values > duplicate_cos).sum())
@@ -124,16 +126,17 @@ def splice_metrics(model: nn.Module, sae: TopKSAE, layer: int, input_ids: torch.
         if mode["value"] == "zero":
             patched[:, skip_positions:] = 0
         else:
-            flat = tail.reshape(-1, tail.shape[-1]).to(sae.W_enc_DF.dtype)
-            patched[:, skip_positions:] = sae(flat).reshape(tail.shape).to(output.dtype)
+            flat = tail.reshape(-1, tail.shape[-1]).to(sae.W_enc_DF)  # the SAE's dtype and device
+            patched[:, skip_positions:] = sae(flat).reshape(tail.shape).to(output)
         return patched
 
     sums = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0}
     count = 0
     handle = mlp_module(model, layer).register_forward_hook(hook)
+    device = next(model.parameters()).device
     try:
         for start in range(0, input_ids.shape[0], batch):
-            ids = input_ids[start:start + batch]
+            ids = input_ids[start:start + batch].to(device)
             logprobs = {}
             for name in ("clean", "spliced", "zero"):
                 mode["value"] = name

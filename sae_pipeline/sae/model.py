@@ -81,12 +81,14 @@ class _SparseDecode(torch.autograd.Function):
         acts_BS, indices_BS, W_dec_FD = ctx.saved_tensors
         n_batch, width = indices_BS.shape
         grad_acts_BS = None
-        if ctx.needs_input_grad[0]:  # embedding_bag's own kernel: one dot product per chosen row
+        if ctx.needs_input_grad[0]:  # embedding_bag's own kernel (mode 0: sum): one dot product per chosen row
             bag_starts = torch.arange(0, n_batch * width, width, device=grad_BD.device)
             bag_of_entry = torch.arange(n_batch, device=grad_BD.device).repeat_interleave(width)
             grad_acts_BS = torch.ops.aten._embedding_bag_per_sample_weights_backward(
                 grad_BD.contiguous(), W_dec_FD, indices_BS.flatten(), bag_starts, bag_of_entry, 0).view_as(acts_BS)
-        grad_W_dec_FD = _latent_rows(indices_BS, acts_BS, grad_BD, W_dec_FD.shape[0]) if ctx.needs_input_grad[2] else None
+        grad_W_dec_FD = None
+        if ctx.needs_input_grad[2]:
+            grad_W_dec_FD = _latent_rows(indices_BS, acts_BS, grad_BD, W_dec_FD.shape[0])
         return grad_acts_BS, None, grad_W_dec_FD
 
 
@@ -156,7 +158,7 @@ class TopKSAE(nn.Module):
 
     def fold_whitening(self, mean_D: torch.Tensor, scale_D: torch.Tensor) -> TopKSAE:
         """An SAE on raw activations equal to this one applied to (x - mean) / scale; exact, no preprocessing."""
-        folded = TopKSAE(self.d_model, self.n_latents, self.k)
+        folded = TopKSAE(self.d_model, self.n_latents, self.k).to(self.W_enc_DF.device)
         with torch.no_grad():
             folded.W_enc_DF.copy_(self.W_enc_DF / scale_D[:, None])
             folded.b_enc_F.copy_(self.b_enc_F)

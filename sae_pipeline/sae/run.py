@@ -51,9 +51,10 @@ def _evaluate(sae, heldout_ND: torch.Tensor, merge_cos: float, gates: Gates):
 
 def train_layer_sae(activations_root: Path, layer: int, cfg: SAEConfig, harvest_cfg: HarvestConfig,
                     out_dir: Path, model: nn.Module, heldout_ids: torch.Tensor, gates: Gates,
-                    lineage: dict) -> LayerSAEReport:
+                    lineage: dict, device: str = "cpu") -> LayerSAEReport:
     """Train one SAE per lambda of l1_sweep (or the single l1_coeff) and keep the one passing most gates, then
-    the highest R2; each candidate checkpoints to its own folder, so an interrupted sweep resumes."""
+    the highest R2; each candidate checkpoints to its own folder, so an interrupted sweep resumes. Training and
+    evaluation run on `device`; the activations stay in host memory and move a batch at a time."""
     began = time.perf_counter()
     acts_dir = layer_dir(activations_root, layer)
     train_ND = load_split(acts_dir, "train")
@@ -62,7 +63,7 @@ def train_layer_sae(activations_root: Path, layer: int, cfg: SAEConfig, harvest_
     candidates, sweep = [], []
     for l1_coeff in cfg.l1_sweep or [cfg.l1_coeff]:
         candidate_cfg = cfg.model_copy(update={"l1_coeff": l1_coeff})
-        result = train_sae(train_ND, stats, candidate_cfg, checkpoint_dir=out_dir / f"l1_{l1_coeff:g}")
+        result = train_sae(train_ND, stats, candidate_cfg, checkpoint_dir=out_dir / f"l1_{l1_coeff:g}", device=device)
         recon, metrics, gate_results = _evaluate(result.sae, heldout_ND, cfg.merge_cos, gates)
         candidates.append((sum(g.passed for g in gate_results), metrics["r2"], l1_coeff, result, recon, metrics,
                            gate_results))

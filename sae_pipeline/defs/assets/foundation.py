@@ -60,7 +60,7 @@ def build_foundation_assets(profile: Profile) -> list:
         lineage = {"model_hash": loaded.model_hash, "tokenizer_hash": loaded.tokenizer_hash,
                    "corpus_sha256": corpus_sha256, "activations": root.name}
         report = train_layer_sae(root, layer, profile.sae, profile.harvest, out_dir, loaded.model, ids,
-                                 load_gates(), lineage)
+                                 load_gates(), lineage, device=profile.execution.device)
         return dg.MaterializeResult(
             metadata={**numbers(report.metrics), "path": dg.MetadataValue.path(str(report.directory)),
                       "liveness_histogram": png_markdown(report.liveness_png, "liveness histogram"),
