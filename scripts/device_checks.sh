@@ -16,25 +16,28 @@ fi
 OUT="${OUT:-/tmp/device_out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/benchmarks" TQDM_DISABLE=1 SAE_PIPELINE_ARTIFACTS="$OUT/artifacts"
-exec > >(tee "$OUT/device_checks.log") 2>&1
-python3 -m pip install -q --no-deps --no-index .device_wheels/*.whl || echo "no .device_wheels: run prepare here"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-failed=0
 step() {  # a failing step is reported and the rest still run
     echo "== $*"
     "$@" || { echo "!! failed: $*"; failed=1; }
 }
-step python3 -m pytest -q -p no:cacheprovider sae_pipeline_tests/test_sae.py -k cuda
-# #9: training throughput at d 4096 x 16,384, k 32, batch 16,384 (the mistral-7b profile), ours vs sparsify
-step timeout 240 python3 benchmarks/bench_peers.py --profile mistral-7b --synthetic --device cuda --tokens 2097152 \
-    --arms ours sparsify
-# #4, #9: decode overhead of the steering hooks on a Mistral-7B-shaped model at context 2048
-step timeout 150 python3 benchmarks/bench_steering.py --mistral-shaped --device cuda --context 2048 --rounds 4 \
-    --out "$OUT/steering_gpu.json"
-# #6: per-token hook latency and decode throughput of the fused nets, same model
-step timeout 150 python3 benchmarks/bench_fused.py --mistral-shaped --synthetic --device cuda --context 2048 \
-    --rounds 4 --out "$OUT/fused_gpu.json"
-cp "$OUT"/artifacts/benchmarks/*.json "$OUT"/ 2>/dev/null
-rm -rf "$OUT/artifacts"
-exit $failed
+checks() {
+    python3 -m pip install -q --no-deps --no-index .device_wheels/*.whl || echo "no .device_wheels: run prepare here"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+    failed=0
+    step python3 -m pytest -q -p no:cacheprovider sae_pipeline_tests/test_sae.py -k cuda
+    # #9: training throughput at d 4096 x 16,384, k 32, batch 16,384 (the mistral-7b profile), ours vs sparsify
+    step timeout 240 python3 benchmarks/bench_peers.py --profile mistral-7b --synthetic --device cuda \
+        --tokens 2097152 --arms ours sparsify
+    # #4, #9: decode overhead of the steering hooks on a Mistral-7B-shaped model at context 2048
+    step timeout 150 python3 benchmarks/bench_steering.py --mistral-shaped --device cuda --context 2048 --rounds 4 \
+        --out "$OUT/steering_gpu.json"
+    # #6: per-token hook latency and decode throughput of the fused nets, same model
+    step timeout 150 python3 benchmarks/bench_fused.py --mistral-shaped --synthetic --device cuda --context 2048 \
+        --rounds 4 --out "$OUT/fused_gpu.json"
+    cp "$OUT"/artifacts/benchmarks/*.json "$OUT"/ 2>/dev/null
+    rm -rf "$OUT/artifacts"
+    return $failed
+}
+checks 2>&1 | tee "$OUT/device_checks.log"
+exit "${PIPESTATUS[0]}"
