@@ -24,6 +24,9 @@ def stats_of(x):
     return WhiteningStats(x.mean(0), x.std(0, unbiased=False), x.shape[0])
 
 
+# the custom backward passes (CSR products, embedding_bag's per-sample kernel) are checked on every device there is
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
 CFG = SAEConfig(n_latents=128, k=4, k_start=8, batch_tokens=256, epochs=6, lr=4e-3, aux_k=16,
                 dead_window_tokens=4096, checkpoint_every_steps=20, whiten="diagonal")
 
@@ -45,14 +48,16 @@ def test_sparse_decode_equals_dense_decode():
                           atol=1e-5)
 
 
-def test_sparse_decode_gradients_equal_the_dense_products():
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse_decode_gradients_equal_the_dense_products(device):
     """The decoder's own backward (CSR rows for W_dec, embedding_bag's per-sample kernel for the codes)."""
     g = torch.Generator().manual_seed(5)
     sae = TopKSAE(16, 64, 5)
     sae.init_tied(g)
-    indices = torch.stack([torch.randperm(64, generator=g)[:5] for _ in range(12)])
-    acts = torch.rand(12, 5, generator=g)
-    target = torch.randn(12, 16, generator=g)
+    sae.to(device)
+    indices = torch.stack([torch.randperm(64, generator=g)[:5] for _ in range(12)]).to(device)
+    acts = torch.rand(12, 5, generator=g).to(device)
+    target = torch.randn(12, 16, generator=g).to(device)
     grads = []
     for sparse in (True, False):
         sae.zero_grad()
@@ -60,14 +65,15 @@ def test_sparse_decode_gradients_equal_the_dense_products():
         if sparse:
             recon = sae.decoder_sum(leaf, indices)
         else:
-            recon = torch.zeros(12, 64).scatter(1, indices, leaf) @ sae.W_dec_FD
+            recon = torch.zeros(12, 64, device=device).scatter(1, indices, leaf) @ sae.W_dec_FD
         (recon - target).pow(2).sum().backward()
         grads.append((leaf.grad, sae.W_dec_FD.grad.clone()))
     for sparse_grad, dense_grad in zip(*grads):
         torch.testing.assert_close(sparse_grad, dense_grad, rtol=1e-5, atol=1e-5)
 
 
-def test_selected_pre_acts_give_the_dense_encoders_gradients():
+@pytest.mark.parametrize("device", DEVICES)
+def test_selected_pre_acts_give_the_dense_encoders_gradients(device):
     """The sparse backward (top-k and AuxK entries only) equals autograd through the dense encoder."""
     g = torch.Generator().manual_seed(3)
     sae = TopKSAE(24, 96, 4)
@@ -75,8 +81,9 @@ def test_selected_pre_acts_give_the_dense_encoders_gradients():
     with torch.no_grad():
         sae.b_enc_F.copy_(torch.randn(96, generator=g) * 0.1)
         sae.b_dec_D.copy_(torch.randn(24, generator=g))
-    x = torch.randn(64, 24, generator=g)
-    dead_F = torch.zeros(96, dtype=torch.bool)
+    sae.to(device)
+    x = torch.randn(64, 24, generator=g).to(device)
+    dead_F = torch.zeros(96, dtype=torch.bool, device=device)
     dead_F[::3] = True
 
     def loss(pick, pre_BF):

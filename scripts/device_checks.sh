@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The checks that need a GPU (issues #4, #6, #9) as one short command for the device machine. Two steps:
 #   here:   bash scripts/device_checks.sh prepare      # wheels the device image lacks -> .device_wheels/ (ignored)
-#   device: run(command="bash scripts/device_checks.sh", carry=[".device_wheels"], timeout_s=540)
+#   device: run(command="bash scripts/device_checks.sh", carry=[".device_wheels"], timeout_s=580)
+# (its steps' own limits add to 440 s, leaving time for the install, the tests and CUDA's start-up)
 # Results (JSON, and the log) come back under $OUT; copy the figures into benchmarks/README.md.
 # The image has torch, transformers, safetensors, pyyaml, onnx(runtime) and pytest, not pydantic or the peers.
 set -uo pipefail
@@ -25,17 +26,18 @@ checks() {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
     failed=0
+    step python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA: the checks below would skip'"
     step python3 -m pytest -q -p no:cacheprovider sae_pipeline_tests/test_sae.py -k cuda
     # #9: training throughput at d 4096 x 16,384, k 32, batch 16,384 (the mistral-7b profile), ours vs sparsify
-    step timeout 240 python3 benchmarks/bench_peers.py --profile mistral-7b --synthetic --device cuda \
+    step timeout 200 python3 benchmarks/bench_peers.py --profile mistral-7b --synthetic --device cuda \
         --tokens 2097152 --arms ours sparsify
+    cp "$OUT"/artifacts/benchmarks/*.json "$OUT"/ 2>/dev/null
     # #4, #9: decode overhead of the steering hooks on a Mistral-7B-shaped model at context 2048
-    step timeout 150 python3 benchmarks/bench_steering.py --mistral-shaped --device cuda --context 2048 --rounds 4 \
+    step timeout 120 python3 benchmarks/bench_steering.py --mistral-shaped --device cuda --context 2048 --rounds 4 \
         --out "$OUT/steering_gpu.json"
     # #6: per-token hook latency and decode throughput of the fused nets, same model
-    step timeout 150 python3 benchmarks/bench_fused.py --mistral-shaped --synthetic --device cuda --context 2048 \
+    step timeout 120 python3 benchmarks/bench_fused.py --mistral-shaped --synthetic --device cuda --context 2048 \
         --rounds 4 --out "$OUT/fused_gpu.json"
-    cp "$OUT"/artifacts/benchmarks/*.json "$OUT"/ 2>/dev/null
     rm -rf "$OUT/artifacts"
     return $failed
 }

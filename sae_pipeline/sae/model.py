@@ -30,6 +30,12 @@ class EncoderOutput(NamedTuple):
     pre_acts: torch.Tensor  # (B, F), before top-k: the L1 penalty and AuxK read it
 
 
+def _token_of_entry(indices_BS: torch.Tensor) -> torch.Tensor:
+    """For each entry of the flattened (B, S) indices, its row (token)."""
+    n_batch, width = indices_BS.shape
+    return torch.arange(n_batch, device=indices_BS.device).repeat_interleave(width)
+
+
 def _latent_rows(indices_BS: torch.Tensor, values_BS: torch.Tensor, dense_BD: torch.Tensor,
                  n_latents: int) -> torch.Tensor:
     """(F, D): row j sums values[b, s] * dense[b] over the entries where indices[b, s] == j.
@@ -37,10 +43,10 @@ def _latent_rows(indices_BS: torch.Tensor, values_BS: torch.Tensor, dense_BD: to
     The gradient of a weight read only at chosen latents (encoder columns, decoder rows): an (F x B) sparse matrix
     of the chosen entries in CSR (rows sorted by latent) times the batch. On a CPU it multiplies ~1.7x faster than
     COO and ~2.4x faster than embedding_bag's dense backward, which scatters into a zero-filled F x D."""
-    n_batch, width = indices_BS.shape
+    n_batch = indices_BS.shape[0]
     flat_S = indices_BS.flatten()
     order_S = flat_S.argsort(stable=True)  # columns (tokens) stay sorted within each latent's row
-    tokens_S = torch.arange(n_batch, device=flat_S.device).repeat_interleave(width)
+    tokens_S = _token_of_entry(indices_BS)
     crow_F = torch.zeros(n_latents + 1, dtype=torch.long, device=flat_S.device)
     crow_F[1:] = torch.bincount(flat_S, minlength=n_latents).cumsum(0)
     with warnings.catch_warnings():  # "CSR support is in beta": construction and matmul are what we use
@@ -83,9 +89,9 @@ class _SparseDecode(torch.autograd.Function):
         grad_acts_BS = None
         if ctx.needs_input_grad[0]:  # embedding_bag's own kernel (mode 0: sum): one dot product per chosen row
             bag_starts = torch.arange(0, n_batch * width, width, device=grad_BD.device)
-            bag_of_entry = torch.arange(n_batch, device=grad_BD.device).repeat_interleave(width)
             grad_acts_BS = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-                grad_BD.contiguous(), W_dec_FD, indices_BS.flatten(), bag_starts, bag_of_entry, 0).view_as(acts_BS)
+                grad_BD.contiguous(), W_dec_FD, indices_BS.flatten(), bag_starts, _token_of_entry(indices_BS),
+                0).view_as(acts_BS)
         grad_W_dec_FD = None
         if ctx.needs_input_grad[2]:
             grad_W_dec_FD = _latent_rows(indices_BS, acts_BS, grad_BD, W_dec_FD.shape[0])
@@ -120,12 +126,14 @@ class TopKSAE(nn.Module):
         """Project out the gradient component along each decoder row, so the unit-norm step stays exact."""
         if self.W_dec_FD.grad is not None:
             rows = self.W_dec_FD.data
-            along_F = torch.linalg.vecdot(self.W_dec_FD.grad, rows)  # fused: no (F, D) temporary
+            along_F = torch.linalg.vecdot(self.W_dec_FD.grad, rows)  # ~2x faster here than (grad * rows).sum(1)
             self.W_dec_FD.grad.addcmul_(along_F[:, None], rows, value=-1)
 
     def pre_acts(self, x_BD: torch.Tensor) -> torch.Tensor:
-        # addmm adds the bias inside the product: no second pass over the (B, F) result, and under bf16 autocast
-        # the result stays bf16 (a separate fp32 bias would promote it to an fp32 copy)
+        """(B, D) -> (B, F); 2-D input only (flatten leading dimensions first).
+
+        addmm adds the bias inside the product: no second pass over the (B, F) result, and under bf16 autocast the
+        result stays bf16 (a separate fp32 bias would promote it to an fp32 copy); so does the bias's gradient."""
         return torch.addmm(self.b_enc_F, x_BD - self.b_dec_D, self.W_enc_DF)
 
     def encode(self, x_BD: torch.Tensor, k: int | None = None) -> EncoderOutput:
