@@ -171,7 +171,8 @@ def heldout_quality(reconstruct: Reconstruct, heldout_ND: torch.Tensor, n_latent
 
 
 def load_data(args) -> tuple[torch.Tensor, torch.Tensor, WhiteningStats]:
-    """(train, held-out, statistics) on args.device: a harvested layer's, or synthetic at the profile's d_model."""
+    """(train, held-out) on args.device and whitening statistics (train_sae moves them where it trains): a harvested
+    layer's, or synthetic at the profile's d_model."""
     if args.synthetic:
         d_model = load_profile(args.profile).d_model
         train_ND = synthetic_activations(args.tokens, d_model, args.device, seed=0)
@@ -179,10 +180,8 @@ def load_data(args) -> tuple[torch.Tensor, torch.Tensor, WhiteningStats]:
         stats = WhiteningStats(train_ND.mean(0), train_ND.std(0), train_ND.shape[0])
         return train_ND, heldout_ND, stats
     directory = layer_dir(Path(args.activations), args.layer)
-    stats = load_stats(directory)
     return (load_split(directory, "train", args.tokens)[:args.tokens].to(args.device),
-            load_split(directory, "heldout").to(args.device),
-            WhiteningStats(stats.mean_D.to(args.device), stats.std_D.to(args.device), stats.n_tokens))
+            load_split(directory, "heldout").to(args.device), load_stats(directory))
 
 
 def _peak_start(device: str) -> float:
