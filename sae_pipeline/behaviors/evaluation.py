@@ -18,6 +18,7 @@ from torch import nn
 
 from sae_pipeline.behaviors.release import CONFIG_FILE, Release, read_release
 from sae_pipeline.config import Gate
+from sae_pipeline.evaluation.harness import REVERSE_ARM
 from sae_pipeline.evaluation.stability import FeatureReadout
 from sae_pipeline.gates import GateResult, check_gates
 from sae_pipeline.hashing import config_hash, file_sha256
@@ -26,17 +27,17 @@ from sae_pipeline.steering.behaviors import behavior_layers
 from sae_pipeline.steering.runtime import LayerSteering, SteeringError, patched
 from sae_pipeline.steering.sweep import reverse_capability_recovery, strength_gate_values
 
-ALL, REVERSE, ONLY = "all", "reverse", "only_"
+ALL, ONLY = "all", "only_"
 CAPABILITY_GATES = ("next_token_kl_max", "perplexity_increase_max", "task_accuracy_drop_max")
 
 
 def arm_names(behaviors: Sequence[str]) -> list[str]:
-    return [ALL, *(ONLY + b for b in behaviors), REVERSE]
+    return [ALL, *(ONLY + b for b in behaviors), REVERSE_ARM]
 
 
 def arm_behaviors(arm: str, behaviors: Sequence[str]) -> tuple[str, ...]:
     """The behaviours an arm enables."""
-    if arm in (ALL, REVERSE):
+    if arm in (ALL, REVERSE_ARM):
         return tuple(behaviors)
     if arm.startswith(ONLY) and arm.removeprefix(ONLY) in behaviors:
         return (arm.removeprefix(ONLY),)
@@ -119,7 +120,7 @@ def behavior_gate_values(baseline: dict, arms: dict[str, dict], behaviors: Seque
         base = _rate(baseline, "harmful_completion_rate", "per_category", behavior)["rate"]
         steered = _rate(every, "harmful_completion_rate", "per_category", behavior)["rate"]
         reductions.append(1 - steered / base if base else 0.0)
-    steered_arms = [m for arm, m in arms.items() if arm != REVERSE]
+    steered_arms = [m for arm, m in arms.items() if arm != REVERSE_ARM]
     strength = strength_gate_values(baseline, every)
     values = {
         "category_completion_reduction_min": min(reductions),
@@ -127,7 +128,7 @@ def behavior_gate_values(baseline: dict, arms: dict[str, dict], behaviors: Seque
                                         for m in steered_arms),
         **{name: strength[name] for name in CAPABILITY_GATES},
         "sign_flips_max": strength["sign_flips_max"],
-        "reverse_capability_recovery_min": reverse_capability_recovery(baseline, arms[REVERSE]),
+        "reverse_capability_recovery_min": reverse_capability_recovery(baseline, arms[REVERSE_ARM]),
         "behavioral_crosstalk_max": len(behavioral_crosstalk(
             baseline, {b: arms[ONLY + b] for b in behaviors})),
     }
@@ -147,7 +148,7 @@ def ablation_rows(baseline: dict, arms: dict[str, dict], behaviors: Sequence[str
     """One row per arm (baseline first): each category's harmful completion rate, benign and borderline false
     refusal, perplexity and task accuracy."""
     rows = []
-    for arm, metrics in [("baseline", baseline), *((a, m) for a, m in arms.items() if a != REVERSE)]:
+    for arm, metrics in [("baseline", baseline), *((a, m) for a, m in arms.items() if a != REVERSE_ARM)]:
         per_category = metrics["harmful_completion_rate"]["per_category"]
         rows.append({"arm": arm, **{f"completion_{b}": per_category[b]["rate"] for b in behaviors},
                      "benign_false_refusal": metrics["benign_false_refusal_rate"]["overall"]["rate"],
@@ -190,7 +191,7 @@ def ensemble_behavior_metrics(baseline: dict, arms: dict[str, dict], behaviors: 
                            "baseline_perplexity": baseline["capability"]["perplexity"]},
             "sign_flips": strength["sign_flips_max"],
             "sign_flips_by_behavior_layer": every.get("feature_stability", {}).get("sign_flips_by_readout", {}),
-            "reverse_capability_recovery": round(reverse_capability_recovery(baseline, arms[REVERSE]), 6),
+            "reverse_capability_recovery": round(reverse_capability_recovery(baseline, arms[REVERSE_ARM]), 6),
             "throughput": overhead},
         "ablation": ablation_rows(baseline, arms, behaviors),
         "behavioral_crosstalk": behavioral_crosstalk(baseline, {b: arms[ONLY + b] for b in behaviors}),

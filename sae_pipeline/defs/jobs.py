@@ -3,7 +3,7 @@
 (behaviour features and screens, by behaviour x layer), `arms` (the behaviour release's evaluation arms), `fused`
 (fused nets and their exports, by layer), `fused_backends` (the fused release's arms, per backend) and `audit` (the
 audit's arms, by arm x family);
-scripts/main.sh drives them partition by partition."""
+`sae_pipeline/defs/driver.py` (scripts/main.sh) runs them partition by partition."""
 
 import dagster as dg
 

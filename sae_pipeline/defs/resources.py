@@ -44,7 +44,13 @@ class ModelResource(dg.ConfigurableResource):
             raise dg.Failure(f"ModelResource.device must be one of {list(_DEVICES)}, got {device!r}")
         if device == "cuda" and not torch.cuda.is_available():
             raise dg.Failure("the profile puts the model on cuda (execution.device) but this process sees no GPU")
-        return _cached_load(self.name_or_path or profile.model, dtype, device)
+        loaded = _cached_load(self.name_or_path or profile.model, dtype, device)
+        # one process may run many steps (the main job's driver): a hook an earlier step left behind would steer
+        # this one silently, so refuse instead
+        if any(m._forward_hooks or m._forward_pre_hooks for m in loaded.model.modules()):
+            raise dg.Failure("the cached model still carries forward hooks from an earlier step (a patch that was "
+                             "never removed); run this step in a fresh process")
+        return loaded
 
 
 _WANDB_MODES = ("offline", "online", "disabled")

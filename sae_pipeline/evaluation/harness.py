@@ -33,6 +33,7 @@ from sae_pipeline.model.loading import LoadedModel
 
 SCHEMA_VERSION = 1
 FINGERPRINTS_FILE = "redaction.fingerprints"
+REVERSE_ARM = "reverse"  # the evaluation arm (and partition) that runs reverse-safety: needs STEER_DEBUG=1
 
 
 class Steering(Protocol):

@@ -22,6 +22,7 @@ from torch import nn
 from sae_pipeline.behaviors.evaluation import CAPABILITY_GATES, ReleasePolicy
 from sae_pipeline.behaviors.release import Release
 from sae_pipeline.config import Gate
+from sae_pipeline.evaluation.harness import REVERSE_ARM
 from sae_pipeline.evaluation.stability import FeatureReadout
 from sae_pipeline.fused.distill import Teacher
 from sae_pipeline.fused.release import FUSED_CONFIG, FusedRelease, fused_layers, read_fused_release
@@ -32,12 +33,11 @@ from sae_pipeline.steering.behaviors import behavior_layers
 from sae_pipeline.steering.runtime import DEFAULT_EPSILON, LayerSteering, patched
 from sae_pipeline.steering.sweep import reverse_capability_recovery, strength_gate_values
 
-REVERSE = "reverse"  # the arm that runs the INT8 path reversed
 EXACT_RULE = "exact_rule"  # the control: the sidecars' rule in float32
 
 
 def fused_arm_names(backends: Sequence[str]) -> list[str]:
-    return [*backends, REVERSE, EXACT_RULE]
+    return [*backends, REVERSE_ARM, EXACT_RULE]
 
 
 def exact_rule_nets(release: Release) -> dict[int, Teacher]:
@@ -113,10 +113,10 @@ def fused_results(gates: dict[str, Gate], baseline: dict, sidecars: dict, arms: 
     out = {backend: check_gates({n: gates[n] for n in (*CAPABILITY_GATES, "category_completion_delta_max",
                                                        "benign_false_refusal_delta_max")},
                                 fused_gate_values(baseline, sidecars, metrics))
-           for backend, metrics in arms.items() if backend not in (REVERSE, EXACT_RULE)}
-    out[REVERSE] = check_gates({"reverse_capability_recovery_min": gates["reverse_capability_recovery_min"]},
+           for backend, metrics in arms.items() if backend not in (REVERSE_ARM, EXACT_RULE)}
+    out[REVERSE_ARM] = check_gates({"reverse_capability_recovery_min": gates["reverse_capability_recovery_min"]},
                                {"reverse_capability_recovery_min": round(reverse_capability_recovery(
-                                   baseline, arms[REVERSE]), 9)})
+                                   baseline, arms[REVERSE_ARM]), 9)})
     return out
 
 

@@ -9,7 +9,7 @@ import dagster as dg
 import torch
 
 from sae_pipeline.behaviors.evaluation import (
-    ALL, ONLY, REVERSE, ReleasePolicy, ablation_rows, arm_behaviors, arm_names, behavior_results,
+    ALL, ONLY, ReleasePolicy, ablation_rows, arm_behaviors, arm_names, behavior_results,
     ensemble_behavior_metrics)
 from sae_pipeline.behaviors.release import CONFIG_FILE, read_release
 from sae_pipeline.config import Profile, artifacts_root, load_gates
@@ -20,7 +20,7 @@ from sae_pipeline.defs.metadata import numbers, png_markdown, table
 from sae_pipeline.defs.resources import ModelResource, TrackingResource
 from sae_pipeline.evaluation.datasets import load_prompt_sets
 from sae_pipeline.evaluation.generation import chat_ids
-from sae_pipeline.evaluation.harness import load_metrics
+from sae_pipeline.evaluation.harness import REVERSE_ARM, load_metrics
 from sae_pipeline.evaluation.plots import rates_png
 from sae_pipeline.hashing import file_sha256
 from sae_pipeline.steering.overhead import measure_overhead
@@ -45,11 +45,11 @@ def build_behavior_evaluation_assets(profile: Profile) -> list:
               kinds={"pytorch"},
               check_specs=[redaction_check_spec(ARM_REDACTION, "behavior_arms")],
               description="The behaviour release on the held-out sets with one arm's behaviours on (metrics.json "
-                          f"with bootstrap CIs): `{ALL}`, `{ONLY}<behaviour>` alone, `{REVERSE}` (every behaviour "
+                          f"with bootstrap CIs): `{ALL}`, `{ONLY}<behaviour>` alone, `{REVERSE_ARM}` (every behaviour "
                           "flipped, needs STEER_DEBUG=1).")
     def behavior_arms(context: dg.AssetExecutionContext, model: ModelResource, tracking: TrackingResource):
         arm = context.partition_key
-        reverse = arm == REVERSE
+        reverse = arm == REVERSE_ARM
         require_audit(reverse)
         enabled = arm_behaviors(arm, behaviors)
         policy = ReleasePolicy.load(_release_dir(context.instance), enabled)

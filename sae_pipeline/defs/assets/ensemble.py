@@ -24,7 +24,7 @@ from sae_pipeline.defs.resources import ModelResource, TrackingResource
 from sae_pipeline.evaluation.datasets import load_prompt_sets
 from sae_pipeline.evaluation.determinism import deterministic
 from sae_pipeline.evaluation.generation import chat_ids
-from sae_pipeline.evaluation.harness import load_metrics
+from sae_pipeline.evaluation.harness import REVERSE_ARM, load_metrics
 from sae_pipeline.evaluation.plots import rates_png
 from sae_pipeline.features.refusal import refusal_direction
 from sae_pipeline.hashing import config_hash, file_sha256
@@ -36,7 +36,6 @@ from sae_pipeline.steering.sweep import (
 from sae_pipeline.tensorfiles import load_tensors, save_tensors
 
 GROUP = "steering"
-REVERSE = "reverse"
 ENSEMBLE_REDACTION = "ensemble_redaction"
 ENSEMBLE_GATES = "ensemble_gates"
 
@@ -64,7 +63,7 @@ def build_ensemble_assets(profile: Profile) -> list:
     hooked = profile.harvest.layers
     grid_keys = {f"grid_L{layer}_{side}": (layer, side) for layer in hooked for side in ("plus", "minus")}
     ablation_keys = {f"without_L{layer}": layer for layer in hooked}
-    parts = dg.StaticPartitionsDefinition([*named, *grid_keys, *ablation_keys, REVERSE])
+    parts = dg.StaticPartitionsDefinition([*named, *grid_keys, *ablation_keys, REVERSE_ARM])
 
     @dg.asset(**gpu, group_name=GROUP, deps=["refusal_gate"], kinds={"pytorch"},
               description="A refusal direction (refusal minus compliance continuations, the tuning prompts) at every "
@@ -134,7 +133,7 @@ def build_ensemble_assets(profile: Profile) -> list:
                 return f"layer {layer} is inert or already at 0 in {base.name}: nothing to move"
             return moved[0]
         chosen = best(instance, [*named, *grid_keys])
-        if key == REVERSE:
+        if key == REVERSE_ARM:
             return chosen
         dropped = ablations(chosen, [ablation_keys[key]])
         if ablation_keys[key] not in active or not dropped:
@@ -150,7 +149,7 @@ def build_ensemble_assets(profile: Profile) -> list:
                           "schedule with one layer off, and reverse-safety (STEER_DEBUG=1).")
     def ensemble_sweep(context: dg.AssetExecutionContext, model: ModelResource, tracking: TrackingResource):
         key = context.partition_key
-        reverse = key == REVERSE
+        reverse = key == REVERSE_ARM
         require_audit(reverse)
         loaded = model.load(profile, dtype=eval_cfg.model_dtype)
         ensemble, readouts, sources = load_ensemble(context.instance, loaded, Schedule("none", {}))
@@ -206,7 +205,7 @@ def build_ensemble_assets(profile: Profile) -> list:
         overhead = measure_overhead(loaded.model, [torch.tensor([chat_ids(loaded.tokenizer, p)], device=device)
                                                    for p in prompts], chosen_ensemble.layers_at(1.0),
                                     ensemble.base.gate_skip, cfg.overhead_new_tokens, cfg.overhead_rounds)
-        verdict = operating_point_results(gates, baseline, chosen_metrics, runs[REVERSE][1], overhead.overhead)
+        verdict = operating_point_results(gates, baseline, chosen_metrics, runs[REVERSE_ARM][1], overhead.overhead)
         chosen_values = strength_gate_values(baseline, chosen_metrics)
         ablation = []
         for key, layer in ablation_keys.items():
@@ -261,13 +260,13 @@ def build_ensemble_assets(profile: Profile) -> list:
     def ensemble_gates(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         report = json.loads(Path(required_metadata(context.instance, ensemble_metrics.key)["path"]).read_text())
         runs = {key: load_metrics(Path(report["runs"][key]["path"])) for key in (report["chosen"]["partition"],
-                                                                                  REVERSE)}
+                                                                                  REVERSE_ARM)}
         baseline = load_metrics(Path(report["baseline"]["path"]))
         changed = [key for key, m in runs.items() if m["metrics_sha256"] != report["runs"][key]["metrics_sha256"]]
         if changed or baseline["metrics_sha256"] != report["baseline"]["metrics_sha256"]:
             raise dg.Failure(f"metrics changed since ensemble_metrics.json was written: {changed or ['baseline']}")
         results = operating_point_results(load_gates().steering, baseline, runs[report["chosen"]["partition"]],
-                                          runs[REVERSE], report["throughput"]["overhead"])
+                                          runs[REVERSE_ARM], report["throughput"]["overhead"])
         return dg.AssetCheckResult(passed=all(g.passed for g in results), severity=dg.AssetCheckSeverity.ERROR,
                                    metadata={**{g.name: g.value for g in results},
                                              "gates": table([g._asdict() for g in results])})

@@ -24,12 +24,12 @@ from sae_pipeline.defs.resources import ModelResource, TrackingResource
 from sae_pipeline.evaluation.datasets import load_prompt_sets
 from sae_pipeline.evaluation.determinism import deterministic
 from sae_pipeline.evaluation.generation import chat_ids
-from sae_pipeline.evaluation.harness import load_metrics, load_records
+from sae_pipeline.evaluation.harness import REVERSE_ARM, load_metrics, load_records
 from sae_pipeline.evaluation.plots import rates_png
 from sae_pipeline.fused.data import LayerTokens, calibration_feeds, split_tokens
 from sae_pipeline.fused.distill import Teacher, fit, fused_errors
 from sae_pipeline.fused.evaluation import (
-    EXACT_RULE, REVERSE, FusedPolicy, agreements, fused_arm_names, fused_metrics, fused_results)
+    EXACT_RULE, FusedPolicy, agreements, fused_arm_names, fused_metrics, fused_results)
 from sae_pipeline.fused.export import OnnxSideNet, save_int8, save_onnx
 from sae_pipeline.fused.gates import error_gate_results, errors_record
 from sae_pipeline.fused.net import FusedNet, load_fused, save_fused
@@ -254,12 +254,12 @@ def build_fused_assets(profile: Profile) -> list:
     @dg.asset(**gpu, group_name=GROUP, deps=[fused_release, "refusal_judge"], partitions_def=arms, kinds={"pytorch"},
               check_specs=[redaction_check_spec(FUSED_REDACTION, "fused_arms")],
               description="The fused release on the held-out sets, one backend per arm with every behaviour on "
-                          f"(metrics.json with bootstrap CIs); `{REVERSE}`: the INT8 path reversed (needs "
+                          f"(metrics.json with bootstrap CIs); `{REVERSE_ARM}`: the INT8 path reversed (needs "
                           f"STEER_DEBUG=1); `{EXACT_RULE}`: the control, the sidecars' own rule in float32 (how far "
                           "arithmetic alone moves the decisions).")
     def fused_arms(context: dg.AssetExecutionContext, model: ModelResource, tracking: TrackingResource):
         arm = context.partition_key
-        reverse = arm == REVERSE
+        reverse = arm == REVERSE_ARM
         require_audit(reverse)
         policy = FusedPolicy.load(release_dir_of(context.instance), "int8" if reverse else arm)
         loaded = model.load(profile, dtype=eval_cfg.model_dtype)
@@ -327,7 +327,7 @@ def build_fused_assets(profile: Profile) -> list:
         rows = [_run_row("sidecar_ensemble", sidecar_run), *(_run_row(n, r) for n, r in report["backends"].items())]
         panels = {"sidecar ensemble": runs.sidecars["harmful_completion_rate"]["per_category"],
                   **{f"fused {arm}": metrics["harmful_completion_rate"]["per_category"]
-                     for arm, metrics in runs.arms.items() if arm != REVERSE}}
+                     for arm, metrics in runs.arms.items() if arm != REVERSE_ARM}}
         return dg.MaterializeResult(metadata={
             "path": dg.MetadataValue.path(str(path)), "gates_passed": report["gates"]["passed"],
             **numbers({"int8_throughput_overhead": overhead.overhead}), "runs": table(rows),

@@ -15,7 +15,7 @@ from sae_pipeline.defs.metadata import numbers, png_markdown, table
 from sae_pipeline.defs.resources import ModelResource, TrackingResource
 from sae_pipeline.evaluation.datasets import load_prompt_sets
 from sae_pipeline.evaluation.generation import chat_ids
-from sae_pipeline.evaluation.harness import load_metrics
+from sae_pipeline.evaluation.harness import REVERSE_ARM, load_metrics
 from sae_pipeline.evaluation.stability import FeatureReadout
 from sae_pipeline.model.loading import LoadedModel
 from sae_pipeline.steering.operating_point import load_operating_point, save_operating_point
@@ -25,7 +25,6 @@ from sae_pipeline.steering.sweep import (
     Candidate, choose_alpha, load_candidate, operating_point_results, strength_results)
 
 GROUP = "steering"
-REVERSE = "reverse"
 REVERSE_ALPHA = 1.0  # reverse-safety runs the candidate at full strength, flipped
 SWEEP_REDACTION = "sweep_redaction"
 STEERING_GATES = "steering_gates"
@@ -55,7 +54,7 @@ def build_operating_point_assets(profile: Profile) -> list:
     gpu = on_gpu(profile.execution)
     cfg, eval_cfg = profile.steering, profile.evaluation
     sweep_keys = [sweep_key(alpha) for alpha in cfg.alpha_grid]
-    sweep_partitions = dg.StaticPartitionsDefinition([*sweep_keys, REVERSE])
+    sweep_partitions = dg.StaticPartitionsDefinition([*sweep_keys, REVERSE_ARM])
 
     every_layer = dg.AllPartitionMapping()  # the candidate reads each layer's sidecars, whatever the alpha
 
@@ -65,7 +64,7 @@ def build_operating_point_assets(profile: Profile) -> list:
               description="The candidate operating point on the held-out sets at one strength of the grid (metrics."
                           "json with bootstrap CIs); `reverse` runs it flipped (needs STEER_DEBUG=1).")
     def alpha_sweep(context: dg.AssetExecutionContext, model: ModelResource, tracking: TrackingResource):
-        reverse = context.partition_key == REVERSE
+        reverse = context.partition_key == REVERSE_ARM
         require_audit(reverse)
         alpha = REVERSE_ALPHA if reverse else float(context.partition_key)
         loaded = model.load(profile, dtype=eval_cfg.model_dtype)
@@ -92,7 +91,7 @@ def build_operating_point_assets(profile: Profile) -> list:
         loaded = model.load(profile, dtype=eval_cfg.model_dtype)
         candidate, _, sources = build_candidate(context.instance, profile, loaded)
         runs = {}
-        for key in [*sweep_keys, REVERSE]:
+        for key in [*sweep_keys, REVERSE_ARM]:
             meta = required_metadata(context.instance, alpha_sweep.key, key)
             if meta["candidate_sha256"] != candidate.sha256:
                 raise dg.Failure(f"alpha_sweep {key} evaluated another candidate ({meta['candidate_sha256'][:12]}, "
@@ -112,7 +111,7 @@ def build_operating_point_assets(profile: Profile) -> list:
                                                    for p in prompts],
                                     candidate.layers_at(chosen), candidate.gate_skip, cfg.overhead_new_tokens,
                                     cfg.overhead_rounds)
-        verdict = operating_point_results(gates, baseline, steered, runs[REVERSE][1], overhead.overhead)
+        verdict = operating_point_results(gates, baseline, steered, runs[REVERSE_ARM][1], overhead.overhead)
         directory = artifacts_root() / "steering" / "operating_point"
         if directory.exists():
             shutil.rmtree(directory)  # a fresh directory: no file of an earlier operating point survives in it
@@ -145,7 +144,7 @@ def build_operating_point_assets(profile: Profile) -> list:
                        "borderline_false_refusal_rate": steered["benign_false_refusal_rate"]["borderline"]["rate"]}),
             "ab_table": table(ab), "sweep": table(sweep_rows),
             "gates_passed": all(g.passed for g in verdict), "gates": table([g._asdict() for g in verdict]),
-            "alpha_curves": png_markdown(alpha_curves_png(curves, runs[REVERSE][1], REVERSE_ALPHA, chosen),
+            "alpha_curves": png_markdown(alpha_curves_png(curves, runs[REVERSE_ARM][1], REVERSE_ALPHA, chosen),
                                          "alpha curves")})
 
     @dg.asset_check(asset=operating_point, name=STEERING_GATES, blocking=True,
@@ -160,7 +159,7 @@ def build_operating_point_assets(profile: Profile) -> list:
             if m["metrics_sha256"] != config["evaluation"][key]["metrics_sha256"]:
                 raise dg.Failure(f"the {key} metrics changed since the operating point was chosen")
         results = operating_point_results(load_gates().steering, metrics[sweep_key(0.0)],
-                                          metrics[sweep_key(config["alpha"])], metrics[REVERSE],
+                                          metrics[sweep_key(config["alpha"])], metrics[REVERSE_ARM],
                                           config["throughput"]["overhead"])
         return dg.AssetCheckResult(
             passed=all(g.passed for g in results), severity=dg.AssetCheckSeverity.ERROR,
