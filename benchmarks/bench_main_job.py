@@ -27,9 +27,10 @@ def _inner(runs: int) -> None:
     import dagster as dg
 
     from sae_pipeline.defs import defs
+    from sae_pipeline.config import load_profile
     from sae_pipeline.defs.driver import Step, run_main
 
-    timings = run_main([Step((STEP,))] * runs, defs, dg.DagsterInstance.get())
+    timings = run_main([Step((STEP,))] * runs, defs, dg.DagsterInstance.get(), load_profile())
     assert all(t.success for t in timings)
 
 
@@ -49,7 +50,8 @@ def main() -> None:
     dagster = str(Path(sys.executable).parent / "dagster")
     cli = [dagster, "asset", "materialize", "-m", "sae_pipeline.defs", "--select", STEP]
     with tempfile.TemporaryDirectory() as home:
-        env = {**os.environ, "DAGSTER_HOME": home}
+        # a scratch instance and artifact root: the real main job's runs and timings stay untouched
+        env = {**os.environ, "DAGSTER_HOME": home, "SAE_PIPELINE_ARTIFACTS": str(Path(home) / "artifacts")}
         arms = {
             "cli_multiprocess": lambda: sum(_timed(cli, {**env, "SAE_PIPELINE_EXECUTOR": "multiprocess"})
                                             for _ in range(args.runs)),

@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -25,7 +27,7 @@ def test_main_steps_cover_every_asset_and_partition_once():
         partitions = defs.resolve_assets_def(name).partitions_def
         seen = [step.partition for step in steps if name in step.selection]
         assert seen == (partitions.get_partition_keys() if partitions else [None]), name
-    assert [s.partition for s in steps if s.selection == ("activations",)] == ["1...3"]
+    assert [s.partition_range for s in steps if s.selection == ("activations",)] == [("1", "3")]
     # a stage runs only after every stage it reads from
     order = {name: min(i for i, s in enumerate(steps) if name in s.selection) for name in every_asset}
     for key in graph.get_all_asset_keys():
@@ -46,22 +48,46 @@ def test_steer_debug_is_set_for_the_block_alone(monkeypatch):
     assert os.environ["STEER_DEBUG"] == "0"
 
 
-def test_a_failed_required_step_stops_the_job(monkeypatch):
+def test_a_failed_required_step_stops_the_job(artifacts, monkeypatch):
     steps = [driver.Step(("corpus",), required=True), driver.Step(("sae",), "1")]
     attempted = []
 
     def fake_run(_defs, _repository, _instance, step):
         attempted.append(step)
-        return False
+        return "failed"
 
     monkeypatch.setattr(driver, "run_step", fake_run)
-    timings = driver.run_main(steps, build_defs(load_profile("tiny")), instance=None)
+    timings = driver.run_main(steps, build_defs(load_profile("tiny")), None, load_profile("tiny"))
     assert attempted == steps[:1] and [t.success for t in timings] == [False]
+    assert json.loads((artifacts / "benchmarks" / "main_job_tiny.json").read_text())["planned_runs"] == 2
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_stops_the_job_after_the_run_it_interrupted(artifacts, tmp_path, signum):
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    env = {**os.environ, "SAE_PIPELINE_PROFILE": "tiny", "SAE_PIPELINE_EXECUTOR": "in_process",
+           "DAGSTER_HOME": str(home), "SAE_PIPELINE_GATES": str(write_gates(tmp_path / "pass.yaml", 0.0))}
+    cmd = [sys.executable, "-m", "sae_pipeline.defs.driver", "--stages", "corpus,activations,sae"]
+    process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if line.startswith("main job 3/4"):  # the first SAE is training
+            time.sleep(0.3)
+            process.send_signal(signum)
+            break
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode != 0
+    assert "main job 4/4" not in stdout, "the job went on after Ctrl-C"
+    runs = json.loads((artifacts / "benchmarks" / "main_job_tiny.json").read_text())["runs"]
+    assert [(r["label"], r["success"]) for r in runs] == [
+        ("corpus", True), ("activations [1...3]", True), ("sae [1]", False)]
+    assert "interrupted during sae [1]" in stderr
 
 
 def test_stage_table_sums_runs_and_shares():
-    timings = [driver.StepTiming(("sae",), "1", True, 30.0), driver.StepTiming(("sae",), "3", False, 10.0),
-               driver.StepTiming(("corpus",), None, True, 60.0)]
+    timings = [driver.StepTiming(("sae",), "sae [1]", True, 30.0),
+               driver.StepTiming(("sae",), "sae [3]", False, 10.0),
+               driver.StepTiming(("corpus",), "corpus", True, 60.0)]
     rows = driver.stage_table(timings)
     assert rows == [{"stage": "sae", "runs": 2, "failed": 1, "seconds": 40.0, "share": 0.4},
                     {"stage": "corpus", "runs": 1, "failed": 0, "seconds": 60.0, "share": 0.6}]
@@ -77,8 +103,8 @@ def test_driver_runs_the_steps_goes_on_after_a_failed_gate_and_exits_non_zero(ar
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 1, done.stderr[-2000:]
     report = json.loads((artifacts / "benchmarks" / "main_job_tiny.json").read_text())
-    assert [(r["selection"], r["partition"], r["success"]) for r in report["runs"]] == [
-        (["corpus"], None, True), (["activations"], "1...3", True), (["sae"], "1", False), (["sae"], "3", False)]
+    assert [(r["label"], r["success"]) for r in report["runs"]] == [
+        ("corpus", True), ("activations [1...3]", True), ("sae [1]", False), ("sae [3]", False)]
     assert report["executor"] == "in_process"
     assert sorted(p.name for p in artifacts.glob("activations/*/layer_*")) == ["layer_01", "layer_03"]
     assert "| sae | 2 | 2 |" in done.stdout

@@ -2,7 +2,8 @@
 `dagster asset materialize` makes them (same implicit asset job, partition tags, asset checks and executor), but
 without a new interpreter, Dagster import and definitions load for each of the ~150 runs (~9 s each, ~17 s with the
 multiprocess executor's step process). A run whose blocking check fails makes the exit status 1 and the job goes on
-(the assets downstream refuse to run, with the reason); a failed corpus or harvest stops it. The partition named
+(the assets downstream refuse to run, with the reason); a failed corpus or harvest stops it, and so does Ctrl-C
+(Dagster ends the run it interrupts as failed; the job then stops instead of going on). The partition named
 `reverse` (reverse-safety, an audit) runs with STEER_DEBUG=1, and it alone. The wall time of every run is written to
 `artifacts/benchmarks/main_job_{profile}.json` and printed by stage.
 
@@ -14,15 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import dagster as dg
 from dagster._core.definitions.reconstruct import ReconstructableRepository
+from dagster._core.errors import DagsterExecutionInterruptedError
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from sae_pipeline.config import Profile, artifacts_root, load_profile
@@ -31,15 +34,23 @@ from sae_pipeline.evaluation.harness import REVERSE_ARM
 DEFS_MODULE, DEFS_ATTRIBUTE = "sae_pipeline.defs", "defs"
 
 
+Outcome = Literal["success", "failed", "interrupted"]
+
+
 class Step(NamedTuple):
     selection: tuple[str, ...]  # asset names, one run
-    partition: str | None = None  # a partition key, or "first...last": a single-run range
+    partition: str | None = None
+    partition_range: tuple[str, str] | None = None  # (first, last): one run over the range (single-run backfill)
     required: bool = False  # what follows cannot run without it: a failure stops the job
+
+    def label(self) -> str:
+        part = self.partition or ("...".join(self.partition_range) if self.partition_range else None)
+        return ",".join(self.selection) + (f" [{part}]" if part else "")
 
 
 class StepTiming(NamedTuple):
     selection: tuple[str, ...]
-    partition: str | None
+    label: str
     success: bool
     seconds: float
 
@@ -56,7 +67,8 @@ def main_steps(defs: dg.Definitions) -> list[Step]:
         # frozen datasets -> judges -> baseline metrics: independent of the SAEs
         Step(("prompt_sets", "refusal_judge", "baseline_metrics")),
         Step(("corpus",), required=True),
-        Step(("activations",), f"{layers[0]}...{layers[-1]}", required=True),  # one forward pass feeds every layer
+        # one forward pass feeds every layer
+        Step(("activations",), partition_range=(layers[0], layers[-1]), required=True),
         *each("sae"),
         Step(("refusal_gate",)),  # raw activations: no SAE needed
         # on every layer whose SAE passes sae_quality (the others are refused with the reason)
@@ -90,22 +102,27 @@ def _steer_debug(on: bool) -> Iterator[None]:
 
 
 def run_step(defs: dg.Definitions, repository: ReconstructableRepository, instance: dg.DagsterInstance,
-             step: Step) -> bool:
+             step: Step) -> Outcome:
     """One run, as `dagster asset materialize --select ... [--partition | --partition-range]` makes it."""
     keys = dg.AssetSelection.assets(*step.selection).resolve(defs.resolve_asset_graph())
     job = defs.resolve_implicit_job_def_def_for_assets(list(keys))
     if job is None:
         raise ValueError(f"{step.selection} do not share one partitioning: they cannot run together")
     tags: dict[str, str] = {}
-    if step.partition is not None and "..." in step.partition:
-        start, end = step.partition.split("...")
-        tags = {ASSET_PARTITION_RANGE_START_TAG: start, ASSET_PARTITION_RANGE_END_TAG: end}
+    if step.partition_range is not None:
+        tags = {ASSET_PARTITION_RANGE_START_TAG: step.partition_range[0],
+                ASSET_PARTITION_RANGE_END_TAG: step.partition_range[1]}
     elif step.partition is not None:
         tags = dict(job.get_tags_for_partition_key(step.partition, selected_asset_keys=keys))
     with _steer_debug(step.partition == REVERSE_ARM):
         result = dg.execute_job(repository.get_reconstructable_job(job.name), instance=instance,
                                 asset_selection=list(keys), tags=tags)
-    return result.success
+    if result.success:
+        return "success"
+    # Dagster turns Ctrl-C / SIGTERM into this run's failure and returns: the job has to stop by itself
+    interrupted = any(getattr(getattr(event.event_specific_data, "error", None), "cls_name", None)
+                      == DagsterExecutionInterruptedError.__name__ for event in result.all_events)
+    return "interrupted" if interrupted else "failed"
 
 
 def stage_table(timings: Sequence[StepTiming]) -> list[dict]:
@@ -130,29 +147,36 @@ def markdown(rows: Sequence[dict]) -> str:
     return "\n".join(lines + [f"| **total** | {sum(r['runs'] for r in rows)} | | **{total / 60:.1f}** | |"])
 
 
-def run_main(steps: Sequence[Step], defs: dg.Definitions, instance: dg.DagsterInstance) -> list[StepTiming]:
-    repository = ReconstructableRepository.for_module(DEFS_MODULE, DEFS_ATTRIBUTE, working_directory=os.getcwd())
-    timings: list[StepTiming] = []
-    for number, step in enumerate(steps, 1):
-        label = ",".join(step.selection) + (f" [{step.partition}]" if step.partition else "")
-        print(f"main job {number}/{len(steps)}: {label}", flush=True)
-        clock = time.perf_counter()
-        success = run_step(defs, repository, instance, step)
-        timings.append(StepTiming(step.selection, step.partition, success, time.perf_counter() - clock))
-        if not success and step.required:
-            print(f"main job stopped: {label} failed and the stages after it need it", file=sys.stderr)
-            break
-    return timings
-
-
-def write_timings(timings: Sequence[StepTiming], profile: Profile) -> dict:
-    report = {"profile": profile.name, "executor": profile.execution.executor,
-              "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+def write_timings(timings: Sequence[StepTiming], profile: Profile, planned: int) -> None:
+    report = {"profile": profile.name, "executor": profile.execution.executor, "planned_runs": planned,
+              "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "runs": [t._asdict() for t in timings], "stages": stage_table(timings)}
     path = artifacts_root() / "benchmarks" / f"main_job_{profile.name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1))
-    return report
+
+
+def run_main(steps: Sequence[Step], defs: dg.Definitions, instance: dg.DagsterInstance, profile: Profile
+             ) -> list[StepTiming]:
+    """Run the steps in order; the timings file is rewritten after every run, so an interrupted job keeps them."""
+    repository = ReconstructableRepository.for_module(DEFS_MODULE, DEFS_ATTRIBUTE, working_directory=os.getcwd())
+    timings: list[StepTiming] = []
+    for number, step in enumerate(steps, 1):
+        print(f"main job {number}/{len(steps)}: {step.label()}", flush=True)
+        clock = time.perf_counter()
+        try:
+            outcome = run_step(defs, repository, instance, step)
+        except KeyboardInterrupt:  # between Dagster's own interrupt handling, e.g. while the run starts
+            outcome = "interrupted"
+        timings.append(StepTiming(step.selection, step.label(), outcome == "success", time.perf_counter() - clock))
+        write_timings(timings, profile, len(steps))
+        if outcome == "interrupted":
+            print(f"main job stopped: interrupted during {step.label()}", file=sys.stderr)
+            break
+        if outcome == "failed" and step.required:
+            print(f"main job stopped: {step.label()} failed and the stages after it need it", file=sys.stderr)
+            break
+    return timings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -171,11 +195,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"no stage starts with {sorted(unknown)}; stages: {sorted({s.selection[0] for s in steps})}")
         steps = [s for s in steps if s.selection[0] in wanted]
     if args.dry_run:
-        print("\n".join(",".join(s.selection) + (f" [{s.partition}]" if s.partition else "") for s in steps))
+        print("\n".join(step.label() for step in steps))
         return 0
-    timings = run_main(steps, defs, dg.DagsterInstance.get())
-    report = write_timings(timings, load_profile())
-    print(markdown(report["stages"]))
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler's stop counts as Ctrl-C
+    timings = run_main(steps, defs, dg.DagsterInstance.get(), load_profile())
+    print(markdown(stage_table(timings)))
     return int(len(timings) < len(steps) or not all(t.success for t in timings))
 
 
