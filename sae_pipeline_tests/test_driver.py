@@ -7,11 +7,14 @@ import subprocess
 import sys
 import time
 
+import dagster as dg
 import pytest
 
 from sae_pipeline.config import load_profile
 from sae_pipeline.defs import driver
 from sae_pipeline.defs.definitions import build_defs
+from sae_pipeline.defs.resources import ModelResource
+from sae_pipeline.model.hooks import mlp_module
 from sae_pipeline_tests.conftest import write_gates
 
 
@@ -114,11 +117,6 @@ def test_driver_runs_the_steps_goes_on_after_a_failed_gate_and_exits_non_zero(ar
 
 @pytest.mark.parametrize("hooked", [False, True])
 def test_model_resource_refuses_a_cached_model_that_still_carries_hooks(tiny_profile, hooked):
-    import dagster as dg
-
-    from sae_pipeline.defs.resources import ModelResource
-    from sae_pipeline.model.hooks import mlp_module
-
     resource = ModelResource(name_or_path="tiny-random-llama")
     model = resource.load(tiny_profile).model
     handle = mlp_module(model, 1).register_forward_hook(lambda *_: None) if hooked else None
