@@ -57,7 +57,7 @@ def test_a_failed_required_step_stops_the_job(artifacts, monkeypatch):
 
     def fake_run(_defs, _repository, _instance, step):
         attempted.append(step)
-        return "failed"
+        return False
 
     monkeypatch.setattr(driver, "run_step", fake_run)
     timings = driver.run_main(steps, build_defs(load_profile("tiny")), None, load_profile("tiny"))
@@ -82,8 +82,9 @@ def test_ctrl_c_or_sigterm_stops_the_job_after_the_run_it_interrupted(artifacts,
     assert process.returncode != 0
     assert "main job 4/4" not in stdout, "the job went on after Ctrl-C"
     runs = json.loads((artifacts / "benchmarks" / "main_job_tiny.json").read_text())["runs"]
-    assert [(r["label"], r["success"]) for r in runs] == [
-        ("corpus", True), ("activations [1...3]", True), ("sae [1]", False)]
+    # the interrupted run fails, or succeeds when the signal falls after its step (Dagster then swallows it)
+    assert [(r["label"], r["success"]) for r in runs][:2] == [("corpus", True), ("activations [1...3]", True)]
+    assert [r["label"] for r in runs] == ["corpus", "activations [1...3]", "sae [1]"]
     assert "interrupted during sae [1]" in stderr
 
 

@@ -2,8 +2,8 @@
 `dagster asset materialize` makes them (same implicit asset job, partition tags, asset checks and executor), but
 without a new interpreter, Dagster import and definitions load for each of the ~150 runs (~9 s each, ~17 s with the
 multiprocess executor's step process). A run whose blocking check fails makes the exit status 1 and the job goes on
-(the assets downstream refuse to run, with the reason); a failed corpus or harvest stops it, and so does Ctrl-C
-(Dagster ends the run it interrupts as failed; the job then stops instead of going on). The partition named
+(the assets downstream refuse to run, with the reason); a failed corpus or harvest stops it, and so do Ctrl-C and
+SIGTERM, after the run they interrupt. The partition named
 `reverse` (reverse-safety, an audit) runs with STEER_DEBUG=1, and it alone. The wall time of every run is written to
 `artifacts/benchmarks/main_job_{profile}.json` and printed by stage.
 
@@ -16,16 +16,16 @@ import argparse
 import json
 import os
 import signal
+import socket
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import dagster as dg
 from dagster._core.definitions.reconstruct import ReconstructableRepository
-from dagster._core.errors import DagsterExecutionInterruptedError
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from sae_pipeline.config import Profile, artifacts_root, load_profile
@@ -33,8 +33,6 @@ from sae_pipeline.evaluation.harness import REVERSE_ARM
 
 DEFS_MODULE, DEFS_ATTRIBUTE = "sae_pipeline.defs", "defs"
 
-
-Outcome = Literal["success", "failed", "interrupted"]
 
 
 class Step(NamedTuple):
@@ -102,7 +100,7 @@ def _steer_debug(on: bool) -> Iterator[None]:
 
 
 def run_step(defs: dg.Definitions, repository: ReconstructableRepository, instance: dg.DagsterInstance,
-             step: Step) -> Outcome:
+             step: Step) -> bool:
     """One run, as `dagster asset materialize --select ... [--partition | --partition-range]` makes it."""
     keys = dg.AssetSelection.assets(*step.selection).resolve(defs.resolve_asset_graph())
     job = defs.resolve_implicit_job_def_def_for_assets(list(keys))
@@ -117,12 +115,32 @@ def run_step(defs: dg.Definitions, repository: ReconstructableRepository, instan
     with _steer_debug(step.partition == REVERSE_ARM):
         result = dg.execute_job(repository.get_reconstructable_job(job.name), instance=instance,
                                 asset_selection=list(keys), tags=tags)
-    if result.success:
-        return "success"
-    # Dagster turns Ctrl-C / SIGTERM into this run's failure and returns: the job has to stop by itself
-    interrupted = any(getattr(getattr(event.event_specific_data, "error", None), "cls_name", None)
-                      == DagsterExecutionInterruptedError.__name__ for event in result.all_events)
-    return "interrupted" if interrupted else "failed"
+    return result.success
+
+
+@contextmanager
+def _stop_signals() -> Iterator[Callable[[], bool]]:
+    """Whether Ctrl-C or SIGTERM came since the last call. Dagster handles them inside a run and may swallow
+    them (a signal between its checkpoints only sets a flag it resets when the run ends, and the run succeeds), so
+    the signal numbers are read from the interpreter's wakeup fd, which sees every signal whatever the handler."""
+    reader, writer = socket.socketpair()
+    reader.setblocking(False)
+    writer.setblocking(False)
+    previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+
+    def received() -> bool:
+        try:
+            numbers = reader.recv(4096)
+        except BlockingIOError:
+            return False
+        return bool({signal.SIGINT, signal.SIGTERM} & set(numbers))
+
+    try:
+        yield received
+    finally:
+        signal.set_wakeup_fd(previous)
+        reader.close()
+        writer.close()
 
 
 def stage_table(timings: Sequence[StepTiming]) -> list[dict]:
@@ -153,7 +171,9 @@ def write_timings(timings: Sequence[StepTiming], profile: Profile, planned: int)
               "runs": [t._asdict() for t in timings], "stages": stage_table(timings)}
     path = artifacts_root() / "benchmarks" / f"main_job_{profile.name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1))
+    partial = path.with_suffix(".json.partial")  # a Ctrl-C while writing leaves the last whole file
+    partial.write_text(json.dumps(report, indent=1))
+    partial.replace(path)
 
 
 def run_main(steps: Sequence[Step], defs: dg.Definitions, instance: dg.DagsterInstance, profile: Profile
@@ -161,21 +181,22 @@ def run_main(steps: Sequence[Step], defs: dg.Definitions, instance: dg.DagsterIn
     """Run the steps in order; the timings file is rewritten after every run, so an interrupted job keeps them."""
     repository = ReconstructableRepository.for_module(DEFS_MODULE, DEFS_ATTRIBUTE, working_directory=os.getcwd())
     timings: list[StepTiming] = []
-    for number, step in enumerate(steps, 1):
-        print(f"main job {number}/{len(steps)}: {step.label()}", flush=True)
-        clock = time.perf_counter()
-        try:
-            outcome = run_step(defs, repository, instance, step)
-        except KeyboardInterrupt:  # between Dagster's own interrupt handling, e.g. while the run starts
-            outcome = "interrupted"
-        timings.append(StepTiming(step.selection, step.label(), outcome == "success", time.perf_counter() - clock))
-        write_timings(timings, profile, len(steps))
-        if outcome == "interrupted":
-            print(f"main job stopped: interrupted during {step.label()}", file=sys.stderr)
-            break
-        if outcome == "failed" and step.required:
-            print(f"main job stopped: {step.label()} failed and the stages after it need it", file=sys.stderr)
-            break
+    with _stop_signals() as stop_requested:
+        for number, step in enumerate(steps, 1):
+            print(f"main job {number}/{len(steps)}: {step.label()}", flush=True)
+            clock = time.perf_counter()
+            try:
+                succeeded = run_step(defs, repository, instance, step)
+            except KeyboardInterrupt:  # outside Dagster's own interrupt handling, e.g. while the run starts
+                succeeded = False
+            timings.append(StepTiming(step.selection, step.label(), succeeded, time.perf_counter() - clock))
+            write_timings(timings, profile, len(steps))
+            if stop_requested():
+                print(f"main job stopped: interrupted during {step.label()}", file=sys.stderr)
+                break
+            if not succeeded and step.required:
+                print(f"main job stopped: {step.label()} failed and the stages after it need it", file=sys.stderr)
+                break
     return timings
 
 
