@@ -9,6 +9,9 @@ gate on the first layer's residual summary, a router over the B behaviours, the 
 behaviour's strength). With --peer, a third arm applies one vector per hooked layer's MLP output, unconditionally,
 with the `steering-vectors` library (0.12.2; `pip install --no-deps steering-vectors==0.12.2 scikit-learn`, since
 it caps transformers below 5): the cheapest thing a steering library does, against our gated runtime.
+Beside the throughput ratio (resolved only to about a percent on shared CPU cores), the hooks alone are timed per
+decode token on the prompt's real MLP outputs (`hook_latencies`), and their p50 is given as a share of the unsteered
+decode step: the overhead the hooks add, at a resolution the throughput cannot reach.
 
     python benchmarks/bench_steering.py                          # embedded SmolLM2 on the CPU
     python benchmarks/bench_steering.py --mistral-shaped --device cuda --context 2048   # needs a GPU
@@ -27,7 +30,8 @@ from pathlib import Path
 import torch
 
 from sae_pipeline.model.loading import load_model
-from sae_pipeline.steering.overhead import decode_rates
+from sae_pipeline.model.hooks import layer_outputs
+from sae_pipeline.steering.overhead import decode_rates, hook_latencies
 from sae_pipeline.steering.runtime import CategoryRouter, FeatureGroups, LayerSteering, ProbeGate
 from sae_pipeline.steering.sidecar import DenseSidecar
 
@@ -103,13 +107,18 @@ def main() -> None:
                     raise SystemExit("steering-vectors left the logits unchanged: its layer matching missed the model")
     rates = decode_rates(model, [input_ids], arms, args.new_tokens, args.rounds)
     medians = {arm: statistics.median(values) for arm, values in rates.items()}
+    acts = {layer: out[0] for layer, out in layer_outputs(model, input_ids, layers).items()}
+    hook_s = hook_latencies(model, input_ids, steering, 1, acts)
+    hook_p50, hook_p95 = statistics.median(hook_s), statistics.quantiles(hook_s, n=20)[-1]
     report = {"model": name, "device": args.device, "threads": torch.get_num_threads(), "context": args.context,
               "new_tokens": args.new_tokens, "layers": layers, "features_per_layer": args.features,
               "behaviors_per_layer": args.behaviors,
               "tokens_per_s_median": {k: round(v, 2) for k, v in medians.items()},
               "tokens_per_s_rounds": {k: [round(x, 2) for x in v] for k, v in rates.items()},
               "overhead": {arm: round(1 - medians[arm] / medians["unsteered"], 4) for arm in medians
-                           if arm != "unsteered"}}
+                           if arm != "unsteered"},
+              "hook_us_per_token": {"p50": round(1e6 * hook_p50, 1), "p95": round(1e6 * hook_p95, 1)},
+              "hook_share_of_decode_step": round(hook_p50 * medians["unsteered"], 4)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

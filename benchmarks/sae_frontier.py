@@ -1,5 +1,7 @@
 """Measure the SAE quality frontier on cached activations: held-out R2 (and dead %, coherence, duplicates) against
-dictionary size, k and training tokens. Each argument after the layer is a JSON dict of SAEConfig overrides.
+dictionary size, k and training tokens. Each argument after the layer is a JSON dict of SAEConfig overrides;
+"tokens" in it trains on the first that many harvested tokens (unique data, against "epochs" for steps). R2 on the
+training tokens beside the held-out one tells a data limit (a gap) from a capacity limit (none).
 
     python benchmarks/sae_frontier.py --layer 15 --tokens 1048560 '{"k": 64, "k_start": 128}' '{"n_latents": 9216}'
 
@@ -33,14 +35,18 @@ def main() -> None:
     directory = layer_dir(root, args.layer)
     train_ND, heldout_ND = load_split(directory, "train", args.tokens), load_split(directory, "heldout")
     for override in args.overrides:
-        cfg = profile.sae.model_copy(update=json.loads(override))
-        result = train_sae(train_ND, load_stats(directory), cfg)
+        update = json.loads(override)
+        tokens_ND = train_ND[:update.pop("tokens", train_ND.shape[0])]
+        cfg = profile.sae.model_copy(update=update)
+        result = train_sae(tokens_ND, load_stats(directory), cfg)
         recon = reconstruction_metrics(result.sae, heldout_ND)
+        recon_train = reconstruction_metrics(result.sae, tokens_ND[:heldout_ND.shape[0]])
         coherence = coherence_metrics(result.sae.W_dec_FD, cfg.merge_cos)
-        row = {"layer": args.layer, "train_tokens": int(train_ND.shape[0]), "epochs": cfg.epochs,
+        row = {"layer": args.layer, "train_tokens": int(tokens_ND.shape[0]), "epochs": cfg.epochs,
                "n_latents": cfg.n_latents, "k": cfg.k, "k_start": cfg.k_start, "l1_coeff": cfg.l1_coeff,
                "lr": cfg.lr, "batch_tokens": cfg.batch_tokens, "heldout_tokens": int(heldout_ND.shape[0]),
-               "r2": round(recon.r2, 4), "r2_ordinary": round(recon.r2_ordinary, 4),
+               "r2": round(recon.r2, 4), "r2_train": round(recon_train.r2, 4),
+               "r2_ordinary": round(recon.r2_ordinary, 4),
                "massive_variance_share": round(recon.massive_variance_share, 4),
                "dead_fraction": round(recon.dead_fraction, 4), "coherence_p95": round(coherence.p95, 4),
                "near_duplicates": coherence.near_duplicates, "tokens_per_second": round(result.tokens_per_second)}

@@ -57,6 +57,34 @@ def test_the_delta_follows_the_reference_rule_and_only_where_features_fire(tiny,
     assert torch.equal(steered["x"][~fire_BS], x_BSD[~fire_BS])
 
 
+
+def test_bf16_activations_on_a_cpu_are_steered_in_float32_and_rounded_once(tiny):
+    """The hook computes the small products in float32 on a CPU (faster there than bf16 GEMMs): the result comes
+    back in the activations' dtype, at least as close to the exact rule as an all-bf16 computation; a refusal
+    decided at a float32 prefill is added to a later bf16 step in bf16."""
+    x_BSD = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    sidecar = _sidecar(tau=0.3)
+
+    def rule(dtype):
+        B_DN, A_ND, tau_N = sidecar.B_sel_ND.T.to(dtype), sidecar.A_sel_ND.to(dtype), sidecar.tau_N.to(dtype)
+        z = torch.relu(x_BSD.to(dtype) @ B_DN - tau_N)
+        return x_BSD.to(dtype) - 0.6 * (z @ A_ND) * (z > 0.02).any(-1, keepdim=True)
+
+    exact = rule(torch.float32)
+    assert 0 < int((exact != x_BSD.float()).any(-1).sum()) < 10, "some tokens steered, not all"
+    with patched(tiny.model, {LAYER: LayerSteering(sidecar, alpha=0.6)}) as patch:
+        steered = patch.steer(LAYER, x_BSD)
+    assert steered.dtype == torch.bfloat16 and steered.shape == x_BSD.shape
+    assert (steered.float() - exact).abs().max() <= (rule(torch.bfloat16).float() - exact).abs().max()
+
+    refusal_D = torch.full((64,), 0.25)
+    with patched(tiny.model, {LAYER: LayerSteering(sidecar, alpha=0.0, refusal_D=refusal_D, beta=1.0)}) as patch:
+        state = patch.layers[LAYER]
+        state.fired_B, state.refusal_B1D = torch.ones(2, 1, 1), torch.ones(2, 1, 1) * refusal_D  # a float32 prefill's
+        steered = patch.steer(LAYER, x_BSD)
+    assert steered.dtype == torch.bfloat16 and torch.equal(steered, x_BSD + refusal_D.to(torch.bfloat16))
+
+
 def test_refusal_mode_adds_beta_r_only_when_the_prompt_fires(tiny, ids):
     refusal_D = torch.ones(64)
     before = _logits(tiny.model, ids)

@@ -150,25 +150,30 @@ class FusedSideNet(Protocol):
 class _LayerState:
     config: LayerSteering
     fired_B: torch.Tensor | None = None  # (B, 1, 1) each row's refusal strength (0 or 1 without a router)
-    # (device, dtype) -> (A_sel_ND, B_sel_DN, tau_N, refusal_D, member_NG, alpha_G) in the activations' dtype and
-    # fused_alpha_G in float32, on the activations' device: converted once, not per call
+    refusal_B1D: torch.Tensor | None = None  # fired_B * beta * refusal_D as the prefill made it, added at each decode
+    # (device, dtype) -> (A_sel_ND, B_sel_DN, -tau_N, member_NG, alpha_G) in the compute dtype, refusal_D in the
+    # activations' dtype and fused_alpha_G in float32, on the activations' device: converted once, not per call
     cast: dict = field(default_factory=dict)
 
     def tensors(self, like: torch.Tensor) -> tuple:
         key = (like.device, like.dtype)
         if key not in self.cast:
-            def cast(tensor: torch.Tensor | None) -> torch.Tensor | None:
-                return None if tensor is None else tensor.to(like.device, like.dtype).contiguous()
+            # A decode step multiplies one token by a few features. On a CPU a bf16/fp16 GEMM of that shape costs
+            # ~4x a float32 one (casts included: ~20-30 vs ~5 us), so the features are computed in float32 there.
+            compute = torch.float32 if like.device.type == "cpu" else like.dtype
+
+            def cast(tensor: torch.Tensor | None, dtype: torch.dtype = compute) -> torch.Tensor | None:
+                return None if tensor is None else tensor.to(like.device, dtype).contiguous()
 
             sidecar, refusal_D, groups = self.config.sidecar, self.config.refusal_D, self.config.groups
             grouped = (None, None) if groups is None else (cast(groups.member_NG), cast(groups.alpha_G))
             fused_G = self.config.fused_alpha_G
             fused_G = None if fused_G is None else fused_G.to(like.device, torch.float32)  # the net's own precision
             if sidecar is None:
-                self.cast[key] = (None, None, None, cast(refusal_D), *grouped, fused_G)
+                self.cast[key] = (None, None, None, cast(refusal_D, like.dtype), *grouped, fused_G)
             else:
-                self.cast[key] = (cast(sidecar.A_sel_ND), cast(sidecar.B_sel_ND.T), cast(sidecar.tau_N),
-                                  cast(refusal_D), *grouped, fused_G)
+                self.cast[key] = (cast(sidecar.A_sel_ND), cast(sidecar.B_sel_ND.T), cast(-sidecar.tau_N),
+                                  cast(refusal_D, like.dtype), *grouped, fused_G)
         return self.cast[key]
 
 
@@ -267,27 +272,37 @@ class SteeringPatch:
             if alpha == 0.0 and (cfg.refusal_D is None or beta == 0.0):
                 return output
             x_BSD = output
-            A_sel_ND, B_sel_DN, tau_N, refusal_D, member_NG, alpha_G, fused_G = state.tensors(x_BSD)
+            A_sel_ND, B_sel_DN, neg_tau_N, refusal_D, member_NG, alpha_G, fused_G = state.tensors(x_BSD)
             steered, fire_BS1 = x_BSD, None
             if A_sel_ND is not None:
-                z_BSN = torch.relu(x_BSD @ B_sel_DN - tau_N)
+                # (tokens, d) in the compute dtype, fused multiply-adds: a decode step is one token, where the
+                # number of ops is the cost; the result is rounded to the activations' dtype once
+                x_TD = x_BSD.reshape(-1, x_BSD.shape[-1]).to(A_sel_ND.dtype)
+                z_TN = torch.relu(torch.addmm(neg_tau_N, x_TD, B_sel_DN))
                 if member_NG is None:
-                    fire_BS1 = (z_BSN > cfg.epsilon).any(-1, keepdim=True)
+                    fire_T1 = z_TN.amax(-1, keepdim=True) > cfg.epsilon  # some selected z_j > epsilon
+                    fire_BS1 = fire_T1.view(*x_BSD.shape[:-1], 1)
                     if alpha != 0.0:
-                        steered = steered - alpha * (z_BSN @ A_sel_ND) * fire_BS1
+                        steered = torch.addmm(x_TD, z_TN * fire_T1, A_sel_ND, alpha=-alpha).to(x_BSD.dtype)
                 else:  # each group's rule on its own features
                     group_alpha_G = alpha_G * alpha if self.scale >= 0 else -(alpha_G != 0).to(alpha_G.dtype)
-                    delta_BSD, fire_BS1 = grouped_delta(z_BSN, A_sel_ND, member_NG, group_alpha_G, cfg.epsilon)
+                    delta_TD, fire_T1 = grouped_delta(z_TN, A_sel_ND, member_NG, group_alpha_G, cfg.epsilon)
+                    fire_BS1 = fire_T1.view(*x_BSD.shape[:-1], 1)
                     if alpha != 0.0:
-                        steered = steered + delta_BSD
+                        steered = (x_TD + delta_TD).to(x_BSD.dtype)
+                steered = steered.view_as(x_BSD)
             if cfg.fused is not None and alpha != 0.0:
                 steered = steered + cfg.fused(x_BSD, fused_G * alpha if self.scale >= 0 else -(fused_G != 0).float())
             if refusal_D is not None and beta != 0.0:
                 if self.prompt_gate_BS is not None:  # a prefill: the prompt decides for the tokens that follow
                     fire_BS = None if fire_BS1 is None else fire_BS1.squeeze(-1)
                     state.fired_B = self._prompt_strength(cfg, x_BSD, fire_BS)[:, None, None]
-                if state.fired_B is not None and state.fired_B.shape[0] == x_BSD.shape[0]:
-                    steered = steered + state.fired_B.to(x_BSD.dtype) * (beta * refusal_D)
+                    state.refusal_B1D = state.fired_B.to(x_BSD.dtype) * (beta * refusal_D)
+                refusal_B1D = state.refusal_B1D
+                if refusal_B1D is not None and refusal_B1D.shape[0] == x_BSD.shape[0]:
+                    if refusal_B1D.dtype != x_BSD.dtype or refusal_B1D.device != x_BSD.device:
+                        refusal_B1D = state.fired_B.to(x_BSD) * (beta * refusal_D)
+                    steered = steered + refusal_B1D
             return steered
 
         return hook
