@@ -25,7 +25,8 @@ RELATIVE_FLOOR = 1e-6  # issue #6: ||delta_hat - delta|| / (||delta|| + 1e-6)
 class Teacher(NamedTuple):
     """What the net imitates: a layer's grouped sidecar under the runtime's rule, in float32. Called as a side net
     (runtime.FusedSideNet) it is that rule in float32 arithmetic: the evaluation's control for how far arithmetic
-    alone moves greedy decoding (the sidecar hook computes in the activations' dtype)."""
+    alone moves greedy decoding (the sidecar hook computes in float32 on a CPU too, in the activations' dtype on a
+    GPU)."""
 
     sidecar: DenseSidecar
     groups: FeatureGroups  # member_NG: whose rows are whose; alpha_G: the release's alphas (training draws its own)

@@ -5,7 +5,8 @@ arm, the sidecar ensemble): per category the harmful completion rate within a po
 half a point; the capability gates against the unsteered baseline as the release's own; reverse-safety's
 capability recovery on the INT8 path reversed. The control arm `exact_rule` replaces each grouped sidecar by the
 runtime's own feature rule computed in float32 (`distill.Teacher`; the sidecar hook computes in the activations'
-dtype): how far arithmetic alone moves the harness's decisions, the floor no re-implementation can go below. It is
+dtype on a GPU, in float32 on a CPU since 2026-11-30): how far arithmetic alone moves the harness's decisions, the
+floor no re-implementation can go below. It is
 reported beside the backends, not gated. Per arm, the prompts whose refusal decision or greedy completion (by
 sha256) differs from the sidecar ensemble's are counted from the runs' records."""
 

@@ -5,7 +5,8 @@ Per layer, with the sidecar (A_sel_ND, B_sel_ND, tau_N) of the selected features
   feature mode:  x <- x - alpha * (z A_sel)            on every token where fire
   refusal mode:  x <- x + beta * r                      on every token of a row whose *prompt* fired
 With feature groups (behaviours sharing a layer, `FeatureGroups`), each group follows the feature rule on its own
-features, with its own alpha and its own fire, and the groups' deltas add.
+features, with its own alpha and its own fire, and the groups' deltas add. On a CPU the rule is computed in float32
+whatever the activations' dtype (faster there for these small products, and what the fused nets distil).
 The refusal decision is taken at each prefill (a forward that starts a sequence) over the prompt's own tokens: real
 tokens (attention mask), past the first `gate_skip` of them (the attention sink and a fixed chat-template prefix), and
 holds for the tokens generated after it. The prompt fires when a selected feature fires on it or, with a probe gate,
@@ -288,8 +289,8 @@ class SteeringPatch:
                     group_alpha_G = alpha_G * alpha if self.scale >= 0 else -(alpha_G != 0).to(alpha_G.dtype)
                     delta_TD, fire_T1 = grouped_delta(z_TN, A_sel_ND, member_NG, group_alpha_G, cfg.epsilon)
                     fire_BS1 = fire_T1.view(*x_BSD.shape[:-1], 1)
-                    if alpha != 0.0:
-                        steered = (x_TD + delta_TD).to(x_BSD.dtype)
+                    if alpha != 0.0:  # the delta rounded, then added: as the fused nets distilled from it add theirs
+                        steered = x_BSD + delta_TD.to(x_BSD.dtype).view_as(x_BSD)
                 steered = steered.view_as(x_BSD)
             if cfg.fused is not None and alpha != 0.0:
                 steered = steered + cfg.fused(x_BSD, fused_G * alpha if self.scale >= 0 else -(fused_G != 0).float())
