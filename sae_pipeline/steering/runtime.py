@@ -274,29 +274,27 @@ class SteeringPatch:
                 return output
             x_BSD = output
             A_sel_ND, B_sel_DN, neg_tau_N, refusal_D, member_NG, alpha_G, fused_G = state.tensors(x_BSD)
-            steered, fire_BS1 = x_BSD, None
+            steered, fire_T1 = x_BSD, None
             if A_sel_ND is not None:
-                # (tokens, d) in the compute dtype, fused multiply-adds: a decode step is one token, where the
-                # number of ops is the cost; the result is rounded to the activations' dtype once
+                # (tokens, d) in the compute dtype with fused multiply-adds: a decode step is one token, where the
+                # number of ops is the cost
                 x_TD = x_BSD.reshape(-1, x_BSD.shape[-1]).to(A_sel_ND.dtype)
                 z_TN = torch.relu(torch.addmm(neg_tau_N, x_TD, B_sel_DN))
                 if member_NG is None:
                     fire_T1 = z_TN.amax(-1, keepdim=True) > cfg.epsilon  # some selected z_j > epsilon
-                    fire_BS1 = fire_T1.view(*x_BSD.shape[:-1], 1)
-                    if alpha != 0.0:
+                    if alpha != 0.0:  # rounded to the activations' dtype once
                         steered = torch.addmm(x_TD, z_TN * fire_T1, A_sel_ND, alpha=-alpha).to(x_BSD.dtype)
+                        steered = steered.view_as(x_BSD)
                 else:  # each group's rule on its own features
                     group_alpha_G = alpha_G * alpha if self.scale >= 0 else -(alpha_G != 0).to(alpha_G.dtype)
                     delta_TD, fire_T1 = grouped_delta(z_TN, A_sel_ND, member_NG, group_alpha_G, cfg.epsilon)
-                    fire_BS1 = fire_T1.view(*x_BSD.shape[:-1], 1)
                     if alpha != 0.0:  # the delta rounded, then added: as the fused nets distilled from it add theirs
                         steered = x_BSD + delta_TD.to(x_BSD.dtype).view_as(x_BSD)
-                steered = steered.view_as(x_BSD)
             if cfg.fused is not None and alpha != 0.0:
                 steered = steered + cfg.fused(x_BSD, fused_G * alpha if self.scale >= 0 else -(fused_G != 0).float())
             if refusal_D is not None and beta != 0.0:
                 if self.prompt_gate_BS is not None:  # a prefill: the prompt decides for the tokens that follow
-                    fire_BS = None if fire_BS1 is None else fire_BS1.squeeze(-1)
+                    fire_BS = None if fire_T1 is None else fire_T1.view(x_BSD.shape[:-1])
                     state.fired_B = self._prompt_strength(cfg, x_BSD, fire_BS)[:, None, None]
                     state.refusal_B1D = state.fired_B.to(x_BSD.dtype) * (beta * refusal_D)
                 refusal_B1D = state.refusal_B1D
