@@ -3,9 +3,9 @@
 without a new interpreter, Dagster import and definitions load for each of the ~150 runs (~9 s each, ~17 s with the
 multiprocess executor's step process). A run whose blocking check fails makes the exit status 1 and the job goes on
 (the assets downstream refuse to run, with the reason); a failed corpus or harvest stops it, and so do Ctrl-C and
-SIGTERM, after the run they interrupt. The partition named
-`reverse` (reverse-safety, an audit) runs with STEER_DEBUG=1, and it alone. The wall time of every run is written to
-`artifacts/benchmarks/main_job_{profile}.json` and printed by stage.
+SIGTERM, after the run they interrupt. The partition named `reverse` (reverse-safety, an audit) runs with
+STEER_DEBUG=1, and it alone. The wall time of every run is written to `artifacts/benchmarks/main_job_{profile}.json`
+and printed by stage.
 
     python -m sae_pipeline.defs.driver [--stages sae,refusal_gate] [--dry-run]
 """
