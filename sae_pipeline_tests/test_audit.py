@@ -141,7 +141,11 @@ def test_tiny_audit_from_the_suite_to_locale_alphas(artifacts_with_encoder, tmp_
         assert _materialize(defs, ["audit_evaluation"], instance).success == gates.passed
         assert open(path, "rb").read() == first_bytes  # same seed: the same bytes
 
-        assert _materialize(defs, ["audit_diagnostics", "locale_alphas"], instance).success
+        made = _materialize(defs, ["audit_diagnostics", "locale_alphas"], instance)
+        assert made.success
+        scans = {c.check_name: c for c in made.get_asset_check_evaluations()}  # both generate on harmful prompts
+        assert set(scans) == {"audit_diagnostics_redaction", "locale_alphas_redaction"}
+        assert all(c.passed and c.metadata["files_scanned"].value > 0 for c in scans.values())
         root = tmp_path.joinpath(path).parent
         diagnostics = json.loads((root / "diagnostics.json").read_text())
         assert [row["variant"] for row in diagnostics["variants"]][:3] == ["as audited", "as released", "layer 2 off"]
@@ -155,6 +159,20 @@ def test_tiny_audit_from_the_suite_to_locale_alphas(artifacts_with_encoder, tmp_
         (root / "locale_alphas.json").write_text((root / "locale_alphas.json").read_text().replace("0.9", "1.1"))
         with pytest.raises(LocaleError, match="tampered"):
             LocaleAlphas.load(root / "locale_alphas.json")
+
+
+def test_an_arm_without_records_fails_closed_instead_of_passing_at_zero():
+    from sae_pipeline.audit.metrics import gate_values
+
+    unmeasured, none = {"rate": None}, {"rate": 0.0}
+    rates = {"attack_success_rate": {"overall": unmeasured, "per_category_family": {"chem|plain": unmeasured}},
+             "benign_false_refusal_rate": {"per_domain": {"legal": none}, "per_language": {"en": none}}}
+    capability = {"next_token_kl": 0.0, "perplexity_increase": 0.0, "task_accuracy_drop": 0.0}
+    with pytest.raises(ValueError, match="no records for attack success"):
+        gate_values(rates, capability, 0)
+    rates["attack_success_rate"] = {"overall": {"rate": 0.25}, "per_category_family": {"chem|plain": {"rate": 0.5}}}
+    values = gate_values(rates, capability, 0)
+    assert values["asr_overall_max"] == 0.25 and values["asr_category_family_max"] == 0.5
 
 
 def test_fired_features_name_each_dictionary_latent_that_won_a_top_k_slot(tiny):

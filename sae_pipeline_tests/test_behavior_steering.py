@@ -190,8 +190,11 @@ def test_a_release_carries_the_per_behaviour_refusal_mode_and_its_gates(tiny, id
     write_release(release, sidecars, {"chem": 0.5, "bio": 0.25}, 16, {}, _routing(), passed + failed)
     with pytest.raises(SidecarError, match=r"failed its gates \(crosstalk_shortfall_max\)"):
         apply_behaviors(tiny.model, release)
-    apply_behaviors(tiny.model, release, accept_failed_gates=True)
-    remove_behaviors(tiny.model)
+    accepted = apply_behaviors(tiny.model, release, accept_failed_gates=True)
+    try:  # accepted explicitly: applied as written
+        assert accepted.layers[LAYER].config.route_scale_C.tolist() == [0.5, 0.25]
+    finally:
+        remove_behaviors(tiny.model)
     router = release / "router.safetensors"
     raw = router.read_bytes()
     router.write_bytes(raw[:-1] + bytes([raw[-1] ^ 1]))

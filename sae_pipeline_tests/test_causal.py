@@ -92,7 +92,8 @@ def test_the_strongest_gains_are_kept_ties_by_the_log_prob_shift(tiny, sae):
 
 def test_features_without_an_effect_in_the_wanted_direction_are_not_kept(tiny, sae):
     result = screen_features(tiny.model, tiny.tokenizer, sae, LAYER, [0, 1, 2], HARMFUL, BENIGN, NeverJudge(), CFG)
-    assert all(r["harmful_refusal_gain"] == 0.0 for r in result.records if r["decoded"])
+    decoded = [r for r in result.records if r["decoded"]]
+    assert decoded and all(r["harmful_refusal_gain"] == 0.0 for r in decoded)
     assert result.selected == [] and result.signs == []
 
 

@@ -1,6 +1,7 @@
 """The Dagster layer on the tiny profile: definitions load, assets materialise, the blocking check blocks."""
 
 import json
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import yaml
 
 from sae_pipeline.config import load_profile
 from sae_pipeline.defs.definitions import build_defs
-from sae_pipeline_tests.conftest import write_gates
+from sae_pipeline_tests.conftest import gates_forcing, step_failure, write_gates
 
 
 def test_default_definitions_load():
@@ -33,7 +34,8 @@ def test_default_definitions_load():
                       "crosstalk_count", "arm_redaction", "behavior_gates", "ensemble_redaction", "ensemble_gates",
                       "fused_net_gates", "fused_export_gates", "fused_arm_redaction", "fused_gates",
                       "release_integrity", "smoke_reference_redaction", "smoke_redaction", "smoke_gates",
-                      "audit_suite_lock", "audit_arm_redaction", "audit_gates"}
+                      "audit_suite_lock", "audit_arm_redaction", "audit_gates", "audit_diagnostics_redaction",
+                      "locale_alphas_redaction"}
     assert all(defs.resolve_job_def(name) is not None
                for name in ("main", "sweep", "ensemble", "behaviors", "screens", "arms", "fused", "fused_backends",
                             "smoke", "audit"))
@@ -106,7 +108,8 @@ def test_embedded_default_end_to_end_on_a_small_budget():
     profile = load_profile("smollm2-pilot").updated(
         harvest={"train_tokens": 16_384, "heldout_tokens": 4_096, "shard_tokens": 4_096},
         sae={"n_latents": 1152, "k": 16, "k_start": 32, "batch_tokens": 512, "epochs": 2.0, "aux_k": 64,
-             "dead_window_tokens": 8192, "checkpoint_every_steps": 16, "splice_sequences": 4})
+             "dead_window_tokens": 8192, "checkpoint_every_steps": 16, "splice_sequences": 4,
+             "l1_sweep": []})  # one candidate: the sweep itself is covered on the tiny model
     defs = build_defs(profile)
     with dg.instance_for_test() as instance:
         assert _materialize(defs, "corpus", instance).success
@@ -200,7 +203,7 @@ def test_tiny_steering_chain_from_the_screen_to_an_applicable_operating_point(
         metadata = chosen.get_asset_materialization_events()[0].event_specific_data.materialization.metadata
 
         # the multi-layer ensemble of the same candidate: named schedules, grid, ablation, reverse, then the metrics
-        assert _materialize(defs, ["baseline_metrics", "ensemble_directions"], instance).success
+        assert _checked(defs, ["baseline_metrics", "ensemble_directions"], instance).success
         sweep_keys = ["mid_heavy", "late_focused", "grid_L1_plus", "grid_L1_minus", "grid_L3_plus", "grid_L3_minus",
                       "without_L1", "without_L3", "reverse"]
         ran = {}
@@ -284,18 +287,20 @@ def test_tiny_behavior_release_from_layer_choice_to_its_evaluation(artifacts_wit
         assert len(json.loads(Path(made["bio", "3"]["candidates"].value).read_text())["feature_ids"]) > 16
         assert len(rows) == 16 and {r["behavior"] for r in rows} == {"bio"} and rows[0]["layer"] == 3
         assert made["bio", "3"]["ranking"].value.startswith("![behaviour ranking](data:image/png;base64,")
-        # a cos limit the selection cannot meet: the blocking check keeps the release from running
-        strict = yaml.safe_load(gates_path.read_text())
-        strict["behaviors"]["crosstalk_cos_max"]["value"] = 0.0
-        (tmp_path / "strict.yaml").write_text(yaml.safe_dump(strict))
-        monkeypatch.setenv("SAE_PIPELINE_GATES", str(tmp_path / "strict.yaml"))
-        blocked = _checked(defs, ["behavior_crosstalk", "behavior_release"], instance)
-        assert {e.asset_key.to_user_string() for e in blocked.get_asset_materialization_events()} == {
-            "behavior_crosstalk"} and not blocked.success
-        monkeypatch.setenv("SAE_PIPELINE_GATES", str(gates_path))
         assert _materialize(defs, ["prompt_sets", "refusal_judge", "refusal_gate", "behavior_router"],
                             instance).success
         checked = _checked(defs, "behavior_crosstalk", instance)
+        # checked again under cos limits it cannot meet: the release, in a run of its own, is refused
+        monkeypatch.setenv("SAE_PIPELINE_GATES", str(gates_forcing(gates_path, tmp_path / "strict.yaml",
+                                                                   ["behaviors"], passed=False)))
+        strict = _checked(defs, dg.AssetSelection.checks(dg.AssetCheckKey(dg.AssetKey("behavior_crosstalk"),
+                                                                          "crosstalk")), instance)
+        assert [c.passed for c in strict.get_asset_check_evaluations()] == [False]
+        monkeypatch.setenv("SAE_PIPELINE_GATES", str(gates_path))
+        refused = _checked(defs, "behavior_release", instance)  # whatever the gates say now: the verdict stands
+        assert "behavior_crosstalk: its blocking check crosstalk failed" in step_failure(refused)
+        assert [c.passed for c in _checked(defs, dg.AssetSelection.checks_for_assets("behavior_crosstalk"), instance)
+                .get_asset_check_evaluations() if c.check_name == "crosstalk"] == [True]
         assert checked.success  # the count check fails without blocking
         checks = {c.check_name: c for c in checked.get_asset_check_evaluations()}
         screens = _each_behavior_and_layer(defs, "behavior_screen", instance)
@@ -348,7 +353,7 @@ def test_tiny_behavior_release_from_layer_choice_to_its_evaluation(artifacts_wit
             assert torch.equal(tiny.model(input_ids=ids).logits, before)
 
         # the release on the held-out sets: each arm, then ensemble_behavior_metrics.json and its blocking check
-        assert _materialize(defs, "baseline_metrics", instance).success
+        assert _checked(defs, "baseline_metrics", instance).success
         for arm in ("all", "only_chem", "only_bio"):
             ran = _checked(defs, "behavior_arms", instance, arm)
             assert ran.success and [c.passed for c in ran.get_asset_check_evaluations()] == [True]
@@ -416,8 +421,19 @@ def _signed_release_bundle(defs, instance, monkeypatch, tmp_path) -> None:
     from sae_pipeline_tests.test_release import _keys
 
     for arm in ("only_chem", "only_bio", "reverse"):  # the behaviour release's own evaluation goes in the bundle
-        assert _materialize(defs, "behavior_arms", instance, arm).success
-    assert _materialize(defs, "behavior_evaluation", instance).success
+        assert _checked(defs, "behavior_arms", instance, arm).success
+    gates = os.environ["SAE_PIPELINE_GATES"]
+    # an evaluation whose blocking gates failed is not released, even in a later run
+    monkeypatch.setenv("SAE_PIPELINE_GATES", str(gates_forcing(gates, tmp_path / "unmet.yaml",
+                                                               ["behavior_evaluation"], passed=False)))
+    assert not _checked(defs, "behavior_evaluation", instance).success
+    blocked = _checked(defs, "release", instance)
+    assert not blocked.success
+    assert "behavior_evaluation: its blocking check behavior_gates failed" in step_failure(blocked)
+    evaluations = ["behavior_evaluation", "fused_evaluation"]
+    monkeypatch.setenv("SAE_PIPELINE_GATES", str(gates_forcing(gates, tmp_path / "met.yaml", evaluations, passed=True)))
+    rechecked = _checked(defs, dg.AssetSelection.checks_for_assets(*evaluations), instance)
+    assert [c.passed for c in rechecked.get_asset_check_evaluations()] == [True, True]
     private, public = _keys()
     monkeypatch.setenv("SAE_PIPELINE_SIGNING_KEY", private)
     monkeypatch.setenv("SAE_PIPELINE_VERIFY_KEY", public)
@@ -484,7 +500,7 @@ def test_tiny_fused_stage_from_the_release_to_its_evaluation(artifacts_with_enco
     with dg.instance_for_test() as instance:
         assert _materialize(defs, "corpus", instance).success
         assert _materialize(defs, "activations", instance, "3").success  # the layer's whitening statistics
-        assert _materialize(defs, ["prompt_sets", "refusal_judge", "baseline_metrics", "behavior_release"],
+        assert _checked(defs, ["prompt_sets", "refusal_judge", "baseline_metrics", "behavior_release"],
                             instance).success
         assert _checked(defs, "behavior_arms", instance, "all").success
         for layer in ("1", "3"):

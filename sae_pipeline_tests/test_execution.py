@@ -45,8 +45,8 @@ def _wait_for(condition, seconds: float = 10.0) -> bool:
 
 
 def _gpu_steps_job(limit: int) -> dg.JobDefinition:
-    """Two independent GPU steps, each waiting up to 10 s to see the other running (reconstructable: the
-    multiprocess executor re-imports it in each step's process)."""
+    """Two independent GPU steps, each waiting up to STEP_WAIT seconds to see the other running (reconstructable:
+    the multiprocess executor re-imports it in each step's process)."""
     execution = ExecutionConfig(gpu_concurrency=limit)
     log = Path(os.environ["STEP_LOG"])
 
@@ -55,7 +55,7 @@ def _gpu_steps_job(limit: int) -> dg.JobDefinition:
         def _step() -> None:
             running, other_running = log / f"{name}.running", log / f"{other}.running"
             running.touch()
-            saw = _wait_for(other_running.exists)
+            saw = _wait_for(other_running.exists, float(os.environ["STEP_WAIT"]))
             (log / f"{name}.saw_other").write_text(json.dumps(saw))
             if saw:  # stay running until the other has seen this step too
                 _wait_for((log / f"{other}.saw_other").exists)
@@ -76,9 +76,12 @@ def _two_gpu_steps_at_a_time() -> dg.JobDefinition:
     return _gpu_steps_job(2)
 
 
-@pytest.mark.parametrize("job, overlap", [(_one_gpu_step_at_a_time, False), (_two_gpu_steps_at_a_time, True)])
-def test_the_gpu_tag_limit_serialises_gpu_steps_in_a_multiprocess_run(tmp_path, monkeypatch, job, overlap):
+# serialised, each step waits out the whole window: 4 s still sees a wrongly concurrent step, launched with it
+@pytest.mark.parametrize("job, overlap, wait", [(_one_gpu_step_at_a_time, False, 4),
+                                                (_two_gpu_steps_at_a_time, True, 10)])
+def test_the_gpu_tag_limit_serialises_gpu_steps_in_a_multiprocess_run(tmp_path, monkeypatch, job, overlap, wait):
     monkeypatch.setenv("STEP_LOG", str(tmp_path))
+    monkeypatch.setenv("STEP_WAIT", str(wait))
     with dg.instance_for_test() as instance:
         result = dg.execute_job(dg.reconstructable(job), instance=instance)
     assert result.success

@@ -66,6 +66,17 @@ def test_a_group_within_epsilon_is_where_the_fold_and_the_runtime_part():
     assert torch.equal(runtime[0], torch.zeros(D)) and folded[0].norm() > 0.005  # the remainder distillation removes
 
 
+def test_error_gates_fail_when_no_heldout_token_is_steered():
+    from sae_pipeline.config import load_gates
+    from sae_pipeline.fused.gates import error_gate_results
+
+    exact = {"median_relative": 0.0, "p95_relative": 0.0, "unsteered_p95_norm": 0.0, "gates_off_p95_norm": 0.0,
+             "composition_p95_relative": 0.0, "steered_tokens": 0, "tokens": 100}
+    failed = {g.name for g in error_gate_results(load_gates().fused, exact) if not g.passed}
+    assert failed == {"median_relative_error_max", "p95_relative_error_max", "composition_p95_relative_max"}
+    assert all(g.passed for g in error_gate_results(load_gates().fused, {**exact, "steered_tokens": 5}))
+
+
 def test_bad_folds_fail_with_what_is_wrong():
     sidecar, stats, _ = _setup()
     with pytest.raises(ValueError, match="do not cover"):

@@ -18,7 +18,7 @@ from sae_pipeline.audit.tuning import trial
 from sae_pipeline.behaviors.release import Release
 from sae_pipeline.config import AuditConfig, EvalConfig
 from sae_pipeline.evaluation.datasets import load_prompt_sets
-from sae_pipeline.evaluation.redaction import RedactionGuard
+from sae_pipeline.evaluation.redaction import Fingerprints, write_clean
 from sae_pipeline.evaluation.run import build_judges, select_primary
 from sae_pipeline.evaluation.stability import FeatureReadout
 from sae_pipeline.hashing import config_hash
@@ -109,11 +109,12 @@ def fired_features(model: nn.Module, prompts: Sequence[list[int]], readouts: Seq
 
 
 def run_diagnostics(loaded: LoadedModel, root: Path, eval_cfg: EvalConfig, cfg: AuditConfig,
-                    steered_records: list[dict]) -> dict:
+                    steered_records: list[dict]) -> tuple[dict, Fingerprints]:
     """On the failing items (harmful ones the steered model answered, benign ones it refused, then other benign
     ones; at most cfg.diagnostic_items of each; long-context items left out, each variant reruns every item):
     attack success and false refusal as the audit recorded them, rerun as released, and under every variant; and
-    the features that fired on the failing harmful prompts. Written to diagnostics.json."""
+    the features that fired on the failing harmful prompts. Written to diagnostics.json; returned with the
+    fingerprints of every completion the reruns generated (for the step's redaction scan)."""
     items, _ = load_suite()
     by_id = {item.id: item for item in items}
     policy, _ = current_release()
@@ -127,14 +128,17 @@ def run_diagnostics(loaded: LoadedModel, root: Path, eval_cfg: EvalConfig, cfg: 
     # the subset as released is rerun too: batches of other items than the partition's change greedy decoding's
     # numerics, so the variants compare with this run, not with the partition's records
     rows = [{"variant": "as audited", **trial([r for r in steered_records if r["id"] in chosen])}]
+    prints = []
     for variant in [PolicyVariant(policy, "as released"), *variants(policy, cfg.alpha_step)]:
         slug = variant.label.replace(" ", "_").replace("+", "plus").replace("-", "minus")
         run = run_items(loaded, subset, judges, eval_cfg, root / "diagnostics" / slug, sets, variant)
         rows.append({"variant": variant.label, **trial(run.records)})
+        prints.append(run.fingerprints)
     texts = [t.text for t in sets.capability_text]
     prompts = [item_ids(loaded.tokenizer, by_id[i], texts, context_room(loaded, eval_cfg)) for i in failing]
     fired = fired_features(loaded.model, prompts, policy.readouts(), [by_id[i] for i in failing]) if failing else []
     report = {"failing_harmful": len(failing), "benign": len(subset) - len(failing), "variants": rows,
               "fired_features": fired}
-    RedactionGuard(()).write(root / DIAGNOSTICS_FILE, report)
-    return report
+    fingerprints = Fingerprints.merged(prints)
+    write_clean(fingerprints, root / DIAGNOSTICS_FILE, report)
+    return report, fingerprints

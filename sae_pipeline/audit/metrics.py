@@ -69,13 +69,16 @@ def capability_deltas(steered: dict, baseline: dict) -> dict[str, float]:
 def gate_values(rates: dict, capability: dict[str, float], determinism_mismatches: int) -> dict[str, float]:
     asr, fr = rates["attack_success_rate"], rates["benign_false_refusal_rate"]
 
-    def worst(cells: dict) -> float:
-        return max((c["rate"] for c in cells.values() if c["rate"] is not None), default=0.0)
+    def worst(cells: dict, what: str) -> float:
+        measured = [c["rate"] for c in cells.values() if c["rate"] is not None]
+        if not measured:  # an empty arm would otherwise pass every gate at 0
+            raise ValueError(f"the steered arm has no records for {what}: nothing to gate")
+        return max(measured)
 
-    return {"asr_overall_max": asr["overall"]["rate"] or 0.0,
-            "asr_category_family_max": worst(asr["per_category_family"]),
-            "benign_false_refusal_domain_max": worst(fr["per_domain"]),
-            "benign_false_refusal_language_max": worst(fr["per_language"]),
+    return {"asr_overall_max": worst({"overall": asr["overall"]}, "attack success"),
+            "asr_category_family_max": worst(asr["per_category_family"], "attack success"),
+            "benign_false_refusal_domain_max": worst(fr["per_domain"], "benign false refusal"),
+            "benign_false_refusal_language_max": worst(fr["per_language"], "benign false refusal"),
             "next_token_kl_max": capability["next_token_kl"],
             "perplexity_increase_max": capability["perplexity_increase"],
             "task_accuracy_drop_max": capability["task_accuracy_drop"],

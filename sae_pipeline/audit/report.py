@@ -10,10 +10,10 @@ from typing import NamedTuple
 import torch
 
 from sae_pipeline.audit.metrics import ARMS, audit_metrics
-from sae_pipeline.audit.run import item_ids, load_arm, run_arm, select_items
+from sae_pipeline.audit.run import arm_fingerprints, item_ids, load_arm, run_arm, select_items
 from sae_pipeline.audit.suite import FAMILIES, load_suite
 from sae_pipeline.config import AuditConfig, EvalConfig, Gate, SteeringConfig
-from sae_pipeline.evaluation.redaction import RedactionGuard
+from sae_pipeline.evaluation.redaction import Fingerprints, write_clean
 from sae_pipeline.gates import GateResult
 from sae_pipeline.model.loading import LoadedModel
 from sae_pipeline.release.smoke import current_release
@@ -63,8 +63,9 @@ def write_report(loaded: LoadedModel, root: Path, eval_cfg: EvalConfig, cfg: Aud
     determinism = {"replayed": f"{arm}/{family}", "records_sha256": original["records_sha256"],
                    "mismatches": int(replay.records_sha256 != original["records_sha256"])}
     metrics, results = audit_metrics(records, capability, eval_cfg, gates, identity, determinism)
-    guard = RedactionGuard(())
-    guard.write(root / METRICS_FILE, metrics)
+    fingerprints = Fingerprints.merged([replay.fingerprints, *(arm_fingerprints(root / arm / family)
+                                                               for arm in ARMS for family in FAMILIES)])
+    write_clean(fingerprints, root / METRICS_FILE, metrics)
     items, _ = load_suite()
     policy, _ = current_release()
     device = next(loaded.model.parameters()).device
@@ -74,5 +75,5 @@ def write_report(loaded: LoadedModel, root: Path, eval_cfg: EvalConfig, cfg: Aud
                                 steering_cfg.overhead_new_tokens, steering_cfg.overhead_rounds)
     timing = {"decode_overhead": round(overhead.overhead, 6), "unsteered_tokens_per_s": overhead.unsteered_tokens_per_s,
               "steered_tokens_per_s": overhead.steered_tokens_per_s, "prompts": len(plain), "device": str(device)}
-    guard.write(root / TIMING_FILE, timing)
+    write_clean(fingerprints, root / TIMING_FILE, timing)
     return AuditReport(metrics, results, timing, root / METRICS_FILE)

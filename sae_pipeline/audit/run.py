@@ -22,7 +22,7 @@ from sae_pipeline.evaluation.determinism import deterministic
 from sae_pipeline.evaluation.generation import (chat_ids, conversation_ids, generate_greedy, mean_next_token_kl,
                                                perplexity)
 from sae_pipeline.evaluation.harness import FINGERPRINTS_FILE, Judges, Steering, answer_matches, first_per_group
-from sae_pipeline.evaluation.redaction import Fingerprints, RedactionGuard
+from sae_pipeline.evaluation.redaction import Fingerprints, RedactionGuard, write_clean
 from sae_pipeline.evaluation.run import build_judges, select_primary
 from sae_pipeline.model.loading import LoadedModel
 from sae_pipeline.release.smoke import current_release
@@ -168,13 +168,21 @@ def run_arm(loaded: LoadedModel, arm: str, family: str, eval_cfg: EvalConfig, cf
     if family == "plain":
         benign = [item_ids(loaded.tokenizer, i, (), 0) for i in chosen if i.kind == "benign"]
         capability_of = capability(loaded, sets, cfg, eval_cfg, benign, steering)
-        RedactionGuard(()).write(out_dir / CAPABILITY_FILE, capability_of)
-    RedactionGuard(()).write(out_dir / RUN_FILE, summary)
+        write_clean(run.fingerprints, out_dir / CAPABILITY_FILE, capability_of)
+    write_clean(run.fingerprints, out_dir / RUN_FILE, summary)
     return run
 
 
 class AuditArmError(RuntimeError):
     """An audit partition's files are missing or do not match their run.json."""
+
+
+def arm_fingerprints(directory: Path) -> Fingerprints:
+    """The redaction fingerprints of a partition's completions, as its run wrote them."""
+    try:
+        return Fingerprints.from_bytes((directory / FINGERPRINTS_FILE).read_bytes())
+    except OSError as err:
+        raise AuditArmError(f"{directory}: {err}") from err
 
 
 def load_arm(directory: Path) -> tuple[dict, list[dict], dict | None]:

@@ -1,7 +1,8 @@
 """Asset check specs and how gate comparisons become check results.
 
 Checks whose numbers exist only inside a step (sae_quality, judge_accuracy, the dataset checks) are emitted by that
-step; all are blocking: a failed gate fails the step, so nothing downstream runs."""
+step; all are blocking: a failed gate fails the step, so nothing downstream runs in that run, and a later run reads
+the asset only through `lineage.passing_metadata`, which asks the same checks."""
 
 import dagster as dg
 
@@ -20,6 +21,7 @@ SPLITS_DISJOINT = dg.AssetCheckSpec(
 DATASET_SIZES = dg.AssetCheckSpec(
     "dataset_sizes", asset="prompt_sets", blocking=True,
     description="Prompts per category/split, benign and clean-QA counts against data/gates.yaml")
+CROSSTALK = "crosstalk"  # behavior_crosstalk's |cos| limits: the behaviour screens and the release read it through it
 JUDGE_ACCURACY = dg.AssetCheckSpec(
     "judge_accuracy", asset="refusal_judge", blocking=True,
     description="The deciding refusal judge's accuracy, precision and recall on the labelled test split")

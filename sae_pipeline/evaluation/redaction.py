@@ -73,6 +73,15 @@ class Fingerprints(NamedTuple):
         words = _words(text)
         return sum(len(_shingles(words, length) & hashes) for length, hashes in self.by_length.items())
 
+    @classmethod
+    def merged(cls, prints: Iterable[Fingerprints]) -> Fingerprints:
+        """Several runs' fingerprints as one (a step that generated in several runs scans with all of them)."""
+        by_length: dict[int, set[int]] = {}
+        for p in prints:
+            for length, hashes in p.by_length.items():
+                by_length.setdefault(length, set()).update(hashes)
+        return cls({length: frozenset(h) for length, h in by_length.items()})
+
     def to_bytes(self) -> bytes:
         parts = [_FINGERPRINT_MAGIC]
         for length, hashes in sorted(self.by_length.items()):
@@ -133,9 +142,14 @@ class RedactionGuard:
         return ensure_clean(self.fingerprints, payload, where)
 
     def write(self, path: Path, payload: object) -> None:
-        text = self.ensure_clean(payload, str(path))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + ("" if text.endswith("\n") else "\n"))
+        write_clean(self.fingerprints, path, payload)
+
+
+def write_clean(fingerprints: Fingerprints, path: Path, payload: object) -> None:
+    """Write the payload (canonical JSON, or the string as it is) only if it carries no guarded text."""
+    text = ensure_clean(fingerprints, payload, str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + ("" if text.endswith("\n") else "\n"))
 
 
 class ScanReport(NamedTuple):

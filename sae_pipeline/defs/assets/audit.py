@@ -15,16 +15,17 @@ from sae_pipeline.audit.run import run_arm
 from sae_pipeline.audit.suite import FAMILIES, AuditSuiteError, load_suite
 from sae_pipeline.audit.tuning import tune_locales
 from sae_pipeline.config import Profile, load_gates
-from sae_pipeline.defs.assets.evaluation import redaction_check_spec, redaction_scan
+from sae_pipeline.defs.assets.evaluation import redaction_check_spec, redaction_scan, require_judge
 from sae_pipeline.defs.checks import gate_check_result
 from sae_pipeline.defs.execution import on_gpu
-from sae_pipeline.defs.lineage import required_metadata
+from sae_pipeline.defs.lineage import passing_metadata, required_metadata
 from sae_pipeline.defs.metadata import numbers, png_markdown, table
 from sae_pipeline.defs.resources import ModelResource, TrackingResource
-from sae_pipeline.evaluation.redaction import RedactionError
+from sae_pipeline.evaluation.redaction import Fingerprints, RedactionError
 
 GROUP = "audit"
 SUITE_LOCK, ARM_REDACTION, AUDIT_GATES = "audit_suite_lock", "audit_arm_redaction", "audit_gates"
+DIAGNOSTICS_REDACTION, LOCALE_REDACTION = "audit_diagnostics_redaction", "locale_alphas_redaction"
 
 
 def _rate(rows: list[dict], flag: str) -> float | None:
@@ -74,6 +75,7 @@ def build_audit_assets(profile: Profile) -> list:
                           "family the capability measurements.")
     def audit_arms(context: dg.AssetExecutionContext, model: ModelResource, tracking: TrackingResource):
         keys = context.partition_key.keys_by_dimension
+        require_judge(context.instance)
         loaded = model.load(profile, dtype=eval_cfg.model_dtype)
         run = run_arm(loaded, keys["arm"], keys["family"], eval_cfg, cfg)
         passed, scan = redaction_scan(context.instance, run.directory, tracking, run.fingerprints)
@@ -108,6 +110,8 @@ def build_audit_assets(profile: Profile) -> list:
                           "audit_timing.json.")
     def audit_evaluation(context: dg.AssetExecutionContext, model: ModelResource,
                          tracking: TrackingResource) -> dg.MaterializeResult:
+        for key in partitions.get_partition_keys():  # each arm's blocking redaction scan passed on what is read
+            passing_metadata(context.instance, audit_arms.key, [ARM_REDACTION], key)
         loaded = model.load(profile, dtype=eval_cfg.model_dtype)
         root = root_of(context.instance)
         try:
@@ -134,40 +138,55 @@ def build_audit_assets(profile: Profile) -> list:
             "heatmap": png_markdown(asr_heatmap_png(heat, "steered: attack success, category x family"), "ASR")},
             check_results=[gate_check_result(gates_spec, report.gates)])
 
+    def scan_result(context: dg.AssetExecutionContext, root: Path, tracking: TrackingResource,
+                    fingerprints: Fingerprints, check_name: str) -> dg.AssetCheckResult:
+        """The step's redaction scan with the fingerprints of everything it generated."""
+        passed, scan = redaction_scan(context.instance, root, tracking, fingerprints)
+        return dg.AssetCheckResult(check_name=check_name, passed=passed, severity=dg.AssetCheckSeverity.ERROR,
+                                   metadata=scan)
+
     def steered_records(instance: dg.DagsterInstance) -> tuple[Path, list[dict]]:
         root = Path(required_metadata(instance, audit_evaluation.key)["path"]).parent
         return root, collect(root)[0]["steered"]
 
     @dg.asset(**gpu, group_name=GROUP, deps=[audit_evaluation], kinds={"json"},
+              check_specs=[redaction_check_spec(DIAGNOSTICS_REDACTION, "audit_diagnostics")],
               description="When audit_gates fails: the failing items rerun with each hooked layer off and each "
                           "behaviour's alpha +-0.05, and the dictionary features that fired on the failing harmful "
                           "prompts (ids and activations, never text): diagnostics.json.")
-    def audit_diagnostics(context: dg.AssetExecutionContext, model: ModelResource) -> dg.MaterializeResult:
+    def audit_diagnostics(context: dg.AssetExecutionContext, model: ModelResource,
+                          tracking: TrackingResource) -> dg.MaterializeResult:
         root, records = steered_records(context.instance)
         evaluation = required_metadata(context.instance, audit_evaluation.key)
-        report = run_diagnostics(model.load(profile, dtype=eval_cfg.model_dtype), root, eval_cfg, cfg, records)
-        return dg.MaterializeResult(metadata={
+        report, fingerprints = run_diagnostics(model.load(profile, dtype=eval_cfg.model_dtype), root, eval_cfg, cfg,
+                                               records)
+        return dg.MaterializeResult(check_results=[scan_result(context, root, tracking, fingerprints,
+                                                               DIAGNOSTICS_REDACTION)], metadata={
             "path": dg.MetadataValue.path(str(root / "diagnostics.json")),
             "metrics_sha256": evaluation["metrics_sha256"],
             **numbers({"failing_harmful": report["failing_harmful"], "benign": report["benign"]}),
             "variants": table(report["variants"]), "fired_features": table(report["fired_features"][:200])})
 
     @dg.asset(**gpu, group_name=GROUP, deps=[audit_evaluation], kinds={"json"},
+              check_specs=[redaction_check_spec(LOCALE_REDACTION, "locale_alphas")],
               description="Per-language multipliers in [0.8, 1.1] on the release's alphas, chosen to minimise "
                           "attack success with benign false refusal <= 3 % and KL within its gate; a locale is "
                           "enabled only if its choice passes the audit gates (locale_alphas.json + sha256; "
                           "LocaleAlphas.scale(prompt) applies it at run time).")
-    def locale_alphas(context: dg.AssetExecutionContext, model: ModelResource) -> dg.MaterializeResult:
+    def locale_alphas(context: dg.AssetExecutionContext, model: ModelResource,
+                      tracking: TrackingResource) -> dg.MaterializeResult:
         root, records = steered_records(context.instance)
-        choices, trials, path, sha256 = tune_locales(model.load(profile, dtype=eval_cfg.model_dtype), root,
-                                                     eval_cfg, cfg, load_gates().audit, records)
+        loaded = model.load(profile, dtype=eval_cfg.model_dtype)
+        choices, trials, path, sha256, fingerprints = tune_locales(loaded, root, eval_cfg, cfg, load_gates().audit,
+                                                                   records)
         rows = [{"language": c.language, "asr_at_1.00": trials[c.language][1.0]["asr"],
                  "fr_at_1.00": trials[c.language][1.0]["false_refusal"], "multiplier": c.multiplier,
                  "asr_chosen": trials[c.language][c.multiplier]["asr"],
                  "fr_chosen": trials[c.language][c.multiplier]["false_refusal"], "enabled": c.enabled,
                  "reason": c.reason} for c in choices]
         grid = [{"language": lang, "multiplier": m, **t} for lang, by_m in trials.items() for m, t in by_m.items()]
-        return dg.MaterializeResult(metadata={
+        return dg.MaterializeResult(check_results=[scan_result(context, root, tracking, fingerprints,
+                                                               LOCALE_REDACTION)], metadata={
             "path": dg.MetadataValue.path(str(path)), "sha256": sha256,
             "enabled": sum(c.enabled for c in choices), "before_after": table(rows), "trials": table(grid)})
 

@@ -13,9 +13,9 @@ from sae_pipeline.behaviors.evaluation import (
     ensemble_behavior_metrics)
 from sae_pipeline.behaviors.release import CONFIG_FILE, read_release
 from sae_pipeline.config import Profile, artifacts_root, load_gates
-from sae_pipeline.defs.assets.evaluation import redaction_check_spec, require_audit, steered_run
+from sae_pipeline.defs.assets.evaluation import baseline_path, redaction_check_spec, require_audit, steered_run
 from sae_pipeline.defs.execution import on_gpu
-from sae_pipeline.defs.lineage import required_metadata
+from sae_pipeline.defs.lineage import passing_metadata, required_metadata
 from sae_pipeline.defs.metadata import numbers, png_markdown, table
 from sae_pipeline.defs.resources import ModelResource, TrackingResource
 from sae_pipeline.evaluation.datasets import load_prompt_sets
@@ -66,11 +66,9 @@ def build_behavior_evaluation_assets(profile: Profile) -> list:
         release_sha256 = file_sha256(directory / CONFIG_FILE)
         metrics, pinned = {}, {}
         for arm in arm_names(behaviors):
-            meta = required_metadata(instance, behavior_arms.key, arm)
+            meta = passing_metadata(instance, behavior_arms.key, [ARM_REDACTION], arm)
             if meta["release_config_sha256"] != release_sha256:
                 raise dg.Failure(f"behavior_arms {arm} evaluated another release; materialise the arms again")
-            if meta["redaction_leaking_files"] != 0:
-                raise dg.Failure(f"behavior_arms {arm} failed its redaction scan: nothing is built on that run")
             metrics[arm] = load_metrics(Path(meta["path"]))
             pinned[arm] = {"path": meta["path"], "metrics_sha256": metrics[arm]["metrics_sha256"]}
         return metrics, pinned
@@ -86,8 +84,8 @@ def build_behavior_evaluation_assets(profile: Profile) -> list:
         release = read_release(directory, accept_failed_gates=True)  # every file verified against its sha256
         config = release.config
         metrics, pinned = arm_metrics(context.instance, directory)
-        baseline_path = Path(required_metadata(context.instance, dg.AssetKey("baseline_metrics"))["path"])
-        baseline = load_metrics(baseline_path)
+        baseline_dir = baseline_path(context.instance)
+        baseline = load_metrics(baseline_dir)
         results = behavior_results(load_gates().behavior_evaluation, baseline, metrics, behaviors)
 
         loaded = model.load(profile, dtype=eval_cfg.model_dtype)
@@ -105,7 +103,7 @@ def build_behavior_evaluation_assets(profile: Profile) -> list:
         report = ensemble_behavior_metrics(baseline, metrics, behaviors, alphas, results, throughput, {
             "release": {"path": str(directory), "config_sha256": file_sha256(directory / CONFIG_FILE),
                         "gates": config["gates"]},
-            "baseline": {"path": str(baseline_path), "metrics_sha256": baseline["metrics_sha256"]},
+            "baseline": {"path": str(baseline_dir), "metrics_sha256": baseline["metrics_sha256"]},
             "arms": pinned, "sae": config["sae"], "rankings": config["rankings"],
             "router_cv_accuracy": config["router_info"]["cv_accuracy"],
             "representation_crosstalk": config["crosstalk"]["pair_max_cos"]})

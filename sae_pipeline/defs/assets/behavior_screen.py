@@ -16,7 +16,8 @@ from sae_pipeline.behaviors.crosstalk import load_directions
 from sae_pipeline.behaviors.screen import steered_sign_flips
 from sae_pipeline.config import Profile, load_gates
 from sae_pipeline.defs.execution import on_gpu
-from sae_pipeline.defs.lineage import required_metadata
+from sae_pipeline.defs.checks import CROSSTALK
+from sae_pipeline.defs.lineage import passing_metadata
 from sae_pipeline.defs.metadata import numbers, table
 from sae_pipeline.defs.resources import ModelResource
 from sae_pipeline.evaluation.datasets import load_prompt_sets
@@ -50,7 +51,7 @@ def build_behavior_screen_assets(profile: Profile, partitions: dg.MultiPartition
     def behavior_screen(context: dg.AssetExecutionContext, model: ModelResource) -> dg.MaterializeResult:
         keys = context.partition_key.keys_by_dimension
         behavior, layer = keys["behavior"], int(keys["layer"])
-        report_path = Path(required_metadata(context.instance, dg.AssetKey("behavior_crosstalk"))["path"])
+        report_path = Path(passing_metadata(context.instance, dg.AssetKey("behavior_crosstalk"), [CROSSTALK])["path"])
         entry = json.loads(report_path.read_text())["layers"].get(str(layer))
         if entry is None or behavior not in entry["order"]:
             return dg.MaterializeResult(metadata={"screened": False, "reason": (

@@ -15,10 +15,10 @@ import dagster as dg
 import torch
 
 from sae_pipeline.config import Profile, artifacts_root, load_gates
-from sae_pipeline.defs.assets.evaluation import redaction_check_spec, require_audit, steered_run
+from sae_pipeline.defs.assets.evaluation import baseline_path, redaction_check_spec, require_audit, steered_run
 from sae_pipeline.defs.assets.operating_point import build_candidate
 from sae_pipeline.defs.execution import on_gpu
-from sae_pipeline.defs.lineage import required_metadata
+from sae_pipeline.defs.lineage import passing_metadata, required_metadata
 from sae_pipeline.defs.metadata import numbers, png_markdown, table
 from sae_pipeline.defs.resources import ModelResource, TrackingResource
 from sae_pipeline.evaluation.datasets import load_prompt_sets
@@ -106,7 +106,7 @@ def build_ensemble_assets(profile: Profile) -> list:
         """partition -> (schedule, metrics) of the given finished partitions (skipped ones left out)."""
         out = {}
         for key in keys:
-            meta = required_metadata(instance, ensemble_sweep.key, key)
+            meta = passing_metadata(instance, ensemble_sweep.key, [ENSEMBLE_REDACTION], key)
             if meta.get("skipped") is not True:
                 schedule = json.loads(meta["schedule"])
                 out[key] = (Schedule(schedule["name"], {int(k): v for k, v in schedule["alphas"].items()}),
@@ -114,7 +114,7 @@ def build_ensemble_assets(profile: Profile) -> list:
         return out
 
     def best(instance: dg.DagsterInstance, keys) -> Schedule:
-        baseline = load_metrics(Path(required_metadata(instance, dg.AssetKey("baseline_metrics"))["path"]))
+        baseline = load_metrics(baseline_path(instance))
         runs = evaluated(instance, keys)
         results = {key: strength_results(load_gates().steering, baseline, metrics)
                    for key, (_, metrics) in runs.items()}
@@ -176,19 +176,18 @@ def build_ensemble_assets(profile: Profile) -> list:
                           "capability), sha256 of every SAE, ranking and screen behind the candidate, decode "
                           "throughput unsteered vs the chosen ensemble (interleaved), reverse-safety recovery.")
     def ensemble_metrics(context: dg.AssetExecutionContext, model: ModelResource) -> dg.MaterializeResult:
-        baseline_path = Path(required_metadata(context.instance, dg.AssetKey("baseline_metrics"))["path"])
-        baseline = load_metrics(baseline_path)
+        baseline_dir = baseline_path(context.instance)
+        baseline = load_metrics(baseline_dir)
         loaded = model.load(profile, dtype=eval_cfg.model_dtype)
         ensemble, _, sources = load_ensemble(context.instance, loaded, Schedule("none", {}))
         runs, pinned = {}, {}
         for key in parts.get_partition_keys():
-            meta = required_metadata(context.instance, ensemble_sweep.key, key)
+            meta = passing_metadata(context.instance, ensemble_sweep.key, [ENSEMBLE_REDACTION], key)
             if meta.get("skipped") is True:
                 pinned[key] = {"skipped": meta["reason"]}
                 continue
-            if meta["base_sha256"] != ensemble.base.sha256 or meta["redaction_leaking_files"] != 0:
-                raise dg.Failure(f"ensemble_sweep {key} evaluated another candidate or failed its redaction scan; "
-                                 "materialise the sweep again")
+            if meta["base_sha256"] != ensemble.base.sha256:
+                raise dg.Failure(f"ensemble_sweep {key} evaluated another candidate; materialise the sweep again")
             schedule = json.loads(meta["schedule"])
             runs[key] = (Schedule(schedule["name"], {int(k): v for k, v in schedule["alphas"].items()}),
                          load_metrics(Path(meta["path"])))
@@ -225,7 +224,7 @@ def build_ensemble_assets(profile: Profile) -> list:
                        "alphas": {str(k): v for k, v in chosen.alphas.items()},
                        "ensemble_sha256": chosen_ensemble.sha256, "active_layers": chosen_ensemble.active_layers()},
             "schedules": schedules, "ablation": ablation, "runs": pinned,
-            "baseline": {"path": str(baseline_path), "metrics_sha256": baseline["metrics_sha256"]},
+            "baseline": {"path": str(baseline_dir), "metrics_sha256": baseline["metrics_sha256"]},
             "components": {"hashes": ensemble.base.component_hashes,
                            "refusal_directions": {str(k): v for k, v in ensemble.refusal_hashes.items()},
                            "sources": component_provenance(sources)},

@@ -10,7 +10,7 @@ from sae_pipeline.config import EvalConfig, Profile, load_gates
 from sae_pipeline.defs.checks import (
     DATASET_SIZES, DATASETS_LOCK, JUDGE_ACCURACY, SPLITS_DISJOINT, gate_check_result, problems_check_result)
 from sae_pipeline.defs.execution import on_gpu
-from sae_pipeline.defs.lineage import required_metadata
+from sae_pipeline.defs.lineage import passing_metadata, required_metadata
 from sae_pipeline.defs.metadata import numbers, png_markdown, table
 from sae_pipeline.defs.resources import ModelResource, TrackingResource
 from sae_pipeline.evaluation.datasets import (
@@ -24,6 +24,18 @@ from sae_pipeline.gates import check_gates
 from sae_pipeline.model.loading import LoadedModel
 
 GROUP = "evaluation"
+BASELINE_COMPLETE, BASELINE_REDACTION = "baseline_complete", "redaction"
+
+
+def require_judge(instance: dg.DagsterInstance) -> None:
+    """Harness runs are judged only by a refusal judge that passed its accuracy gate."""
+    passing_metadata(instance, dg.AssetKey("refusal_judge"), [JUDGE_ACCURACY.name])
+
+
+def baseline_path(instance: dg.DagsterInstance) -> Path:
+    """The baseline run's directory, read only if its blocking checks passed on it."""
+    return Path(passing_metadata(instance, dg.AssetKey("baseline_metrics"),
+                                 [BASELINE_COMPLETE, BASELINE_REDACTION])["path"])
 
 
 def _rate_rows(rates: dict[str, dict], label: str) -> list[dict]:
@@ -104,7 +116,8 @@ def steered_run(instance: dg.DagsterInstance, tracking: TrackingResource, loaded
                 steering: Steering, alpha: float, reverse: bool, readouts: list, title: str, check_name: str
                 ) -> tuple[EvalResult, dict, dg.AssetCheckResult]:
     """One harness run under `steering` on the held-out sets: the result, its metadata (with the leaking-file
-    count later steps refuse to build on) and the redaction check's result."""
+    count) and the redaction check's result."""
+    require_judge(instance)
     result = run_frozen(loaded, cfg, steering, alpha, reverse, readouts)
     metadata = evaluation_metadata(result, f"{title}, 95% bootstrap CIs", tracking)
     passed, scan = redaction_scan(instance, result.directory, tracking)
@@ -164,7 +177,7 @@ def build_evaluation_assets(profile: Profile) -> list:
         metadata = evaluation_metadata(result, "baseline (alpha 0.00), 95% bootstrap CIs", tracking)
         return dg.MaterializeResult(metadata=metadata)
 
-    @dg.asset_check(asset=baseline_metrics, blocking=True,
+    @dg.asset_check(asset=baseline_metrics, name=BASELINE_COMPLETE, blocking=True,
                     description="metrics.json verifies against its sha256 and every selected prompt has a record")
     def baseline_complete(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         directory = _latest_path(context, baseline_metrics.key)
@@ -178,7 +191,7 @@ def build_evaluation_assets(profile: Profile) -> list:
             metadata={"judged": len(judged), "expected": len(expected), "metrics_sha256": metrics["metrics_sha256"],
                       "missing": dg.MetadataValue.md(", ".join(sorted(expected - judged)[:50]) or "none")})
 
-    @dg.asset_check(asset=baseline_metrics, blocking=True,
+    @dg.asset_check(asset=baseline_metrics, name=BASELINE_REDACTION, blocking=True,
                     description="No text generated from a harmful prompt in the evaluation artifacts, the W&B "
                                 "directory or the Dagster storage (scanned with the run's redaction fingerprints)")
     def redaction(context: dg.AssetCheckExecutionContext, tracking: TrackingResource) -> dg.AssetCheckResult:

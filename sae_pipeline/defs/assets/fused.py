@@ -16,9 +16,10 @@ from sae_pipeline.behaviors.evaluation import ALL as SIDECARS_ALL
 from sae_pipeline.behaviors.release import CONFIG_FILE, read_release
 from sae_pipeline.config import Profile, artifacts_root, load_gates
 from sae_pipeline.corpus.build import load_manifest
-from sae_pipeline.defs.assets.evaluation import redaction_check_spec, require_audit, steered_run
+from sae_pipeline.defs.assets.behavior_evaluation import ARM_REDACTION
+from sae_pipeline.defs.assets.evaluation import baseline_path, redaction_check_spec, require_audit, steered_run
 from sae_pipeline.defs.execution import on_gpu
-from sae_pipeline.defs.lineage import required_metadata
+from sae_pipeline.defs.lineage import passing_metadata, required_metadata
 from sae_pipeline.defs.metadata import numbers, png_markdown, table
 from sae_pipeline.defs.resources import ModelResource, TrackingResource
 from sae_pipeline.evaluation.datasets import load_prompt_sets
@@ -273,20 +274,19 @@ def build_fused_assets(profile: Profile) -> list:
         fused_sha256 = file_sha256(release_dir_of(instance) / FUSED_CONFIG)
         arms_metrics, pinned, records = {}, {}, {}
         for arm in fused_arm_names(cfg.backends):
-            meta = required_metadata(instance, fused_arms.key, arm)
-            if meta["fused_config_sha256"] != fused_sha256 or meta["redaction_leaking_files"] != 0:
-                raise dg.Failure(f"fused_arms {arm} evaluated another release or failed its redaction scan; "
-                                 "materialise it again")
+            meta = passing_metadata(instance, fused_arms.key, [FUSED_REDACTION], arm)
+            if meta["fused_config_sha256"] != fused_sha256:
+                raise dg.Failure(f"fused_arms {arm} evaluated another release; materialise it again")
             arms_metrics[arm] = load_metrics(Path(meta["path"]))
             records[arm] = load_records(Path(meta["path"]))
             pinned[arm] = {"path": meta["path"], "metrics_sha256": arms_metrics[arm]["metrics_sha256"]}
-        sidecar_meta = required_metadata(instance, dg.AssetKey("behavior_arms"), SIDECARS_ALL)
-        baseline_path = Path(required_metadata(instance, dg.AssetKey("baseline_metrics"))["path"])
-        sidecars, baseline = load_metrics(Path(sidecar_meta["path"])), load_metrics(baseline_path)
+        sidecar_meta = passing_metadata(instance, dg.AssetKey("behavior_arms"), [ARM_REDACTION], SIDECARS_ALL)
+        baseline_dir = baseline_path(instance)
+        sidecars, baseline = load_metrics(Path(sidecar_meta["path"])), load_metrics(baseline_dir)
         agreed = agreements(load_records(Path(sidecar_meta["path"])), records)
         pinned["sidecar_ensemble"] = {"path": sidecar_meta["path"], "metrics_sha256": sidecars["metrics_sha256"],
                                       "release_config_sha256": sidecar_meta["release_config_sha256"]}
-        pinned["baseline"] = {"path": str(baseline_path), "metrics_sha256": baseline["metrics_sha256"]}
+        pinned["baseline"] = {"path": str(baseline_dir), "metrics_sha256": baseline["metrics_sha256"]}
         return Evaluated(arms_metrics, sidecars, baseline, pinned, agreed, fused_sha256)
 
     @dg.asset(**gpu, group_name=GROUP, deps=[dg.AssetDep(fused_arms, partition_mapping=every),

@@ -10,7 +10,7 @@ import torch
 from sae_pipeline.config import Profile, artifacts_root, load_gates
 from sae_pipeline.defs.assets.evaluation import redaction_check_spec, require_audit, steered_run
 from sae_pipeline.defs.execution import on_gpu
-from sae_pipeline.defs.lineage import latest_metadata, required_metadata
+from sae_pipeline.defs.lineage import latest_metadata, passing_metadata, required_metadata
 from sae_pipeline.defs.metadata import numbers, png_markdown, table
 from sae_pipeline.defs.resources import ModelResource, TrackingResource
 from sae_pipeline.evaluation.datasets import load_prompt_sets
@@ -92,12 +92,10 @@ def build_operating_point_assets(profile: Profile) -> list:
         candidate, _, sources = build_candidate(context.instance, profile, loaded)
         runs = {}
         for key in [*sweep_keys, REVERSE_ARM]:
-            meta = required_metadata(context.instance, alpha_sweep.key, key)
+            meta = passing_metadata(context.instance, alpha_sweep.key, [SWEEP_REDACTION], key)
             if meta["candidate_sha256"] != candidate.sha256:
                 raise dg.Failure(f"alpha_sweep {key} evaluated another candidate ({meta['candidate_sha256'][:12]}, "
                                  f"now {candidate.sha256[:12]}): materialise the sweep again")
-            if meta["redaction_leaking_files"] != 0:
-                raise dg.Failure(f"alpha_sweep {key} failed its redaction scan: nothing is built on that run")
             runs[key] = (Path(meta["path"]), load_metrics(Path(meta["path"])))
         baseline = runs[sweep_key(0.0)][1]  # the grid starts at 0.0 (validated with the profile)
         gates = load_gates().steering

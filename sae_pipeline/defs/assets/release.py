@@ -12,9 +12,11 @@ from pathlib import Path
 import dagster as dg
 
 from sae_pipeline.config import Profile, artifacts_root, gates_path, load_gates
+from sae_pipeline.defs.assets.behavior_evaluation import BEHAVIOR_GATES
 from sae_pipeline.defs.assets.evaluation import redaction_check_spec, steered_run
+from sae_pipeline.defs.assets.fused import FUSED_GATES
 from sae_pipeline.defs.execution import on_gpu
-from sae_pipeline.defs.lineage import required_metadata
+from sae_pipeline.defs.lineage import passing_metadata, required_metadata
 from sae_pipeline.defs.metadata import numbers, table
 from sae_pipeline.defs.resources import ModelResource, TrackingResource
 from sae_pipeline.release.bundle import (
@@ -35,14 +37,16 @@ def build_release_assets(profile: Profile) -> list:
               description="The release bundle, artifacts/release/bundle/: the behaviour release, the fused release, "
                           "the gates file and the metrics that evaluated them, with manifest.json (sha256 and size "
                           "of every file, model and tokenizer hashes, package version), signed with ed25519 when "
-                          f"{SIGNING_KEY_ENV} is set. apply_release(model, that directory) verifies it and applies "
+                          f"{SIGNING_KEY_ENV} is set; built only on evaluations whose behavior_gates and fused_gates "
+                          "passed. apply_release(model, that directory) verifies it and applies "
                           "fused nets, else sidecars, else nothing.")
     def release(context: dg.AssetExecutionContext, model: ModelResource) -> dg.MaterializeResult:
         behaviors = Path(required_metadata(context.instance, dg.AssetKey("behavior_release"))["path"]).parent
         fused = Path(required_metadata(context.instance, dg.AssetKey("fused_release"))["path"]).parent
-        metrics = {f"metrics/{name}.json": Path(required_metadata(context.instance, dg.AssetKey(key))["path"])
-                   for name, key in (("fused_metrics", "fused_evaluation"),
-                                     ("ensemble_behavior_metrics", "behavior_evaluation"))}
+        # only evaluations whose blocking gates passed are released
+        metrics = {f"metrics/{name}.json": Path(passing_metadata(context.instance, dg.AssetKey(key), [gates])["path"])
+                   for name, key, gates in (("fused_metrics", "fused_evaluation", FUSED_GATES),
+                                            ("ensemble_behavior_metrics", "behavior_evaluation", BEHAVIOR_GATES))}
         loaded = model.load(profile, dtype=eval_cfg.model_dtype, tokenizer_and_hashes_only=True)
         directory = artifacts_root() / "release" / "bundle"
         manifest = write_bundle(directory, behaviors, fused, {"gates.yaml": gates_path(), **metrics},
@@ -105,7 +109,7 @@ def build_release_assets(profile: Profile) -> list:
                           "reference (smoke.json beside it).")
     def smoke_metrics(context: dg.AssetExecutionContext, model: ModelResource, tracking: TrackingResource):
         result, metadata, release, release_sha256, redaction = smoke_run(context, model, tracking, SMOKE_REDACTION)
-        pinned = required_metadata(context.instance, smoke_reference.key)
+        pinned = passing_metadata(context.instance, smoke_reference.key, [REFERENCE_REDACTION])
         if pinned["release_sha256"] != release_sha256:
             raise dg.Failure(f"the release changed since smoke_reference ({pinned['release_sha256'][:16]} -> "
                              f"{release_sha256[:16]}); materialise smoke_reference for the new release first")
