@@ -35,12 +35,16 @@ def latest_metadata(instance: dg.DagsterInstance, key: dg.AssetKey, partition: s
     return None if record is None else _unwrapped(record)
 
 
+def _required_record(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str | None):
+    record = _latest_record(instance, key, partition)
+    if record is None:
+        raise dg.Failure(f"{_where(key, partition)} has no materialisation yet; materialise it first")
+    return record
+
+
 def required_metadata(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str | None = None) -> dict:
     """As latest_metadata, failing the step with the reason when the upstream was never materialised."""
-    metadata = latest_metadata(instance, key, partition)
-    if metadata is None:
-        raise dg.Failure(f"{_where(key, partition)} has no materialisation yet; materialise it first")
-    return metadata
+    return _unwrapped(_required_record(instance, key, partition))
 
 
 def check_verdict(instance: dg.DagsterInstance, key: dg.AssetKey, check: str, storage_id: int) -> bool | None:
@@ -59,9 +63,7 @@ def passing_metadata(instance: dg.DagsterInstance, key: dg.AssetKey, checks: Seq
                      partition: str | None = None) -> dict:
     """As required_metadata, and each of the upstream's blocking `checks` must have passed on that materialisation
     (one that failed or never ran blocks the step, naming it)."""
-    record = _latest_record(instance, key, partition)
-    if record is None:
-        raise dg.Failure(f"{_where(key, partition)} has no materialisation yet; materialise it first")
+    record = _required_record(instance, key, partition)
     verdicts = {check: check_verdict(instance, key, check, record.storage_id) for check in checks}
     blocked = [f"{check} {'failed' if verdict is False else 'never ran'}" for check, verdict in verdicts.items()
                if verdict is not True]
