@@ -5,6 +5,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
+import dagster as dg  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -48,9 +49,7 @@ def write_gates(path, r2_min: float):
 
 def step_failure(result) -> str:
     """The message of a Dagster run's one failed step."""
-    from dagster import DagsterEventType
-
-    [failure] = [e for e in result.all_events if e.event_type == DagsterEventType.STEP_FAILURE]
+    [failure] = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
     return failure.step_failure_data.error.message
 
 

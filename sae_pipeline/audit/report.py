@@ -63,8 +63,8 @@ def write_report(loaded: LoadedModel, root: Path, eval_cfg: EvalConfig, cfg: Aud
     determinism = {"replayed": f"{arm}/{family}", "records_sha256": original["records_sha256"],
                    "mismatches": int(replay.records_sha256 != original["records_sha256"])}
     metrics, results = audit_metrics(records, capability, eval_cfg, gates, identity, determinism)
-    fingerprints = Fingerprints.merged([replay.fingerprints, *(arm_fingerprints(root / arm / family)
-                                                               for arm in ARMS for family in FAMILIES)])
+    fingerprints = Fingerprints.merged([replay.fingerprints, *(arm_fingerprints(root / a / f)
+                                                               for a in ARMS for f in FAMILIES)])
     write_clean(fingerprints, root / METRICS_FILE, metrics)
     items, _ = load_suite()
     policy, _ = current_release()

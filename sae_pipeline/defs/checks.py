@@ -21,10 +21,10 @@ SPLITS_DISJOINT = dg.AssetCheckSpec(
 DATASET_SIZES = dg.AssetCheckSpec(
     "dataset_sizes", asset="prompt_sets", blocking=True,
     description="Prompts per category/split, benign and clean-QA counts against data/gates.yaml")
-CROSSTALK = "crosstalk"  # behavior_crosstalk's |cos| limits: the behaviour screens and the release read it through it
 JUDGE_ACCURACY = dg.AssetCheckSpec(
     "judge_accuracy", asset="refusal_judge", blocking=True,
     description="The deciding refusal judge's accuracy, precision and recall on the labelled test split")
+CROSSTALK = "crosstalk"  # behavior_crosstalk's |cos| limits: the behaviour screens and the release read it through it
 
 
 def gate_check_result(spec: dg.AssetCheckSpec, gates: list[GateResult]) -> dg.AssetCheckResult:

@@ -15,13 +15,13 @@ from sae_pipeline.audit.run import run_arm
 from sae_pipeline.audit.suite import FAMILIES, AuditSuiteError, load_suite
 from sae_pipeline.audit.tuning import tune_locales
 from sae_pipeline.config import Profile, load_gates
-from sae_pipeline.defs.assets.evaluation import redaction_check_spec, redaction_scan, require_judge
+from sae_pipeline.defs.assets.evaluation import redaction_check, redaction_check_spec, require_judge
 from sae_pipeline.defs.checks import gate_check_result
 from sae_pipeline.defs.execution import on_gpu
 from sae_pipeline.defs.lineage import passing_metadata, required_metadata
 from sae_pipeline.defs.metadata import numbers, png_markdown, table
 from sae_pipeline.defs.resources import ModelResource, TrackingResource
-from sae_pipeline.evaluation.redaction import Fingerprints, RedactionError
+from sae_pipeline.evaluation.redaction import RedactionError
 
 GROUP = "audit"
 SUITE_LOCK, ARM_REDACTION, AUDIT_GATES = "audit_suite_lock", "audit_arm_redaction", "audit_gates"
@@ -78,7 +78,7 @@ def build_audit_assets(profile: Profile) -> list:
         require_judge(context.instance)
         loaded = model.load(profile, dtype=eval_cfg.model_dtype)
         run = run_arm(loaded, keys["arm"], keys["family"], eval_cfg, cfg)
-        passed, scan = redaction_scan(context.instance, run.directory, tracking, run.fingerprints)
+        leaking, check = redaction_check(context.instance, run.directory, tracking, ARM_REDACTION, run.fingerprints)
         harmful = [r for r in run.records if r["kind"] == "harmful"]
         benign = [r for r in run.records if r["kind"] == "benign"]
         by_variant: dict[tuple[str, str], list[dict]] = {}
@@ -91,9 +91,7 @@ def build_audit_assets(profile: Profile) -> list:
             "path": dg.MetadataValue.path(str(run.directory)), "records_sha256": run.records_sha256,
             **numbers({"items": len(run.records), "attack_success_rate": _rate(harmful, "attack_succeeded") or 0.0,
                        "benign_false_refusal_rate": _rate(benign, "refused") or 0.0}),
-            "by_variant": table(rows), "redaction_leaking_files": scan["leaking_files"]},
-            check_results=[dg.AssetCheckResult(check_name=ARM_REDACTION, passed=passed,
-                                               severity=dg.AssetCheckSeverity.ERROR, metadata=scan)])
+            "by_variant": table(rows), "redaction_leaking_files": leaking}, check_results=[check])
 
     def root_of(instance: dg.DagsterInstance) -> Path:
         """The audit directory the arms wrote (every partition's path lies under it)."""
@@ -138,13 +136,6 @@ def build_audit_assets(profile: Profile) -> list:
             "heatmap": png_markdown(asr_heatmap_png(heat, "steered: attack success, category x family"), "ASR")},
             check_results=[gate_check_result(gates_spec, report.gates)])
 
-    def scan_result(context: dg.AssetExecutionContext, root: Path, tracking: TrackingResource,
-                    fingerprints: Fingerprints, check_name: str) -> dg.AssetCheckResult:
-        """The step's redaction scan with the fingerprints of everything it generated."""
-        passed, scan = redaction_scan(context.instance, root, tracking, fingerprints)
-        return dg.AssetCheckResult(check_name=check_name, passed=passed, severity=dg.AssetCheckSeverity.ERROR,
-                                   metadata=scan)
-
     def steered_records(instance: dg.DagsterInstance) -> tuple[Path, list[dict]]:
         root = Path(required_metadata(instance, audit_evaluation.key)["path"]).parent
         return root, collect(root)[0]["steered"]
@@ -160,8 +151,8 @@ def build_audit_assets(profile: Profile) -> list:
         evaluation = required_metadata(context.instance, audit_evaluation.key)
         report, fingerprints = run_diagnostics(model.load(profile, dtype=eval_cfg.model_dtype), root, eval_cfg, cfg,
                                                records)
-        return dg.MaterializeResult(check_results=[scan_result(context, root, tracking, fingerprints,
-                                                               DIAGNOSTICS_REDACTION)], metadata={
+        _, check = redaction_check(context.instance, root, tracking, DIAGNOSTICS_REDACTION, fingerprints)
+        return dg.MaterializeResult(check_results=[check], metadata={
             "path": dg.MetadataValue.path(str(root / "diagnostics.json")),
             "metrics_sha256": evaluation["metrics_sha256"],
             **numbers({"failing_harmful": report["failing_harmful"], "benign": report["benign"]}),
@@ -185,8 +176,8 @@ def build_audit_assets(profile: Profile) -> list:
                  "fr_chosen": trials[c.language][c.multiplier]["false_refusal"], "enabled": c.enabled,
                  "reason": c.reason} for c in choices]
         grid = [{"language": lang, "multiplier": m, **t} for lang, by_m in trials.items() for m, t in by_m.items()]
-        return dg.MaterializeResult(check_results=[scan_result(context, root, tracking, fingerprints,
-                                                               LOCALE_REDACTION)], metadata={
+        _, check = redaction_check(context.instance, root, tracking, LOCALE_REDACTION, fingerprints)
+        return dg.MaterializeResult(check_results=[check], metadata={
             "path": dg.MetadataValue.path(str(path)), "sha256": sha256,
             "enabled": sum(c.enabled for c in choices), "before_after": table(rows), "trials": table(grid)})
 

@@ -101,6 +101,14 @@ def redaction_scan(instance: dg.DagsterInstance, directory: Path, tracking: Trac
         "leaks": dg.MetadataValue.md("\n".join(report.leaks) or "none")}
 
 
+def redaction_check(instance: dg.DagsterInstance, directory: Path, tracking: TrackingResource, check_name: str,
+                    fingerprints: Fingerprints | None = None) -> tuple[int, dg.AssetCheckResult]:
+    """`redaction_scan` as the named blocking check's result, with the count of leaking files for the metadata."""
+    passed, scan = redaction_scan(instance, directory, tracking, fingerprints)
+    return scan["leaking_files"], dg.AssetCheckResult(check_name=check_name, passed=passed,
+                                                      severity=dg.AssetCheckSeverity.ERROR, metadata=scan)
+
+
 def redaction_check_spec(name: str, asset: str) -> dg.AssetCheckSpec:
     """The blocking redaction check of an asset whose runs steer the model on harmful prompts."""
     return dg.AssetCheckSpec(name, asset=asset, blocking=True, description=(
@@ -120,9 +128,8 @@ def steered_run(instance: dg.DagsterInstance, tracking: TrackingResource, loaded
     require_judge(instance)
     result = run_frozen(loaded, cfg, steering, alpha, reverse, readouts)
     metadata = evaluation_metadata(result, f"{title}, 95% bootstrap CIs", tracking)
-    passed, scan = redaction_scan(instance, result.directory, tracking)
-    return result, {**metadata, "redaction_leaking_files": scan["leaking_files"]}, dg.AssetCheckResult(
-        check_name=check_name, passed=passed, severity=dg.AssetCheckSeverity.ERROR, metadata=scan)
+    leaking, check = redaction_check(instance, result.directory, tracking, check_name)
+    return result, {**metadata, "redaction_leaking_files": leaking}, check
 
 
 def build_evaluation_assets(profile: Profile) -> list:
