@@ -46,6 +46,7 @@ def test_the_delta_follows_the_reference_rule_and_only_where_features_fire(tiny,
     sidecar = probe._replace(tau_N=torch.full((4,), tau))
     z_BSN = torch.relu(x_BSD @ sidecar.B_sel_ND.T - sidecar.tau_N)
     fire_BS = (z_BSN > 0.02).any(-1)
+    fire_BS[:, 0] = False  # the attention sink is never steered
     expected = x_BSD - 0.6 * (z_BSN @ sidecar.A_sel_ND) * fire_BS.unsqueeze(-1)
     steered = {}
     with patched(tiny.model, {LAYER: LayerSteering(sidecar, alpha=0.6)}):
@@ -56,6 +57,34 @@ def test_the_delta_follows_the_reference_rule_and_only_where_features_fire(tiny,
     assert torch.allclose(steered["x"], expected, atol=1e-6)
     assert torch.equal(steered["x"][~fire_BS], x_BSD[~fire_BS])
 
+def test_neither_rule_touches_a_rows_attention_sink_at_a_prefill(tiny):
+    """A row's first real token holds the attention sink, which the SAEs never saw: at a prefill the feature rule
+    and a fused net leave it as it was (left padding: the first unpadded position) and edit every later token where
+    they act; a decode step (one token, never a sink) is edited."""
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    sink_BS = torch.zeros(2, 6, dtype=torch.bool)
+    sink_BS[0, 2] = sink_BS[1, 0] = True
+    later_BS = mask.bool() & ~sink_BS
+
+    class ConstantNet:  # a fused side-net whose delta is the same on every token
+        behaviors, d_model = ("chem",), 64
+
+        def __call__(self, acts, alphas_G):
+            return torch.ones_like(acts) * alphas_G.sum()
+
+    with capture_outputs(tiny.model, [LAYER], stop_after_last=False) as clean, torch.no_grad():
+        tiny.model(input_ids=ids, attention_mask=mask)
+    for steering in (LayerSteering(_sidecar(tau=-10.0), alpha=0.6),  # every feature fires on every token
+                     LayerSteering(None, 1.0, fused=ConstantNet(), fused_alpha_G=torch.ones(1))):
+        with patched(tiny.model, {LAYER: steering}) as patch:
+            with capture_outputs(tiny.model, [LAYER], stop_after_last=False) as steered, torch.no_grad():
+                tiny.model(input_ids=ids, attention_mask=mask)
+            assert torch.equal(steered[LAYER][sink_BS], clean[LAYER][sink_BS])
+            assert bool((steered[LAYER] != clean[LAYER]).any(-1)[later_BS].all())
+            patch.prompt_gate_BS = None  # what a decode step sees
+            one_token = clean[LAYER][:, :1]
+            assert bool((patch.steer(LAYER, one_token) != one_token).any(-1).all())
 
 
 def test_bf16_activations_on_a_cpu_are_steered_in_float32_and_rounded_once(tiny):

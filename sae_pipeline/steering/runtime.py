@@ -7,6 +7,9 @@ Per layer, with the sidecar (A_sel_ND, B_sel_ND, tau_N) of the selected features
 With feature groups (behaviours sharing a layer, `FeatureGroups`), each group follows the feature rule on its own
 features, with its own alpha and its own fire, and the groups' deltas add. On a CPU the rule is computed in float32
 whatever the activations' dtype (faster there for these small products, and what the fused nets distil).
+Neither rule touches a row's first real token, the attention sink: its activation lies orders of magnitude off the
+rest and the SAEs never saw it (`skip_positions`); there the raw encoder fired every feature it was read for (a "cyber"
+latent at z ~55 on every prompt), and editing it moved every reply.
 The refusal decision is taken at each prefill (a forward that starts a sequence) over the prompt's own tokens: real
 tokens (attention mask), past the first `gate_skip` of them (the attention sink and a fixed chat-template prefix), and
 holds for the tokens generated after it. The prompt fires when a selected feature fires on it or, with a probe gate,
@@ -40,6 +43,7 @@ REVERSE_TOKEN = "<|reverse-safety|>"
 DEFAULT_ALPHA = 0.6  # issue #4's apply_patch default: the feature rule's strength when sidecars come without one
 DEFAULT_EPSILON = 0.02  # issue #4: a token is steered where some selected z_j exceeds it
 _PATCH_ATTR = "_sae_pipeline_steering"
+RULE_VERSION = 2  # what the hooks compute (2: the sink left untouched); journals of steered measurements key on it
 
 
 class SteeringError(RuntimeError):
@@ -188,6 +192,7 @@ class SteeringPatch:
     scale: float = 1.0  # 1 normal, 0 no-steer, -1 reverse: set for one request by control tokens
     prompt_gate_BS: torch.Tensor | None = None  # set by the model pre-hook on a prefill, None on decode steps
     prompt_last_B: torch.Tensor | None = None  # each row's last real token at that prefill
+    steerable_T1: torch.Tensor | None = None  # at that prefill, (tokens, 1): 0 at each row's attention sink, else 1
     prompt_summaries: dict = field(default_factory=dict)  # layer -> (B, 2D) prompt summaries of this prefill
     hooks: dict = field(default_factory=dict)  # layer -> its MLP output hook (steer calls it)
 
@@ -234,6 +239,7 @@ class SteeringPatch:
         positions_1S = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
         self.prompt_gate_BS = real_BS & (positions_1S >= first_B1 + self.gate_skip)
         self.prompt_last_B = (positions_1S * real_BS).argmax(1)  # right padding too: the last position still real
+        self.steerable_T1 = (positions_1S != first_B1).reshape(-1, 1)
 
     def _prompt_strength(self, cfg: LayerSteering, x_BSD: torch.Tensor, fire_BS: torch.Tensor | None
                          ) -> torch.Tensor:
@@ -280,6 +286,8 @@ class SteeringPatch:
                 # number of ops is the cost
                 x_TD = x_BSD.reshape(-1, x_BSD.shape[-1]).to(A_sel_ND.dtype)
                 z_TN = torch.relu(torch.addmm(neg_tau_N, x_TD, B_sel_DN))
+                if self.prompt_gate_BS is not None:  # a prefill holds the sinks
+                    z_TN = z_TN * self.steerable_T1.to(z_TN.device)
                 if member_NG is None:
                     fire_T1 = z_TN.amax(-1, keepdim=True) > cfg.epsilon  # some selected z_j > epsilon
                     if alpha != 0.0:  # rounded to the activations' dtype once
@@ -291,7 +299,10 @@ class SteeringPatch:
                     if alpha != 0.0:  # the delta rounded, then added: as the fused nets distilled from it add theirs
                         steered = x_BSD + delta_TD.to(x_BSD.dtype).view_as(x_BSD)
             if cfg.fused is not None and alpha != 0.0:
-                steered = steered + cfg.fused(x_BSD, fused_G * alpha if self.scale >= 0 else -(fused_G != 0).float())
+                delta_BSD = cfg.fused(x_BSD, fused_G * alpha if self.scale >= 0 else -(fused_G != 0).float())
+                if self.prompt_gate_BS is not None:
+                    delta_BSD = delta_BSD * self.steerable_T1.to(x_BSD.device).view(*x_BSD.shape[:-1], 1)
+                steered = steered + delta_BSD
             if refusal_D is not None and beta != 0.0:
                 if self.prompt_gate_BS is not None:  # a prefill: the prompt decides for the tokens that follow
                     fire_BS = None if fire_T1 is None else fire_T1.view(x_BSD.shape[:-1])

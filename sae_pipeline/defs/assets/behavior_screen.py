@@ -27,6 +27,7 @@ from sae_pipeline.evaluation.run import build_judges, select_primary
 from sae_pipeline.features.causal import Journal, journal_key, screen_features
 from sae_pipeline.hashing import file_sha256
 from sae_pipeline.sae.model import TopKSAE
+from sae_pipeline.steering.runtime import RULE_VERSION
 
 GROUP = "behaviors"
 
@@ -94,7 +95,7 @@ def build_behavior_screen_assets(profile: Profile, partitions: dg.MultiPartition
             # zero flips is a claim about every benign question, so the whole benign tuning split tests it: on the
             # 100-prompt slice latent 2300 flipped nothing, yet it flipped one sign on the held-out QA
             clean = [r.prompt for r in sets.benign if r.split == screen_cfg.split]
-            step = f"sign_flips:{ids}:{cfg.alpha}:{profile.steering.epsilon}:{len(clean)}"
+            step = f"sign_flips:{ids}:{cfg.alpha}:{profile.steering.epsilon}:{len(clean)}:rule{RULE_VERSION}"
             flips = journal.measure(step, lambda: {
                 str(f): n for f, n in steered_sign_flips(
                     loaded.model, [chat_ids(loaded.tokenizer, p) for p in clean], sae, layer,
