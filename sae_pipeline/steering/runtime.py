@@ -7,9 +7,10 @@ Per layer, with the sidecar (A_sel_ND, B_sel_ND, tau_N) of the selected features
 With feature groups (behaviours sharing a layer, `FeatureGroups`), each group follows the feature rule on its own
 features, with its own alpha and its own fire, and the groups' deltas add. On a CPU the rule is computed in float32
 whatever the activations' dtype (faster there for these small products, and what the fused nets distil).
-Neither rule touches a row's first real token, the attention sink: its activation lies orders of magnitude off the
-rest and the SAEs never saw it (`skip_positions`); there the raw encoder fired every feature it was read for (a "cyber"
-latent at z ~55 on every prompt), and editing it moved every reply.
+Neither the feature rule nor a fused net touches a row's first real token at a prefill, the attention sink: its
+activation lies orders of magnitude off the rest and the SAEs never saw it (`skip_positions`); read there, the raw
+encoder put a "cyber" latent at z ~55 on every prompt, and editing the sink moved most replies. (The refusal mode
+still adds to every token of a fired row.)
 The refusal decision is taken at each prefill (a forward that starts a sequence) over the prompt's own tokens: real
 tokens (attention mask), past the first `gate_skip` of them (the attention sink and a fixed chat-template prefix), and
 holds for the tokens generated after it. The prompt fires when a selected feature fires on it or, with a probe gate,
@@ -192,7 +193,7 @@ class SteeringPatch:
     scale: float = 1.0  # 1 normal, 0 no-steer, -1 reverse: set for one request by control tokens
     prompt_gate_BS: torch.Tensor | None = None  # set by the model pre-hook on a prefill, None on decode steps
     prompt_last_B: torch.Tensor | None = None  # each row's last real token at that prefill
-    steerable_T1: torch.Tensor | None = None  # at that prefill, (tokens, 1): 0 at each row's attention sink, else 1
+    steerable_T1: torch.Tensor | None = None  # at that prefill, (tokens, 1): False at each row's attention sink
     prompt_summaries: dict = field(default_factory=dict)  # layer -> (B, 2D) prompt summaries of this prefill
     hooks: dict = field(default_factory=dict)  # layer -> its MLP output hook (steer calls it)
 
