@@ -112,6 +112,8 @@ def main() -> None:
         "model": name, "device": args.device, "threads": torch.get_num_threads(), "context": args.context,
         "new_tokens": args.new_tokens, "rounds": args.rounds, "workload": workload,
         "int8_scheme": args.int8_scheme if args.synthetic else "as released",
+        "onnx_providers": sorted({provider for cfg in fused["onnx"].values() if cfg.fused is not None
+                                  for provider in cfg.fused.providers}),
         "tokens_per_s_median": {arm: round(v, 2) for arm, v in medians.items()},
         "throughput_overhead": {arm: round(1 - v / medians["unsteered"], 4) for arm, v in medians.items()},
         "hook_ms_per_token": {arm: {"p50": round(1e3 * quantile(v, 0.5), 4), "p95": round(1e3 * quantile(v, 0.95), 4)}

@@ -32,7 +32,7 @@ import torch
 from sae_pipeline.model.loading import load_model
 from sae_pipeline.model.hooks import layer_outputs
 from sae_pipeline.steering.overhead import decode_rates, hook_latencies
-from sae_pipeline.steering.runtime import CategoryRouter, FeatureGroups, LayerSteering, ProbeGate
+from sae_pipeline.steering.runtime import CategoryRouter, FeatureGroups, LayerSteering, ProbeGate, patched
 from sae_pipeline.steering.sidecar import DenseSidecar
 
 
@@ -93,6 +93,8 @@ def main() -> None:
     input_ids = torch.randint(10, 1000, (1, args.context), generator=torch.Generator().manual_seed(0)).to(args.device)
     steering = random_layers(d_model, layers, args.features, args.behaviors)
     arms = {"unsteered": None, "steered": (steering, 1)}
+    if input_ids.is_cuda:  # the decode steps' CUDA graphs (the default there) against eager hooks
+        arms["steered_eager"] = lambda: patched(model, steering, 1, cuda_graphs=False)
     if args.peer:
         from steering_vectors import SteeringVector
 
@@ -108,8 +110,10 @@ def main() -> None:
     rates = decode_rates(model, [input_ids], arms, args.new_tokens, args.rounds)
     medians = {arm: statistics.median(values) for arm, values in rates.items()}
     acts = {layer: out[0] for layer, out in layer_outputs(model, input_ids, layers).items()}
-    hook_s = hook_latencies(model, input_ids, steering, 1, acts)
-    hook_p50, hook_p95 = statistics.median(hook_s), statistics.quantiles(hook_s, n=20)[-1]
+    hook_s = {"steered": hook_latencies(model, input_ids, steering, 1, acts)}
+    if input_ids.is_cuda:
+        hook_s["steered_eager"] = hook_latencies(model, input_ids, steering, 1, acts, cuda_graphs=False)
+    hook_p50 = {arm: statistics.median(s) for arm, s in hook_s.items()}
     report = {"model": name, "device": args.device, "threads": torch.get_num_threads(), "context": args.context,
               "new_tokens": args.new_tokens, "layers": layers, "features_per_layer": args.features,
               "behaviors_per_layer": args.behaviors,
@@ -117,8 +121,11 @@ def main() -> None:
               "tokens_per_s_rounds": {k: [round(x, 2) for x in v] for k, v in rates.items()},
               "overhead": {arm: round(1 - medians[arm] / medians["unsteered"], 4) for arm in medians
                            if arm != "unsteered"},
-              "hook_us_per_token": {"p50": round(1e6 * hook_p50, 1), "p95": round(1e6 * hook_p95, 1)},
-              "hook_share_of_decode_step": round(hook_p50 * medians["unsteered"], 4)}
+              "hook_us_per_token": {arm: {"p50": round(1e6 * hook_p50[arm], 1),
+                                          "p95": round(1e6 * statistics.quantiles(s, n=20)[-1], 1)}
+                                    for arm, s in hook_s.items()},
+              "hook_share_of_decode_step": {arm: round(p50 * medians["unsteered"], 4)
+                                            for arm, p50 in hook_p50.items()}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

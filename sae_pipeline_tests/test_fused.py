@@ -150,8 +150,12 @@ def test_onnx_matches_torch_at_any_batch_and_length_and_int8_stays_close(tmp_pat
     # A8W8 on a toy layer: a few % off the float path (the error gates are measured on real activations)
     assert int8.stat().st_size < 0.5 * path.stat().st_size and relative[exact.norm(dim=-1) > 0].median() < 0.15
     assert (tmp_path / "calibration").exists()
-    with pytest.raises(RuntimeError, match="lacks \\['CUDAExecutionProvider'\\]"):
-        OnnxSideNet(path, ["CUDAExecutionProvider"])
+    import onnxruntime
+
+    # a GPU model without onnxruntime-gpu still gets the net, on the CPU provider
+    has_cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    assert OnnxSideNet(path, prefer_cuda=True).providers[0] == ("CUDAExecutionProvider" if has_cuda
+                                                                else "CPUExecutionProvider")
 
 
 def test_fused_nets_steer_the_model_as_the_sidecars_they_fold_on_every_backend(tiny, tmp_path, monkeypatch):
@@ -221,7 +225,9 @@ def test_each_int8_scheme_quantises_what_it_says(tmp_path):
     feeds = [(acts[:200], torch.tensor([1.0, 1.0]))]
     for scheme in INT8_SCHEMES:
         save_int8(tmp_path / "float.onnx", tmp_path / f"{scheme}.onnx", feeds, tmp_path / f"{scheme}.json", scheme)
-        graph = onnx.load(str(tmp_path / f"{scheme}.onnx")).graph
+        model = onnx.load(str(tmp_path / f"{scheme}.onnx"))
+        assert model.ir_version <= 13, scheme  # what ONNX Runtime 1.30 (the device image's) still reads
+        graph = model.graph
         consumers = {name: node for node in graph.node for name in node.input}
         acts_quantised = consumers["acts"].op_type == "QuantizeLinear"
         assert acts_quantised is (scheme in ("a8w8", "a16w8")), scheme
@@ -335,7 +341,7 @@ def test_decode_rates_rotate_every_arm_and_hook_latency_times_each_token(tiny):
     assert all(rate > 0 for values in rates.values() for rate in values)
     acts = torch.randn(7, 64, generator=generator)
     latencies = hook_latencies(tiny.model, prompts[0], layers, 1, {2: acts})
-    assert len(latencies) == 7 and all(t > 0 for t in latencies)
+    assert len(latencies) == 6 and all(t > 0 for t in latencies)  # the first token warms up, untimed
     with patched(tiny.model, layers) as patch:  # steer is the hook itself
         steered = patch.steer(2, acts[None])
         expected = acts - 0.6 * torch.relu(acts @ directions.T + 10.0) @ directions

@@ -22,6 +22,9 @@ from sae_pipeline.fused.net import FusedNet
 from sae_pipeline.hashing import file_sha256
 
 OPSET = 17
+# The IR version is stamped, not left at the onnx package's newest: ONNX Runtime refuses an IR newer than it knows
+# (1.30 reads up to 13; onnx 1.23 writes 14), and the INT16 quantiser's move to opset 21 needs at least 10.
+IR_VERSION = 10
 ENCODER_NODE, GATE_NODE, DECODER_NODE = "encoder", "film_gate", "decoder"
 # INT8 schemes (weights per output channel, symmetric; the FiLM product stays float). Static post-training
 # quantisation (QDQ, MinMax activation ranges from the calibration feeds): `a8w8` and `a16w8` quantise both matmuls'
@@ -60,7 +63,7 @@ def onnx_model(net: FusedNet) -> onnx.ModelProto:
         [helper.make_tensor_value_info("delta", TensorProto.FLOAT, ["batch", "seq", d_model])],
         [_initializer("W1_DH", w1_HD.T), _initializer("b1_H", b1_H), _initializer("film_GH", net.film_GH),
          _initializer("W2_HD", net.W2_DH.T)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION,
                               producer_name="sae-pipeline")
     model.metadata_props.add(key="behaviors", value=",".join(net.behaviors))
     onnx.checker.check_model(model)
@@ -131,21 +134,20 @@ def save_int8(float_path: Path, path: Path, feeds: Iterable[tuple[torch.Tensor, 
 
 
 class OnnxSideNet:
-    """An exported side-net in ONNX Runtime (CUDA when onnxruntime-gpu is present and asked for, else CPU), called
-    as the torch net is: (acts, alphas) -> delta in the activations' dtype and device."""
+    """An exported side-net in ONNX Runtime, called as the torch net is: (acts, alphas) -> delta in the activations'
+    dtype and device. prefer_cuda: the CUDA execution provider where onnxruntime-gpu is installed; the plain
+    onnxruntime package has only the CPU one, which then runs the net (`providers` says which)."""
 
-    def __init__(self, path: Path, providers: list[str] | None = None):
+    def __init__(self, path: Path, prefer_cuda: bool = False):
         import onnxruntime
 
-        available = onnxruntime.get_available_providers()
-        wanted = providers or ["CPUExecutionProvider"]
-        missing = [p for p in wanted if p not in available]
-        if missing:
-            raise RuntimeError(f"ONNX Runtime lacks {missing} (it has {available}); install onnxruntime-gpu for "
-                               "CUDAExecutionProvider")
+        cuda = prefer_cuda and "CUDAExecutionProvider" in onnxruntime.get_available_providers()
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = 1  # called per hooked layer per token: threads cost more than they save
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=wanted)
+        self.session = onnxruntime.InferenceSession(
+            str(path), options, providers=["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda
+            else ["CPUExecutionProvider"])
+        self.providers = tuple(self.session.get_providers())
         meta = self.session.get_modelmeta().custom_metadata_map
         self.behaviors = tuple(meta.get("behaviors", "").split(","))
         self.d_model = int(self.session.get_inputs()[0].shape[-1])

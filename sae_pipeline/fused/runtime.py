@@ -33,8 +33,7 @@ def load_side_net(path: Path, device: torch.device, backend: str | None = None,
     if backend == "torch":
         return load_fused(path, sha256).to(device).eval()
     if backend in ("onnx", "int8"):
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else None
-        return OnnxSideNet(path, providers)
+        return OnnxSideNet(path, prefer_cuda=device.type == "cuda")
     raise SteeringError(f"{path}: no fused backend {backend!r}; backends are torch (.safetensors), onnx and int8 "
                         "(.onnx)")
 

@@ -54,7 +54,7 @@ def decode_rates(model: nn.Module, prompts: Sequence[torch.Tensor], arms: dict[s
     """Decode tokens/s per arm ({name: (layers, gate_skip), a callable returning a context manager that steers the
     model (a peer library), or None for no hooks}), the arms interleaved: each prompt of each round runs every
     arm, the order rotating one place per prompt and round (two arms: ABBA).
-    prompts: (1, S) input ids each; each arm decodes once untimed first (allocator, kernels, tensor casts)."""
+    prompts: (1, S) input ids each; each arm decodes once untimed first (allocator, kernels, casts, CUDA graphs)."""
 
     def run(arm: str, input_ids: torch.Tensor, tokens: int) -> float:
         if arms[arm] is None:
@@ -63,8 +63,8 @@ def decode_rates(model: nn.Module, prompts: Sequence[torch.Tensor], arms: dict[s
             return decode_rate(model, input_ids, tokens)
 
     names = list(arms)
-    for arm in names:
-        run(arm, prompts[0], 2)
+    for arm in names:  # a whole decode: a GPU's first long-context steps run several times slower
+        run(arm, prompts[0], new_tokens)
     rates: dict[str, list[float]] = {arm: [] for arm in names}
     for round_index in range(rounds):
         for prompt_index, input_ids in enumerate(prompts):
@@ -84,17 +84,20 @@ def measure_overhead(model: nn.Module, prompts: Sequence[torch.Tensor], layers: 
 
 @torch.inference_mode()
 def hook_latencies(model: nn.Module, prompt: torch.Tensor, layers: dict[int, LayerSteering], gate_skip: int,
-                   acts_by_layer: dict[int, torch.Tensor]) -> list[float]:
+                   acts_by_layer: dict[int, torch.Tensor], cuda_graphs: bool = True) -> list[float]:
     """Seconds per decode token that every hooked layer's steering takes together: after a prefill of `prompt`
     (the refusal decision taken), each layer's hook is called on one token's activation (acts_by_layer: layer ->
-    (tokens, d_model), the same token count at every layer), synchronised on a GPU."""
+    (tokens, d_model), the same token count at every layer), synchronised on a GPU; the first token runs untimed
+    (casts, and on a GPU the decode step's CUDA graph capture)."""
     tokens = min(len(acts) for acts in acts_by_layer.values())
     cuda = prompt.is_cuda
-    with patched(model, layers, gate_skip) as patch:
+    with patched(model, layers, gate_skip, cuda_graphs) as patch:
         model(input_ids=prompt)
         patch.prompt_gate_BS = None  # what a decode step sees
+        for layer in layers:
+            patch.steer(layer, acts_by_layer[layer][0].view(1, 1, -1))
         out = []
-        for index in range(tokens):
+        for index in range(1, tokens):
             steps = [acts_by_layer[layer][index].view(1, 1, -1) for layer in layers]
             if cuda:
                 torch.cuda.synchronize()

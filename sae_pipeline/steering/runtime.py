@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from sae_pipeline.model.hooks import hook_module, mlp_module, output_tensor
+from sae_pipeline.steering.cuda_graphs import DecodeGraphs
 from sae_pipeline.steering.sidecar import DenseSidecar
 
 NO_STEER_TOKEN = "<|no-steer|>"
@@ -160,6 +161,8 @@ class _LayerState:
     # (device, dtype) -> (A_sel_ND, B_sel_DN, -tau_N, member_NG, alpha_G) in the compute dtype, refusal_D in the
     # activations' dtype and fused_alpha_G in float32, on the activations' device: converted once, not per call
     cast: dict = field(default_factory=dict)
+    refusal_buffers: dict = field(default_factory=dict)  # (shape, dtype, device) -> the buffer refusal_B1D names
+    graphs: DecodeGraphs = field(default_factory=DecodeGraphs)
 
     def tensors(self, like: torch.Tensor) -> tuple:
         key = (like.device, like.dtype)
@@ -196,6 +199,7 @@ class SteeringPatch:
     steerable_T1: torch.Tensor | None = None  # at that prefill, (tokens, 1): False at each row's attention sink
     prompt_summaries: dict = field(default_factory=dict)  # layer -> (B, 2D) prompt summaries of this prefill
     hooks: dict = field(default_factory=dict)  # layer -> its MLP output hook (steer calls it)
+    cuda_graphs: bool = True  # on a GPU, replay each hook's decode step as a CUDA graph (cuda_graphs.py)
 
     def steer(self, layer: int, output: torch.Tensor) -> torch.Tensor:
         """What the layer's hook makes of an MLP output, outside a forward (benchmarks time it per token)."""
@@ -268,6 +272,8 @@ class SteeringPatch:
 
     def _hook(self, layer: int, state: _LayerState):
         cfg = state.config
+        # a fused net in ONNX Runtime leaves the GPU each call, which a CUDA graph cannot hold
+        graphable = self.cuda_graphs and (cfg.fused is None or isinstance(cfg.fused, nn.Module))
 
         def hook(_module, _inputs, output: torch.Tensor) -> torch.Tensor:
             if os.environ.get("STEER_ENABLE", "1") == "0" or self.scale == 0.0:
@@ -279,50 +285,66 @@ class SteeringPatch:
             beta = cfg.beta * self.scale
             if alpha == 0.0 and (cfg.refusal_D is None or beta == 0.0):
                 return output
-            x_BSD = output
-            A_sel_ND, B_sel_DN, neg_tau_N, refusal_D, member_NG, alpha_G, fused_G = state.tensors(x_BSD)
-            steered, fire_T1 = x_BSD, None
-            if A_sel_ND is not None:
-                # (tokens, d) in the compute dtype with fused multiply-adds: a decode step is one token, where the
-                # number of ops is the cost
-                x_TD = x_BSD.reshape(-1, x_BSD.shape[-1]).to(A_sel_ND.dtype)
-                z_TN = torch.relu(torch.addmm(neg_tau_N, x_TD, B_sel_DN))
-                if self.prompt_gate_BS is not None:  # a prefill holds the sinks
-                    z_TN = z_TN * self.steerable_T1.to(z_TN.device)
-                if member_NG is None:
-                    fire_T1 = z_TN.amax(-1, keepdim=True) > cfg.epsilon  # some selected z_j > epsilon
-                    if alpha != 0.0:  # rounded to the activations' dtype once
-                        steered = torch.addmm(x_TD, z_TN * fire_T1, A_sel_ND, alpha=-alpha).to(x_BSD.dtype)
-                        steered = steered.view_as(x_BSD)
-                else:  # each group's rule on its own features
-                    group_alpha_G = alpha_G * alpha if self.scale >= 0 else -(alpha_G != 0).to(alpha_G.dtype)
-                    delta_TD, fire_T1 = grouped_delta(z_TN, A_sel_ND, member_NG, group_alpha_G, cfg.epsilon)
-                    if alpha != 0.0:  # the delta rounded, then added: as the fused nets distilled from it add theirs
-                        steered = x_BSD + delta_TD.to(x_BSD.dtype).view_as(x_BSD)
-            if cfg.fused is not None and alpha != 0.0:
-                delta_BSD = cfg.fused(x_BSD, fused_G * alpha if self.scale >= 0 else -(fused_G != 0).float())
-                if self.prompt_gate_BS is not None:
-                    delta_BSD = delta_BSD * self.steerable_T1.to(x_BSD.device).view(*x_BSD.shape[:-1], 1)
-                steered = steered + delta_BSD
-            if refusal_D is not None and beta != 0.0:
-                if self.prompt_gate_BS is not None:  # a prefill: the prompt decides for the tokens that follow
-                    fire_BS = None if fire_T1 is None else fire_T1.view(x_BSD.shape[:-1])
-                    state.fired_B = self._prompt_strength(cfg, x_BSD, fire_BS)[:, None, None]
-                    state.refusal_B1D = state.fired_B.to(x_BSD.dtype) * (beta * refusal_D)
-                refusal_B1D = state.refusal_B1D
-                if refusal_B1D is not None and refusal_B1D.shape[0] == x_BSD.shape[0]:
-                    if refusal_B1D.dtype != x_BSD.dtype or refusal_B1D.device != x_BSD.device:
-                        refusal_B1D = state.fired_B.to(x_BSD) * (beta * refusal_D)
-                    steered = steered + refusal_B1D
-            return steered
+            if self.prompt_gate_BS is not None or not (graphable and output.is_cuda):
+                return self._steer(state, output, alpha, beta)
+            refusal = state.refusal_B1D
+            # what the decode step decides in Python is the graph's key; the refusal buffer is read by address
+            key = (tuple(output.shape), output.dtype, alpha, beta, self.scale < 0,
+                   None if refusal is None else (id(refusal), refusal.dtype, tuple(refusal.shape)))
+            return state.graphs.run(key, lambda x_BSD: self._steer(state, x_BSD, alpha, beta), output, (refusal,))
 
         return hook
 
+    def _steer(self, state: _LayerState, x_BSD: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+        """The rule on one MLP output at the strengths the hook decided (at a prefill, also the refusal decision)."""
+        cfg = state.config
+        A_sel_ND, B_sel_DN, neg_tau_N, refusal_D, member_NG, alpha_G, fused_G = state.tensors(x_BSD)
+        steered, fire_T1 = x_BSD, None
+        if A_sel_ND is not None:
+            # (tokens, d) in the compute dtype with fused multiply-adds: a decode step is one token, where the
+            # number of ops is the cost
+            x_TD = x_BSD.reshape(-1, x_BSD.shape[-1]).to(A_sel_ND.dtype)
+            z_TN = torch.relu(torch.addmm(neg_tau_N, x_TD, B_sel_DN))
+            if self.prompt_gate_BS is not None:  # a prefill holds the sinks
+                z_TN = z_TN * self.steerable_T1.to(z_TN.device)
+            if member_NG is None:
+                fire_T1 = z_TN.amax(-1, keepdim=True) > cfg.epsilon  # some selected z_j > epsilon
+                if alpha != 0.0:  # rounded to the activations' dtype once
+                    steered = torch.addmm(x_TD, z_TN * fire_T1, A_sel_ND, alpha=-alpha).to(x_BSD.dtype)
+                    steered = steered.view_as(x_BSD)
+            else:  # each group's rule on its own features
+                group_alpha_G = alpha_G * alpha if self.scale >= 0 else -(alpha_G != 0).to(alpha_G.dtype)
+                delta_TD, fire_T1 = grouped_delta(z_TN, A_sel_ND, member_NG, group_alpha_G, cfg.epsilon)
+                if alpha != 0.0:  # the delta rounded, then added: as the fused nets distilled from it add theirs
+                    steered = x_BSD + delta_TD.to(x_BSD.dtype).view_as(x_BSD)
+        if cfg.fused is not None and alpha != 0.0:
+            delta_BSD = cfg.fused(x_BSD, fused_G * alpha if self.scale >= 0 else -(fused_G != 0).float())
+            if self.prompt_gate_BS is not None:
+                delta_BSD = delta_BSD * self.steerable_T1.to(x_BSD.device).view(*x_BSD.shape[:-1], 1)
+            steered = steered + delta_BSD
+        if refusal_D is not None and beta != 0.0:
+            if self.prompt_gate_BS is not None:  # a prefill: the prompt decides for the tokens that follow
+                fire_BS = None if fire_T1 is None else fire_T1.view(x_BSD.shape[:-1])
+                state.fired_B = self._prompt_strength(cfg, x_BSD, fire_BS)[:, None, None]
+                refusal_B1D = state.fired_B.to(x_BSD.dtype) * (beta * refusal_D)
+                # one buffer per shape, written in place: a decode step's CUDA graph reads it by address
+                kept = state.refusal_buffers.setdefault((refusal_B1D.shape, refusal_B1D.dtype, refusal_B1D.device),
+                                                        refusal_B1D)
+                state.refusal_B1D = kept.copy_(refusal_B1D)
+            refusal_B1D = state.refusal_B1D
+            if refusal_B1D is not None and refusal_B1D.shape[0] == x_BSD.shape[0]:
+                if refusal_B1D.dtype != x_BSD.dtype or refusal_B1D.device != x_BSD.device:
+                    refusal_B1D = state.fired_B.to(x_BSD) * (beta * refusal_D)
+                steered = steered + refusal_B1D
+        return steered
 
-def apply_patch_layers(model: nn.Module, layers: dict[int, LayerSteering], gate_skip: int = 1) -> SteeringPatch:
+
+def apply_patch_layers(model: nn.Module, layers: dict[int, LayerSteering], gate_skip: int = 1,
+                       cuda_graphs: bool = True) -> SteeringPatch:
     """Attach steering hooks; fails if the model is already patched (remove_patch first). gate_skip: how many
     leading tokens of each prompt never decide the refusal mode (at least the attention sink; with a chat template,
-    its fixed prefix: `user_token_span(tokenizer, "x")[0]`)."""
+    its fixed prefix: `user_token_span(tokenizer, "x")[0]`). cuda_graphs: on a GPU, each hook's decode step replays
+    as a CUDA graph (off: eager kernels, as on a CPU; for a caller that captures or compiles the model itself)."""
     if getattr(model, _PATCH_ATTR, None) is not None:
         raise SteeringError("the model is already patched; call remove_patch(model) first")
     read_layers = set()
@@ -368,7 +390,8 @@ def apply_patch_layers(model: nn.Module, layers: dict[int, LayerSteering], gate_
                                     f"{cfg.gate and cfg.gate.layers}, router layers {cfg.router.layers}, weights "
                                     f"{tuple(cfg.router.weight_DC.shape)}, scale "
                                     f"{None if scale is None else tuple(scale.shape)} for {cfg.router.names}")
-    patch = SteeringPatch({layer: _LayerState(cfg) for layer, cfg in layers.items()}, gate_skip=max(1, gate_skip))
+    patch = SteeringPatch({layer: _LayerState(cfg) for layer, cfg in layers.items()}, gate_skip=max(1, gate_skip),
+                          cuda_graphs=cuda_graphs)
     patch.handles.append(model.register_forward_pre_hook(patch._model_pre_hook, with_kwargs=True))
     for layer, state in patch.layers.items():
         patch.hooks[layer] = patch._hook(layer, state)
@@ -390,8 +413,9 @@ def remove_patch(model: nn.Module) -> None:
 
 
 @contextmanager
-def patched(model: nn.Module, layers: dict[int, LayerSteering], gate_skip: int = 1) -> Iterator[SteeringPatch]:
-    patch = apply_patch_layers(model, layers, gate_skip)
+def patched(model: nn.Module, layers: dict[int, LayerSteering], gate_skip: int = 1,
+            cuda_graphs: bool = True) -> Iterator[SteeringPatch]:
+    patch = apply_patch_layers(model, layers, gate_skip, cuda_graphs)
     try:
         yield patch
     finally:

@@ -1,0 +1,46 @@
+"""CUDA graphs for a hook's decode step: the steering rule's handful of small kernels replayed as one launch.
+
+A decode step hands each hooked layer one token per row; on a GPU the rule's ~8 kernels then cost their launches,
+not their arithmetic (eager PyTorch: ~100 us per layer on an H200, ~1.5 % of a 7B decode step over five layers).
+`DecodeGraphs.run(key, body, x)` captures `body` once per key (the caller puts everything the body decides in
+Python into it: shape, dtype, strengths, mode) after a warm-up on a side stream, then replays it: the input is copied
+into the graph's static buffer and the graph's static output is returned, valid until the same graph replays (the
+decoder adds it to the residual stream at once). Tensors the body reads must keep their storage between calls:
+state that changes per request is copied into a fixed buffer, never rebound."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+
+class _Captured(NamedTuple):
+    graph: torch.cuda.CUDAGraph
+    static_in: torch.Tensor
+    static_out: torch.Tensor
+    keep: tuple  # what the captured kernels read by address (the caller's buffers), kept alive with the graph
+
+
+class DecodeGraphs:
+    def __init__(self) -> None:
+        self.captured: dict[tuple, _Captured] = {}
+
+    def run(self, key: tuple, body: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+            keep: tuple = ()) -> torch.Tensor:
+        entry = self.captured.get(key)
+        if entry is None:
+            static_in = x.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up: lazy casts, cuBLAS handles and workspaces, outside the capture
+                body(static_in)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = body(static_in)
+            entry = self.captured[key] = _Captured(graph, static_in, static_out, keep)
+        entry.static_in.copy_(x)
+        entry.graph.replay()
+        return entry.static_out
