@@ -73,6 +73,30 @@ def test_sparse_decode_gradients_equal_the_dense_products(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_the_dense_bf16_decode_rounds_only_its_forward(device):
+    """A GPU's training decode: the forward a bf16 product over scattered codes, the backward the sparse fp32 one."""
+    g = torch.Generator().manual_seed(6)
+    sae = TopKSAE(32, 96, 6)
+    sae.init_tied(g)
+    sae.to(device)
+    indices = torch.stack([torch.randperm(96, generator=g)[:6] for _ in range(20)]).to(device)
+    acts = torch.rand(20, 6, generator=g).to(device)
+    weight = torch.randn(20, 32, generator=g).to(device)  # a linear loss: its gradient does not read the forward
+    out = []
+    for dense_bf16 in (False, True):
+        sae.zero_grad()
+        leaf = acts.clone().requires_grad_()
+        recon = sae.decoder_sum(leaf, indices, dense_bf16)
+        (recon * weight).sum().backward()
+        out.append((recon.detach(), leaf.grad, sae.W_dec_FD.grad.clone()))
+    (exact, *exact_grads), (rounded, *rounded_grads) = out
+    assert rounded.dtype == torch.float32 and not torch.equal(rounded, exact)  # it did take the bf16 path
+    torch.testing.assert_close(rounded, exact, rtol=2e-2, atol=2e-2)  # bf16 rounding of codes and rows
+    for got, want in zip(rounded_grads, exact_grads):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_selected_pre_acts_give_the_dense_encoders_gradients(device):
     """The sparse backward (top-k and AuxK entries only) equals autograd through the dense encoder."""
     g = torch.Generator().manual_seed(3)

@@ -2,8 +2,8 @@
 # The checks that need a GPU (issues #4, #6, #9) as one short command for the device machine. Two steps:
 #   here:   bash scripts/device_checks.sh prepare      # wheels the device image lacks -> .device_wheels/ (ignored)
 #   device: run(command="bash scripts/device_checks.sh", carry=[".device_wheels"], timeout_s=590)
-# (its steps' own limits add to 570 s, leaving time for the install and CUDA's start-up). Naming steps runs only
-# those: `bash scripts/device_checks.sh tests steering fused` (steps: tests peers steering steering_peer fused).
+# (its steps' own limits add to 630 s; on 2026-11-30 every step together ran in about 250 s). Naming steps runs
+# only those: `bash scripts/device_checks.sh tests steering` (steps: tests peers profile steering steering_peer fused).
 # Results (JSON, and the log) come back under $OUT; copy the figures into benchmarks/README.md.
 # The image has torch, transformers, safetensors, pyyaml, onnx(runtime) and pytest, not pydantic or the peers.
 set -uo pipefail
@@ -18,7 +18,7 @@ fi
 OUT="${OUT:-/tmp/device_out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/benchmarks" TQDM_DISABLE=1 SAE_PIPELINE_ARTIFACTS="$OUT/artifacts"
-STEPS=" ${*:-tests peers steering steering_peer fused} "
+STEPS=" ${*:-tests peers profile steering steering_peer fused} "
 step() {  # step NAME COMMAND...: runs when named; a failing step is reported and the rest still run
     [[ "$STEPS" == *" $1 "* ]] || return 0
     shift
@@ -35,9 +35,12 @@ checks() {
     step tests timeout 120 python3 -m pytest -q -p no:cacheprovider --noconftest sae_pipeline_tests/test_sae.py \
         sae_pipeline_tests/test_cuda_graphs.py -k cuda
     # #9: training throughput at d 4096 x 16,384, k 32, batch 16,384 (the mistral-7b profile), ours vs sparsify
-    step peers timeout 150 python3 benchmarks/bench_peers.py --profile mistral-7b --synthetic --device cuda \
+    step peers timeout 120 python3 benchmarks/bench_peers.py --profile mistral-7b --synthetic --device cuda \
         --tokens 2097152 --arms ours sparsify
     cp "$OUT"/artifacts/benchmarks/*.json "$OUT"/ 2>/dev/null
+    # #9: where our training step's time goes, by kernel, at the same shapes
+    step profile timeout 60 python3 benchmarks/profile_sae_step.py --profile mistral-7b --device cuda \
+        --out "$OUT/sae_step_profile_gpu.txt"
     # #4, #9: decode overhead of the steering hooks on a Mistral-7B-shaped model at context 2048
     step steering timeout 120 python3 benchmarks/bench_steering.py --mistral-shaped --device cuda --context 2048 --rounds 4 \
         --out "$OUT/steering_gpu.json"

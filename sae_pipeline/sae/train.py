@@ -179,6 +179,7 @@ def train_sae(train_ND: torch.Tensor, stats: WhiteningStats, cfg: SAEConfig, che
     # pass runs without a graph and only the chosen entries are differentiated. L1 on every pre-activation needs
     # the dense graph.
     sparse_grad = cfg.l1_coeff == 0
+    dense_decode = cfg.bf16_autocast and device.type == "cuda"  # model.py's _DenseBF16Decode: a GPU's faster path
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
         if epoch != order_epoch:  # one permutation per epoch, derived from the seed, so a resume sees the same
@@ -195,7 +196,7 @@ def train_sae(train_ND: torch.Tensor, stats: WhiteningStats, cfg: SAEConfig, che
             pre_BF = sae.pre_acts(x_BD)
         top_indices_BK = pre_BF.detach().topk(k, dim=-1, sorted=False).indices
         top_acts_BK = F.relu(_chosen(sae, x_BD, pre_BF, top_indices_BK, sparse_grad))
-        recon_BD = sae.decode(top_acts_BK, top_indices_BK)
+        recon_BD = sae.decode(top_acts_BK, top_indices_BK, dense_decode)
         fvu = _fvu(x_BD, recon_BD)
         logged = (step + 1) % log_every == 0 or step + 1 == total_steps
         # L1 on pre-top-k activations, divided by the same total variance as the L2 term, so lambda keeps its
@@ -215,7 +216,7 @@ def train_sae(train_ND: torch.Tensor, stats: WhiteningStats, cfg: SAEConfig, che
             aux_idx = dead_ids_N[aux_pick.indices]
             aux_acts = _chosen(sae, x_BD, pre_BF, aux_idx, sparse_grad)
             residual_BD = (x_BD - recon_BD).detach()
-            aux_recon = sae.decoder_sum(F.relu(aux_acts), aux_idx)
+            aux_recon = sae.decoder_sum(F.relu(aux_acts), aux_idx, dense_decode)
             aux = _fvu(residual_BD, aux_recon)
             loss = loss + cfg.aux_coeff * aux
         optimizer.zero_grad(set_to_none=True)
@@ -225,10 +226,10 @@ def train_sae(train_ND: torch.Tensor, stats: WhiteningStats, cfg: SAEConfig, che
         sae.remove_parallel_decoder_grad()
         optimizer.step()
         sae.normalize_decoder()
-        fired_F = torch.zeros(cfg.n_latents, dtype=torch.bool, device=device)
-        fired_F[top_indices_BK[top_acts_BK > 0]] = True
-        tokens_since_fired_F += x_BD.shape[0]
-        tokens_since_fired_F[fired_F] = 0
+        # counted with index_add, not a boolean mask: a mask's nonzero would make a GPU wait for the CPU every step
+        fired_count_F = torch.zeros(cfg.n_latents, dtype=torch.int32, device=device).index_add_(
+            0, top_indices_BK.flatten(), (top_acts_BK > 0).flatten().int())
+        tokens_since_fired_F = torch.where(fired_count_F > 0, 0, tokens_since_fired_F + x_BD.shape[0])
         step += 1
         if step in maintenance_steps:
             freed = merge_near_duplicates(sae, cfg.merge_cos)
