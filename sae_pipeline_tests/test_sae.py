@@ -49,47 +49,29 @@ def test_sparse_decode_equals_dense_decode():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_sparse_decode_gradients_equal_the_dense_products(device):
-    """The decoder's own backward (CSR rows for W_dec, embedding_bag's per-sample kernel for the codes)."""
+def test_the_decoders_backward_is_the_dense_products_and_bf16_rounds_only_the_forward(device):
+    """The decoder's own backward (CSR rows for W_dec, embedding_bag's per-sample kernel for the codes) against
+    autograd through the dense product; a GPU's training decode (a bf16 product over the scattered codes) rounds its
+    forward alone. The loss is linear, so no gradient reads the forward."""
     g = torch.Generator().manual_seed(5)
-    sae = TopKSAE(16, 64, 5)
-    sae.init_tied(g)
-    sae.to(device)
-    indices = torch.stack([torch.randperm(64, generator=g)[:5] for _ in range(12)]).to(device)
-    acts = torch.rand(12, 5, generator=g).to(device)
-    target = torch.randn(12, 16, generator=g).to(device)
-    grads = []
-    for sparse in (True, False):
-        sae.zero_grad()
-        leaf = acts.clone().requires_grad_()
-        if sparse:
-            recon = sae.decoder_sum(leaf, indices)
-        else:
-            recon = torch.zeros(12, 64, device=device).scatter(1, indices, leaf) @ sae.W_dec_FD
-        (recon - target).pow(2).sum().backward()
-        grads.append((leaf.grad, sae.W_dec_FD.grad.clone()))
-    for sparse_grad, dense_grad in zip(*grads):
-        torch.testing.assert_close(sparse_grad, dense_grad, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_the_dense_bf16_decode_rounds_only_its_forward(device):
-    """A GPU's training decode: the forward a bf16 product over scattered codes, the backward the sparse fp32 one."""
-    g = torch.Generator().manual_seed(6)
     sae = TopKSAE(32, 96, 6)
     sae.init_tied(g)
     sae.to(device)
     indices = torch.stack([torch.randperm(96, generator=g)[:6] for _ in range(20)]).to(device)
-    acts = torch.rand(20, 6, generator=g).to(device)
-    weight = torch.randn(20, 32, generator=g).to(device)  # a linear loss: its gradient does not read the forward
-    out = []
-    for dense_bf16 in (False, True):
+    acts, weight = torch.rand(20, 6, generator=g).to(device), torch.randn(20, 32, generator=g).to(device)
+    out = {}
+    for path in ("sparse", "dense_bf16", "autograd"):
         sae.zero_grad()
         leaf = acts.clone().requires_grad_()
-        recon = sae.decoder_sum(leaf, indices, dense_bf16)
+        if path == "autograd":
+            recon = torch.zeros(20, 96, device=device).scatter(1, indices, leaf) @ sae.W_dec_FD
+        else:
+            recon = sae.decoder_sum(leaf, indices, dense_bf16=path == "dense_bf16")
         (recon * weight).sum().backward()
-        out.append((recon.detach(), leaf.grad, sae.W_dec_FD.grad.clone()))
-    (exact, *exact_grads), (rounded, *rounded_grads) = out
+        out[path] = (recon.detach(), leaf.grad, sae.W_dec_FD.grad.clone())
+    for got, want in zip(out["sparse"], out["autograd"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    (exact, *exact_grads), (rounded, *rounded_grads) = out["sparse"], out["dense_bf16"]
     assert rounded.dtype == torch.float32 and not torch.equal(rounded, exact)  # it did take the bf16 path
     torch.testing.assert_close(rounded, exact, rtol=2e-2, atol=2e-2)  # bf16 rounding of codes and rows
     for got, want in zip(rounded_grads, exact_grads):
