@@ -29,18 +29,19 @@ class DecodeGraphs:
 
     def run(self, key: tuple, body: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
             keep: tuple = ()) -> torch.Tensor:
-        entry = self.captured.get(key)
-        if entry is None:
-            static_in = x.clone()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up: lazy casts, cuBLAS handles and workspaces, outside the capture
-                body(static_in)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_out = body(static_in)
-            entry = self.captured[key] = _Captured(graph, static_in, static_out, keep)
-        entry.static_in.copy_(x)
-        entry.graph.replay()
+        with torch.cuda.device(x.device):  # a model split over GPUs: capture and replay on the layer's own
+            entry = self.captured.get(key)
+            if entry is None:
+                static_in = x.clone()
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # warm-up: lazy casts, cuBLAS handles and workspaces, not captured
+                    body(static_in)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    static_out = body(static_in)
+                entry = self.captured[key] = _Captured(graph, static_in, static_out, keep)
+            entry.static_in.copy_(x)
+            entry.graph.replay()
         return entry.static_out
