@@ -285,7 +285,10 @@ class SteeringPatch:
             beta = cfg.beta * self.scale
             if alpha == 0.0 and (cfg.refusal_D is None or beta == 0.0):
                 return output
-            if self.prompt_gate_BS is not None or not (graphable and output.is_cuda):
+            # graphs for decode steps alone (one token a row, no autograd): a teacher-forced continuation through
+            # the cache has a new length each time, and each length would cost a capture
+            if (self.prompt_gate_BS is not None or not (graphable and output.is_cuda) or output.shape[-2] != 1
+                    or output.requires_grad):
                 return self._steer(state, output, alpha, beta)
             refusal = state.refusal_B1D
             # what the decode step decides in Python is the graph's key; the refusal buffer is read by address
