@@ -285,15 +285,17 @@ class SteeringPatch:
             beta = cfg.beta * self.scale
             if alpha == 0.0 and (cfg.refusal_D is None or beta == 0.0):
                 return output
-            # graphs for decode steps alone (one token a row, no autograd): a teacher-forced continuation through
-            # the cache has a new length each time, and each length would cost a capture
-            if (self.prompt_gate_BS is not None or not (graphable and output.is_cuda) or output.shape[-2] != 1
-                    or output.requires_grad):
-                return self._steer(state, output, alpha, beta)
             refusal = state.refusal_B1D
+            # graphs for decode steps alone (one token a row, no autograd): a teacher-forced continuation through
+            # the cache has a new length each time, and each length would cost a capture; a refusal term in another
+            # dtype is recast from fired_B, which each prefill rebinds
+            if (self.prompt_gate_BS is not None or not (graphable and output.is_cuda) or output.shape[-2] != 1
+                    or output.requires_grad or (refusal is not None and (refusal.dtype, refusal.device) != (
+                        output.dtype, output.device))):
+                return self._steer(state, output, alpha, beta)
             # what the decode step decides in Python is the graph's key; the refusal buffer is read by address
             key = (tuple(output.shape), output.dtype, alpha, beta, self.scale < 0,
-                   None if refusal is None else (id(refusal), refusal.dtype, tuple(refusal.shape)))
+                   None if refusal is None else (id(refusal), tuple(refusal.shape)))
             return state.graphs.run(key, lambda x_BSD: self._steer(state, x_BSD, alpha, beta), output, (refusal,))
 
         return hook
