@@ -27,18 +27,19 @@ def _tiny_llama():
     return LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
 
 
-@torch.inference_mode()
-def _decode_logits(model, layers, requests, cuda_graphs: bool, reverse_last: bool = False):
-    """Each request's prefill and four teacher-forced decode steps through one patch: (B, 5, vocab) per request, and
-    how many graphs the hooks captured."""
+def _decode_logits(model, layers, requests, cuda_graphs: bool):
+    """Each request (input ids, mode: "inference", "no_grad" or "reverse", the last under inference mode) as a
+    prefill and four teacher-forced decode steps through one patch: (B, 5, vocab) per request, and how many graphs
+    the hooks captured."""
     from transformers import DynamicCache
 
     generator = torch.Generator().manual_seed(1)
     out = []
     with patched(model, layers, 1, cuda_graphs) as patch:
-        for index, ids_BS in enumerate(requests):
+        for ids_BS, mode in requests:
             forced_BT = torch.randint(0, VOCAB, (ids_BS.shape[0], 4), generator=generator).cuda()
-            with patch.reverse_if(reverse_last and index == len(requests) - 1):
+            grad_off = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
+            with grad_off, patch.reverse_if(mode == "reverse"):
                 cache = DynamicCache()
                 logits = [model(input_ids=ids_BS, past_key_values=cache, use_cache=True).logits[:, -1]]
                 for step in range(forced_BT.shape[1]):
@@ -77,19 +78,20 @@ def _configs(model, prompts_BS) -> dict:
 
 @pytest.mark.parametrize("name", ["single basis", "grouped, routed", "fused torch net"])
 def test_cuda_graphed_decode_steps_match_the_eager_hooks_request_after_request(name, monkeypatch):
-    monkeypatch.setenv("STEER_DEBUG", "1")  # the last request runs reverse-safety: another captured mode
+    monkeypatch.setenv("STEER_DEBUG", "1")  # one request runs reverse-safety: another captured mode
     model = _tiny_llama()
     a_S, b_S = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3)).cuda()
     ab, ba = torch.stack([a_S, b_S]), torch.stack([b_S, a_S])
     layers = _configs(model, ab)[name]
-    # the second request fires the other row: a graph still adding the first request's refusal would differ
-    requests = [ab, ba, ab]
-    eager, none_captured = _decode_logits(model, layers, requests, cuda_graphs=False, reverse_last=True)
-    graphed, captured = _decode_logits(model, layers, requests, cuda_graphs=True, reverse_last=True)
-    unsteered, _ = _decode_logits(model, {}, requests, cuda_graphs=True)
-    assert none_captured == 0 and captured == 2  # forward and reverse, at batch 2
+    # the second request fires the other row: a graph still adding the first request's refusal would differ; then
+    # reverse, a no-grad call (its own buffers) and a batch of one (its own shapes)
+    requests = [(ab, "inference"), (ba, "inference"), (ab, "reverse"), (ba, "no_grad"), (a_S[None], "inference")]
+    fired_rows = [0, 1, 0, 1, 0]
+    eager, none_captured = _decode_logits(model, layers, requests, cuda_graphs=False)
+    graphed, captured = _decode_logits(model, layers, requests, cuda_graphs=True)
+    unsteered, _ = _decode_logits(model, {}, [(ids, "inference") for ids, _ in requests], cuda_graphs=True)
+    assert none_captured == 0 and captured == 4  # forward, reverse, no-grad, batch of one
     for request, (want, got, plain) in enumerate(zip(eager, graphed, unsteered)):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-3, msg=f"{name}, request {request}")
-        fired_row = 0 if request != 1 else 1
-        # the refusal really goes in at decode, on the fired row alone
-        assert (want[fired_row, 1:] - plain[fired_row, 1:]).abs().amax() > 0.5, (name, request)
+        # the refusal really goes in at decode on the fired row
+        assert (want[fired_rows[request], 1:] - plain[fired_rows[request], 1:]).abs().amax() > 0.5, (name, request)

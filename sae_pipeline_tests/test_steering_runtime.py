@@ -126,6 +126,20 @@ def test_refusal_mode_adds_beta_r_only_when_the_prompt_fires(tiny, ids):
         assert patch.layers[LAYER].fired_B.flatten().tolist() == [True, True]
 
 
+def test_a_patch_serves_inference_mode_and_no_grad_calls_in_turn(tiny, ids):
+    """The refusal term's buffer, written in place at each prefill (a decode step's CUDA graph reads it), is kept
+    per inference mode: a tensor made under inference mode cannot be written outside it."""
+    firing = LayerSteering(_sidecar(tau=-1e4), alpha=0.0, refusal_D=torch.ones(64), beta=1.0)
+    before = _logits(tiny.model, ids)
+    with patched(tiny.model, {LAYER: firing}):
+        with torch.inference_mode():
+            in_inference = tiny.model(input_ids=ids).logits
+        steered = _logits(tiny.model, ids)
+        with torch.inference_mode():
+            again = tiny.model(input_ids=ids).logits
+    assert torch.equal(in_inference, steered) and torch.equal(steered, again) and not torch.equal(steered, before)
+
+
 def _decode_step_outputs(model, ids, new_tokens=3):
     """The hooked layer's MLP outputs on the decode steps (one token each) of a greedy generate."""
     seen = []

@@ -3,8 +3,8 @@
 The arms alternate prompt by prompt and round by round (two arms: ABBA, unsteered first, then steered first; more
 arms: the order rotates), so drift in machine speed and any order effect hit all alike; the overhead is
 1 - median(steered) / median(unsteered). `hook_latencies` times the hooks alone, per decode token.
-Each figure times a one-token generate (the prefill) and takes it off, so a long context's prefill does not hide in
-the decode rate."""
+Each figure times a two-token generate (the prefill and the first decode step) and takes it off, so neither a long
+context's prefill nor a CUDA graph's capture hides in the decode rate."""
 
 from __future__ import annotations
 
@@ -40,10 +40,13 @@ def _generate_seconds(model: nn.Module, input_ids: torch.Tensor, new_tokens: int
 
 
 def decode_rate(model: nn.Module, input_ids: torch.Tensor, new_tokens: int) -> float:
-    """Decode tokens/s after the prefill."""
-    prefill = _generate_seconds(model, input_ids, 1)
+    """Decode tokens/s after the prefill and the first decode step (timed alone and taken off: on a GPU that step
+    captures the hooks' CUDA graphs, once per patch)."""
+    if new_tokens < 3:
+        raise ValueError(f"a decode rate needs at least 3 new tokens, got {new_tokens}")
+    first = _generate_seconds(model, input_ids, 2)
     total = _generate_seconds(model, input_ids, new_tokens)
-    return (new_tokens - 1) * input_ids.shape[0] / max(total - prefill, 1e-9)
+    return (new_tokens - 2) * input_ids.shape[0] / max(total - first, 1e-9)
 
 
 Arm = tuple[dict[int, LayerSteering], int] | Callable[[], AbstractContextManager] | None
@@ -54,7 +57,7 @@ def decode_rates(model: nn.Module, prompts: Sequence[torch.Tensor], arms: dict[s
     """Decode tokens/s per arm ({name: (layers, gate_skip), a callable returning a context manager that steers the
     model (a peer library), or None for no hooks}), the arms interleaved: each prompt of each round runs every
     arm, the order rotating one place per prompt and round (two arms: ABBA).
-    prompts: (1, S) input ids each; each arm decodes once untimed first (allocator, kernels, casts, CUDA graphs)."""
+    prompts: (1, S) input ids each; each arm decodes once untimed first (allocator, kernels, the GPU's first steps)."""
 
     def run(arm: str, input_ids: torch.Tensor, tokens: int) -> float:
         if arms[arm] is None:

@@ -161,7 +161,7 @@ class _LayerState:
     # (device, dtype) -> (A_sel_ND, B_sel_DN, -tau_N, member_NG, alpha_G) in the compute dtype, refusal_D in the
     # activations' dtype and fused_alpha_G in float32, on the activations' device: converted once, not per call
     cast: dict = field(default_factory=dict)
-    refusal_buffers: dict = field(default_factory=dict)  # (shape, dtype, device) -> the buffer refusal_B1D names
+    refusal_buffers: dict = field(default_factory=dict)  # (shape, dtype, device, inference) -> refusal_B1D's buffer
     graphs: DecodeGraphs = field(default_factory=DecodeGraphs)
 
     def tensors(self, like: torch.Tensor) -> tuple:
@@ -271,13 +271,10 @@ class SteeringPatch:
         return hook
 
     def _hook(self, layer: int, state: _LayerState):
-        cfg = state.config
-        # a fused net in ONNX Runtime leaves the GPU each call, which a CUDA graph cannot hold
-        graphable = self.cuda_graphs and (cfg.fused is None or isinstance(cfg.fused, nn.Module))
-
         def hook(_module, _inputs, output: torch.Tensor) -> torch.Tensor:
             if os.environ.get("STEER_ENABLE", "1") == "0" or self.scale == 0.0:
                 return output
+            cfg = state.config
             # reverse: magnitude 1, opposite sign; a layer (or group) at alpha 0 stays untouched
             alpha = cfg.alpha * self.scale if self.scale >= 0 else -float(cfg.alpha != 0)
             if cfg.sidecar is None and cfg.fused is None:
@@ -286,16 +283,18 @@ class SteeringPatch:
             if alpha == 0.0 and (cfg.refusal_D is None or beta == 0.0):
                 return output
             refusal = state.refusal_B1D
-            # graphs for decode steps alone (one token a row, no autograd): a teacher-forced continuation through
-            # the cache has a new length each time, and each length would cost a capture; a refusal term in another
-            # dtype is recast from fired_B, which each prefill rebinds
-            if (self.prompt_gate_BS is not None or not (graphable and output.is_cuda) or output.shape[-2] != 1
-                    or output.requires_grad or (refusal is not None and (refusal.dtype, refusal.device) != (
-                        output.dtype, output.device))):
+            # A CUDA graph serves decode steps alone: one token a row (a teacher-forced continuation through the
+            # cache has a new length each time, each a capture), no autograd, a net on the GPU (ONNX Runtime's
+            # leaves it), and the refusal term in the activations' dtype (else recast from fired_B, rebound each
+            # prefill).
+            if (self.prompt_gate_BS is not None or not (self.cuda_graphs and output.is_cuda) or output.shape[-2] != 1
+                    or output.requires_grad or not (cfg.fused is None or isinstance(cfg.fused, nn.Module))
+                    or (refusal is not None and (refusal.dtype, refusal.device) != (output.dtype, output.device))):
                 return self._steer(state, output, alpha, beta)
             # what the decode step decides in Python is the graph's key; the refusal buffer is read by address
-            key = (tuple(output.shape), output.dtype, alpha, beta, self.scale < 0,
-                   None if refusal is None else (id(refusal), tuple(refusal.shape)))
+            # (a graph captured under inference mode holds inference tensors, which a no-grad call may not write)
+            key = (tuple(output.shape), output.dtype, output.device, alpha, beta, self.scale < 0,
+                   torch.is_inference_mode_enabled(), None if refusal is None else (id(refusal), tuple(refusal.shape)))
             return state.graphs.run(key, lambda x_BSD: self._steer(state, x_BSD, alpha, beta), output, (refusal,))
 
         return hook
@@ -332,9 +331,10 @@ class SteeringPatch:
                 fire_BS = None if fire_T1 is None else fire_T1.view(x_BSD.shape[:-1])
                 state.fired_B = self._prompt_strength(cfg, x_BSD, fire_BS)[:, None, None]
                 refusal_B1D = state.fired_B.to(x_BSD.dtype) * (beta * refusal_D)
-                # one buffer per shape, written in place: a decode step's CUDA graph reads it by address
-                kept = state.refusal_buffers.setdefault((refusal_B1D.shape, refusal_B1D.dtype, refusal_B1D.device),
-                                                        refusal_B1D)
+                # one buffer per shape, written in place: a decode step's CUDA graph reads it by address; and per
+                # inference mode, since a buffer made under it could not be written outside it
+                kept = state.refusal_buffers.setdefault((refusal_B1D.shape, refusal_B1D.dtype, refusal_B1D.device,
+                                                         torch.is_inference_mode_enabled()), refusal_B1D)
                 state.refusal_B1D = kept.copy_(refusal_B1D)
             refusal_B1D = state.refusal_B1D
             if refusal_B1D is not None and refusal_B1D.shape[0] == x_BSD.shape[0]:
