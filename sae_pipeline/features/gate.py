@@ -75,6 +75,11 @@ def concat_layers(summaries: dict[int, torch.Tensor], layers: Sequence[int]) -> 
     return torch.cat([summaries[layer] for layer in sorted(layers)], 1)
 
 
+def gate_fires(gate: ProbeGate, summaries: dict[int, torch.Tensor]) -> torch.Tensor:
+    """(P,) bool: whether the gate fires on each prompt (summaries from `prompt_summaries`), as the runtime decides."""
+    return concat_layers(summaries, gate.layers).float() @ gate.weight_D.float() + gate.bias > 0
+
+
 def fit_probe_gate(harmful_PD: torch.Tensor, benign_PD: torch.Tensor, max_benign_fire: float = 0.02,
                    folds: int = 5, layers: Sequence[int] = (), borderline: BorderlineBudget | None = None) -> GateFit:
     x_ND = torch.cat([harmful_PD, benign_PD]).double()
