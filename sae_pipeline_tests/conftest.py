@@ -89,6 +89,24 @@ def encoder_cache(tmp_path_factory):
     return root / "models"
 
 
+@pytest.fixture(scope="session")
+def embedded_model_cache():
+    """The embedded SmolLM2 where the default artifact root caches it (fetched and dequantised once, ~15 s); a
+    session fixture, so it is resolved before any test points SAE_PIPELINE_ARTIFACTS elsewhere."""
+    from sae_pipeline.model.loading import EMBEDDED_NAME, load_model, models_dir
+
+    load_model(None)
+    return models_dir() / EMBEDDED_NAME
+
+
+@pytest.fixture
+def artifacts_with_embedded_model(artifacts, embedded_model_cache):
+    """A fresh artifact root that already holds the embedded model (a symlink: no second dequantisation)."""
+    (artifacts / "models").mkdir(parents=True)
+    (artifacts / "models" / embedded_model_cache.name).symlink_to(embedded_model_cache)
+    return artifacts
+
+
 @pytest.fixture
 def artifacts_with_encoder(artifacts, encoder_cache):
     """A fresh artifact root that already holds the encoder (a symlink: no second download)."""

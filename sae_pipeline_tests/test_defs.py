@@ -103,7 +103,7 @@ def test_tiny_pipeline_materialises_and_the_blocking_check_gates_downstream(
 
 
 @pytest.mark.integration
-def test_embedded_default_end_to_end_on_a_small_budget():
+def test_embedded_default_end_to_end_on_a_small_budget(artifacts_with_embedded_model):
     """Real SmolLM2, real corpus, layer 15, a budget small enough for CI; the project's own gates judge it."""
     profile = load_profile("smollm2-pilot").updated(
         harvest={"train_tokens": 16_384, "heldout_tokens": 4_096, "shard_tokens": 4_096},
