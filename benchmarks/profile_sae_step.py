@@ -91,9 +91,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--out", default="artifacts/benchmarks/sae_step_profile.txt")
     args = parser.parse_args()
-    cfg = load_profile(args.profile).sae.model_copy(update={"epochs": 1.0, "l1_coeff": 0.0, "bf16_autocast": True})
-    train_ND = synthetic_activations(2 * args.steps * cfg.batch_tokens, load_profile(args.profile).d_model,
-                                     args.device)
+    settings = load_profile(args.profile)
+    cfg = settings.sae.model_copy(update={"epochs": 1.0, "l1_coeff": 0.0, "bf16_autocast": True})
+    train_ND = synthetic_activations(2 * args.steps * cfg.batch_tokens, settings.d_model, args.device)
     stats = WhiteningStats(train_ND.mean(0), train_ND.std(0), train_ND.shape[0])
 
     def run(steps: int) -> float:

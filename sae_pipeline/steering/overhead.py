@@ -4,7 +4,7 @@ The arms alternate prompt by prompt and round by round (two arms: ABBA, unsteere
 arms: the order rotates), so drift in machine speed and any order effect hit all alike; the overhead is
 1 - median(steered) / median(unsteered). `hook_latencies` times the hooks alone, per decode token.
 Each figure times a one-token generate (the prefill) and takes it off, so a long context's prefill does not hide in
-the decode rate; a CUDA graph's capture happens in an untimed generate before both."""
+the decode rate; on a GPU a CUDA graph's capture happens in an untimed generate before both."""
 
 from __future__ import annotations
 
@@ -40,9 +40,10 @@ def _generate_seconds(model: nn.Module, input_ids: torch.Tensor, new_tokens: int
 
 
 def decode_rate(model: nn.Module, input_ids: torch.Tensor, new_tokens: int) -> float:
-    """Decode tokens/s after the prefill. A two-token generate runs untimed first: on a GPU its decode step captures
+    """Decode tokens/s after the prefill. On a GPU a two-token generate runs untimed first: its decode step captures
     the hooks' CUDA graphs (once per patch), which no timed generate should pay."""
-    _generate_seconds(model, input_ids, 2)
+    if input_ids.is_cuda:
+        _generate_seconds(model, input_ids, 2)
     prefill = _generate_seconds(model, input_ids, 1)
     total = _generate_seconds(model, input_ids, new_tokens)
     return (new_tokens - 1) * input_ids.shape[0] / max(total - prefill, 1e-9)

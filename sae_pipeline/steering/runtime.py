@@ -270,7 +270,7 @@ class SteeringPatch:
 
         return hook
 
-    def _hook(self, layer: int, state: _LayerState):
+    def _hook(self, state: _LayerState):
         def hook(_module, _inputs, output: torch.Tensor) -> torch.Tensor:
             if os.environ.get("STEER_ENABLE", "1") == "0" or self.scale == 0.0:
                 return output
@@ -399,7 +399,7 @@ def apply_patch_layers(model: nn.Module, layers: dict[int, LayerSteering], gate_
                           cuda_graphs=cuda_graphs)
     patch.handles.append(model.register_forward_pre_hook(patch._model_pre_hook, with_kwargs=True))
     for layer, state in patch.layers.items():
-        patch.hooks[layer] = patch._hook(layer, state)
+        patch.hooks[layer] = patch._hook(state)
         patch.handles.append(mlp_module(model, layer).register_forward_hook(patch.hooks[layer]))
     for layer in sorted(read_layers):
         patch.handles.append(hook_module(model, layer, "residual").register_forward_hook(patch._reader_hook(layer)))
