@@ -14,6 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import traceback
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -22,7 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 from bench_peers import synthetic_activations  # the script directory is on sys.path
 from sae_pipeline.activations.store import WhiteningStats
 from sae_pipeline.config import load_profile
-from sae_pipeline.sae.model import _token_of_entry, _latent_rows
+from sae_pipeline.sae.model import _latent_rows, _token_of_entry
 from sae_pipeline.sae.train import train_sae
 
 
@@ -41,6 +44,27 @@ def _median_ms(fn, device: str, repeats: int = 10) -> float | str:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - began)
     return round(1e3 * sorted(times)[len(times) // 2], 3)
+
+
+def sync_census(run_steps) -> dict[str, int]:
+    """Host syncs during run_steps() (CUDA's sync debug mode), by the innermost line of ours that issued them; a
+    sync in a backward pass is re-raised at its `backward()` call."""
+    where: Counter[str] = Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        ours = [frame for frame in traceback.extract_stack() if "sae_pipeline" in frame.filename]
+        where[f"{Path(ours[-1].filename).name}:{ours[-1].lineno} {ours[-1].line}" if ours else
+              f"{filename}:{lineno}"] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run_steps()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return dict(where.most_common())
 
 
 def kernel_candidates(batch: int, d_model: int, n_latents: int, k: int, device: str) -> dict[str, float | str]:
@@ -96,18 +120,22 @@ def main() -> None:
     train_ND = synthetic_activations(2 * args.steps * cfg.batch_tokens, settings.d_model, args.device)
     stats = WhiteningStats(train_ND.mean(0), train_ND.std(0), train_ND.shape[0])
 
-    def run(steps: int) -> float:
+    def run(steps: int, maintenance: bool = True) -> float:
         if args.device == "cuda":
             torch.cuda.synchronize()
         began = time.perf_counter()
-        train_sae(train_ND[:steps * cfg.batch_tokens], stats, cfg)
+        train_sae(train_ND[:steps * cfg.batch_tokens], stats,
+                  cfg if maintenance else cfg.model_copy(update={"maintenance_at_fractions": []}))
         if args.device == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - began
 
     run(args.steps)  # warm-up: kernels, cuBLAS and cuSPARSE handles, the allocator
-    # a step's time without the set-up (the dictionary's initialisation on the CPU): the difference of two runs
-    plain_s = (run(2 * args.steps) - run(args.steps)) / args.steps
+    once_s = run(args.steps)
+    # a step's time: the difference of two runs; the rest of a run is fixed (set-up, maintenance passes, fold)
+    plain_s = (run(2 * args.steps) - once_s) / args.steps
+    passes = len({round(fraction * args.steps) for fraction in cfg.maintenance_at_fractions})  # as train_sae counts
+    maintenance_s = (once_s - run(args.steps, maintenance=False)) / max(1, passes)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
     with profile(activities=activities) as prof:
         profiled_s = run(args.steps) / args.steps
@@ -116,7 +144,11 @@ def main() -> None:
     header = {"profile": args.profile, "device": args.device, "d_model": train_ND.shape[1], "n_latents": cfg.n_latents,
               "k": cfg.k, "batch_tokens": cfg.batch_tokens, "steps": args.steps, "torch": torch.__version__,
               "step_ms": round(1e3 * plain_s, 2), "tokens_per_s": round(cfg.batch_tokens / plain_s),
-              "step_ms_profiled_with_setup": round(1e3 * profiled_s, 2)}
+              "step_ms_profiled_with_setup": round(1e3 * profiled_s, 2),
+              "fixed_ms_per_run": round(1e3 * (once_s - args.steps * plain_s), 1),
+              "maintenance_ms_each": round(1e3 * maintenance_s, 1)}
+    if args.device == "cuda":  # a step with no host sync lets the host queue the next while the GPU works
+        header["host_syncs_in_a_run_of_steps"] = {"steps": args.steps, **sync_census(lambda: run(args.steps))}
     kernels = kernel_candidates(cfg.batch_tokens, train_ND.shape[1], cfg.n_latents, cfg.k, args.device)
     text = json.dumps(header) + "\n" + table + "\n" + "\n".join(
         f"{ms:9.3f} ms  {name}" if isinstance(ms, float) else f"{ms}  {name}" for name, ms in kernels.items())

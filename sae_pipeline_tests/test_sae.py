@@ -1,10 +1,13 @@
+import warnings
+
 import pytest
 import torch
 
 from sae_pipeline.activations.store import WhiteningStats
 from sae_pipeline.config import SAEConfig
 from sae_pipeline.sae.metrics import coherence_metrics, reconstruction_metrics
-from sae_pipeline.sae.model import SAELoadError, TopKSAE
+from sae_pipeline.sae.batches import training_batches
+from sae_pipeline.sae.model import SAELoadError, TopKSAE, _DenseBF16Decode, _SparseDecode
 from sae_pipeline.sae.train import (
     TrainingInterrupted, k_at, lr_at, merge_near_duplicates, resample_latents, train_sae, whitening_scale,
 )
@@ -51,31 +54,31 @@ def test_sparse_decode_equals_dense_decode():
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_decoders_backward_is_the_dense_products_and_bf16_rounds_only_the_forward(device):
     """The decoder's own backward (CSR rows for W_dec, embedding_bag's per-sample kernel for the codes) against
-    autograd through the dense product; a GPU's training decode (a bf16 product over the scattered codes) rounds its
-    forward alone. The loss is linear, so no gradient reads the forward."""
+    autograd through the dense product. A GPU's training decode (a bf16 product over the scattered codes) rounds
+    its forward alone: the loss is linear, so no gradient reads the forward."""
     g = torch.Generator().manual_seed(5)
-    sae = TopKSAE(32, 96, 6)
+    sae = TopKSAE(300, 96, 40)
     sae.init_tied(g)
     sae.to(device)
-    indices = torch.stack([torch.randperm(96, generator=g)[:6] for _ in range(20)]).to(device)
-    acts, weight = torch.rand(20, 6, generator=g).to(device), torch.randn(20, 32, generator=g).to(device)
+    indices = torch.stack([torch.randperm(96, generator=g)[:40] for _ in range(20)]).to(device)
+    acts, weight = torch.rand(20, 40, generator=g).to(device), torch.randn(20, 300, generator=g).to(device)
+    decoders = {"sparse": _SparseDecode, "dense_bf16": _DenseBF16Decode}
     out = {}
-    for path in ("sparse", "dense_bf16", "autograd"):
+    for path in [*decoders, "autograd"]:
         sae.zero_grad()
         leaf = acts.clone().requires_grad_()
         if path == "autograd":
             recon = torch.zeros(20, 96, device=device).scatter(1, indices, leaf) @ sae.W_dec_FD
         else:
-            recon = sae.decoder_sum(leaf, indices, dense_bf16=path == "dense_bf16")
+            recon = decoders[path].apply(leaf, indices, sae.W_dec_FD)
         (recon * weight).sum().backward()
         out[path] = (recon.detach(), leaf.grad, sae.W_dec_FD.grad.clone())
     for got, want in zip(out["sparse"], out["autograd"]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    (exact, *exact_grads), (rounded, *rounded_grads) = out["sparse"], out["dense_bf16"]
+    (exact, grad_acts, grad_rows), (rounded, *rounded_grads) = out["sparse"], out["dense_bf16"]
     assert rounded.dtype == torch.float32 and not torch.equal(rounded, exact)  # it did take the bf16 path
-    torch.testing.assert_close(rounded, exact, rtol=2e-2, atol=2e-2)  # bf16 rounding of codes and rows
-    for got, want in zip(rounded_grads, exact_grads):
-        assert torch.equal(got, want)
+    torch.testing.assert_close(rounded, exact, rtol=2e-2, atol=5e-2)  # bf16 rounding of codes and rows
+    assert torch.equal(rounded_grads[0], grad_acts) and torch.equal(rounded_grads[1], grad_rows)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -171,18 +174,6 @@ def test_parallel_gradient_is_removed():
     assert torch.allclose((sae.W_dec_FD.grad * sae.W_dec_FD).sum(1), torch.zeros(16), atol=1e-6)
 
 
-def test_auxk_and_resampling_engage_when_latents_die():
-    # Data in an 8-dim subspace of 32: latents initialised off it never win a top-k slot. Whether revival pays off
-    # is measured on real activations (data/evidence); here: both mechanisms switch on, and only when configured.
-    x = sparse_data(n=4096, n_true=512)
-    x[:, 8:] = 5.0
-    cfg = CFG.model_copy(update={"epochs": 4, "whiten": "none", "dead_window_tokens": 1024})
-    bare = train_sae(x, stats_of(x), cfg.model_copy(update={"aux_k": 0, "maintenance_at_fractions": []}))
-    revived = train_sae(x, stats_of(x), cfg)
-    assert max(row["aux"] for row in bare.history) == 0 and bare.resampled == 0
-    assert max(row["aux"] for row in revived.history) > 0 and revived.resampled > 0
-
-
 @pytest.mark.parametrize("chunk", [512, 4])  # 4: the pairs span row blocks of the cosine matrix
 def test_merge_pass_removes_near_duplicates_and_resampling_aims_at_the_residual(chunk):
     sae = TopKSAE(16, 32, 2)
@@ -216,16 +207,41 @@ def test_resampling_more_latents_than_tokens_makes_no_duplicates():
     assert coherence_metrics(sae.W_dec_FD[:40], 0.85).near_duplicates == 0
 
 
-def test_interrupted_training_resumes_to_identical_weights(tmp_path):
-    x = sparse_data(n=2048)
-    cfg = CFG.model_copy(update={"epochs": 3})
+def subspace_data():
+    """Data in an 8-dim subspace of 32: latents initialised off it never win a top-k slot, so they die."""
+    x = sparse_data(n=4096, n_true=512)
+    x[:, 8:] = 5.0
+    return x
+
+
+def test_auxk_and_resampling_engage_when_latents_die():
+    # Whether revival pays off is measured on real activations (data/evidence); here: both mechanisms switch on,
+    # and only when configured.
+    x = subspace_data()
+    cfg = CFG.model_copy(update={"epochs": 4, "whiten": "none", "dead_window_tokens": 1024})
+    bare = train_sae(x, stats_of(x), cfg.model_copy(update={"aux_k": 0, "maintenance_at_fractions": []}))
+    revived = train_sae(x, stats_of(x), cfg)
+    assert max(row["aux"] for row in bare.history) == 0 and bare.resampled == 0
+    assert max(row["aux"] for row in revived.history) > 0 and revived.resampled > 0
+
+
+# dying latents: AuxK's dead list is refreshed every 4 steps (1,024 / (16 x 16)); latents die after 64 steps and
+# the run stops at step 75, between refreshes, so the resumed run must carry the list it had
+@pytest.mark.parametrize("dying_latents", [False, True])
+def test_interrupted_training_resumes_to_identical_weights(tmp_path, dying_latents):
+    x, cfg, stop_after = sparse_data(n=2048), CFG.model_copy(update={"epochs": 3}), 7
+    if dying_latents:
+        x, cfg, stop_after = subspace_data()[:2048], CFG.model_copy(update={
+            "epochs": 1, "batch_tokens": 16, "dead_window_tokens": 1024, "whiten": "none",
+            "checkpoint_every_steps": 25, "maintenance_at_fractions": []}), 70
     reference = train_sae(x, stats_of(x), cfg, checkpoint_dir=tmp_path / "ref")
     with pytest.raises(TrainingInterrupted):
-        train_sae(x, stats_of(x), cfg, checkpoint_dir=tmp_path / "run", stop_after_steps=7)
+        train_sae(x, stats_of(x), cfg, checkpoint_dir=tmp_path / "run", stop_after_steps=stop_after)
     resumed = train_sae(x, stats_of(x), cfg, checkpoint_dir=tmp_path / "run")
     for name, tensor in reference.sae.state_tensors().items():
         assert torch.equal(tensor, resumed.sae.state_tensors()[name]), name
-    assert [row["step"] for row in resumed.history] == [row["step"] for row in reference.history]
+    assert resumed.history == reference.history
+    assert (max(row["aux"] for row in reference.history) > 0) == dying_latents  # AuxK ran across the resume
 
 
 def test_save_load_round_trip_and_tamper_detection(tmp_path):
@@ -252,8 +268,11 @@ def test_lr_holds_then_decays_linearly_to_zero():
     assert lrs[100] == 0.0 and abs(lrs[90] - 0.4) < 1e-9
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: runs on the device machine "
-                    "(scripts/device_checks.sh)")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: runs on the device machine "
+                                "(scripts/device_checks.sh)")
+
+
+@needs_cuda
 @pytest.mark.parametrize("l1_coeff", [0.0, 3e-3])
 def test_training_and_metrics_on_cuda_match_the_cpu(l1_coeff):
     x = sparse_data()
@@ -264,3 +283,53 @@ def test_training_and_metrics_on_cuda_match_the_cpu(l1_coeff):
     held_gpu, held_cpu = reconstruction_metrics(on_gpu.sae, x[7168:]), reconstruction_metrics(on_cpu.sae, x[7168:])
     assert held_gpu.r2 > 0.85 and abs(held_gpu.r2 - held_cpu.r2) < 0.05
     assert 0 < coherence_metrics(on_gpu.sae.W_dec_FD, CFG.merge_cos).p95 < 1  # the chunked cosines run there too
+
+
+def test_batches_follow_one_seeded_permutation_per_epoch_and_resume_mid_epoch():
+    x_ND = torch.arange(40.0).reshape(20, 2)  # token i is [2i, 2i + 1]
+    cpu = torch.device("cpu")
+    full = list(training_batches(x_ND, 4, seed=3, first_step=0, total_steps=12, device=cpu))
+    tokens = [(batch_BD[:, 0] / 2).long() for batch_BD in full]
+    assert len(full) == 12 and all(batch_BD.shape == (4, 2) for batch_BD in full)
+    assert sorted(torch.cat(tokens[:5]).tolist()) == list(range(20)) == sorted(torch.cat(tokens[5:10]).tolist())
+    assert not torch.equal(torch.cat(tokens[:5]), torch.cat(tokens[5:10]))  # a new permutation each epoch
+    resumed = list(training_batches(x_ND, 4, seed=3, first_step=7, total_steps=12, device=cpu))
+    assert len(resumed) == 5 and all(torch.equal(a, b) for a, b in zip(full[7:], resumed))
+
+
+@needs_cuda
+def test_host_data_reaches_cuda_through_pinned_prefetch_unchanged():
+    x_ND = sparse_data(n=2048).bfloat16()
+    cuda = torch.device("cuda")
+    resident = list(training_batches(x_ND.cuda(), 256, seed=0, first_step=2, total_steps=16, device=cuda))
+    prefetched = list(training_batches(x_ND, 256, seed=0, first_step=2, total_steps=16, device=cuda))
+    assert len(prefetched) == 14 and all(b.is_cuda and torch.equal(a, b) for a, b in zip(resident, prefetched))
+
+
+@needs_cuda
+@pytest.mark.parametrize("host_data", [False, True])
+def test_training_steps_on_cuda_wait_for_the_host_only_to_list_dead_latents(host_data):
+    # CUDA's sync debug mode names every host sync. A second epoch (128 steps of 16 tokens, latents dead from step
+    # 64, AuxK on) may add only its 32 dead-list refreshes (every 1,024 / (16 x 16) steps) and its permutation's
+    # copy to the GPU, none per step.
+    x = subspace_data()[:2048]
+    cfg = CFG.model_copy(update={"whiten": "none", "batch_tokens": 16, "dead_window_tokens": 1024,
+                                 "maintenance_at_fractions": []})
+    data = x if host_data else x.cuda()
+
+    def syncs(epochs: int) -> tuple[int, float]:
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                result = train_sae(data, stats_of(x), cfg.model_copy(update={"epochs": epochs}), log_every=10 ** 6,
+                                   device="cuda")
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught), result.history[-1]["aux"]
+
+    syncs(1)  # warm-up: CUDA's libraries start up once
+    one_epoch, _ = syncs(1)
+    two_epochs, aux = syncs(2)
+    assert aux > 0 and two_epochs - one_epoch <= 128 // 4 + 1, (one_epoch, two_epochs)

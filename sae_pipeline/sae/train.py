@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from sae_pipeline.activations.store import WhiteningStats
 from sae_pipeline.config import SAEConfig
+from sae_pipeline.sae.batches import training_batches
 from sae_pipeline.sae.model import TopKSAE
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -149,9 +150,11 @@ def train_sae(train_ND: torch.Tensor, stats: WhiteningStats, cfg: SAEConfig, che
     total_steps = max(1, math.floor(cfg.epochs * steps_per_epoch))
     maintenance_steps = {round(fraction * total_steps) for fraction in cfg.maintenance_at_fractions}
     torch.manual_seed(cfg.seed)
-    sae = TopKSAE(d_model, cfg.n_latents, cfg.k)
-    sae.init_tied(torch.Generator().manual_seed(cfg.seed))  # on the CPU: the same start on every device
-    sae.to(device)
+    # Made and drawn where it trains: at d 4,096 x 16,384 a CPU start takes 0.9 s on 2 cores, plus a 512 MB copy,
+    # as long as ~50 of an H200's steps
+    with device:
+        sae = TopKSAE(d_model, cfg.n_latents, cfg.k)
+    sae.init_tied(torch.Generator(device).manual_seed(cfg.seed))
     with torch.no_grad():  # start the decoder bias at the data mean, so no latent wins just by aligning with it
         sae.b_dec_D.copy_((stats.mean_D.to(device) - mean_D) / scale_D)
     optimizer = torch.optim.AdamW(
@@ -159,6 +162,10 @@ def train_sae(train_ND: torch.Tensor, stats: WhiteningStats, cfg: SAEConfig, che
          {"params": [sae.b_enc_F, sae.W_dec_FD, sae.b_dec_D], "weight_decay": 0.0}],
         lr=cfg.lr, betas=cfg.betas, fused=True)  # one kernel per parameter: ~2x less optimizer time on a CPU
     tokens_since_fired_F = torch.zeros(cfg.n_latents, dtype=torch.long, device=device)
+    # AuxK's latents change on the scale of the dead window: listing them (a nonzero, which makes a GPU wait for the
+    # host) at a sixteenth of it, not every step, leaves a step with no host sync. None: list them at the next step.
+    dead_refresh_steps = max(1, cfg.dead_window_tokens // (16 * cfg.batch_tokens))
+    dead_ids_N: torch.Tensor | None = None
     history: list[dict] = []
     step, merged, resampled = 0, 0, 0
     checkpoint = checkpoint_dir / CHECKPOINT_FILE if checkpoint_dir else None
@@ -172,21 +179,17 @@ def train_sae(train_ND: torch.Tensor, stats: WhiteningStats, cfg: SAEConfig, che
                 group["fused"] = True
             tokens_since_fired_F, history, step, merged, resampled = (
                 state["tokens_since_fired"], state["history"], state["step"], state["merged"], state["resampled"])
+            dead_ids_N = state.get("dead_ids")
     began, start_step = time.perf_counter(), step
     bar = tqdm(total=total_steps, initial=step, desc=f"train SAE F={cfg.n_latents} k={cfg.k}", unit="step")
-    order_epoch, order = -1, torch.empty(0, dtype=torch.long)
+    batches = training_batches(train_ND, cfg.batch_tokens, cfg.seed, step, total_steps, device)
     # Without L1 the loss reads only the top-k and AuxK latents, so their gradient is sparse: the dense encoder
     # pass runs without a graph and only the chosen entries are differentiated. L1 on every pre-activation needs
     # the dense graph.
     sparse_grad = cfg.l1_coeff == 0
     dense_decode = cfg.bf16_autocast and device.type == "cuda"  # model.py's _DenseBF16Decode: a GPU's faster path
     while step < total_steps:
-        epoch, offset = divmod(step, steps_per_epoch)
-        if epoch != order_epoch:  # one permutation per epoch, derived from the seed, so a resume sees the same
-            order_epoch, order = epoch, torch.randperm(
-                n_tokens, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-        batch_ids = order[offset * cfg.batch_tokens:(offset + 1) * cfg.batch_tokens]
-        x_BD = (train_ND[batch_ids].to(device, non_blocking=True).float() - mean_D) / scale_D
+        x_BD = (next(batches).float() - mean_D) / scale_D
         k = k_at(step, total_steps, cfg)
         # The encoder matmul is the largest cost; bf16 runs it ~4x faster on AVX512-BF16 CPUs and on GPUs,
         # while master weights, decoder, loss and optimizer stay fp32. pre_BF stays bf16 (top-k reads it as is):
@@ -202,16 +205,17 @@ def train_sae(train_ND: torch.Tensor, stats: WhiteningStats, cfg: SAEConfig, che
         # L1 on pre-top-k activations, divided by the same total variance as the L2 term, so lambda keeps its
         # meaning in "sum of squared errors + lambda * sum of |pre|" per token, whatever the activation scale.
         # Without L1 it is only logged: a pass over (B, F) on logged steps alone.
-        l1 = torch.zeros(())
+        l1 = fvu.new_zeros(())
         if cfg.l1_coeff or logged:
             l1 = F.relu(pre_BF).sum(dtype=torch.float32) / (x_BD - x_BD.mean(0)).pow(2).sum().clamp_min(1e-12)
         loss = fvu + cfg.l1_coeff * l1
         dead_F = tokens_since_fired_F >= cfg.dead_window_tokens
-        aux = torch.zeros(())
-        if cfg.aux_k and dead_F.any():
+        if dead_ids_N is None or step % dead_refresh_steps == 0:
+            dead_ids_N = torch.nonzero(dead_F).flatten()
+        aux = fvu.new_zeros(())
+        if cfg.aux_k and len(dead_ids_N):
             # AuxK: dead latents alone try to explain what the live ones missed, which pulls them back to life.
             # top-k over the dead columns alone: a few hundred, not all F
-            dead_ids_N = torch.nonzero(dead_F).flatten()
             aux_pick = pre_BF.detach()[:, dead_ids_N].topk(min(cfg.aux_k, len(dead_ids_N)), dim=-1, sorted=False)
             aux_idx = dead_ids_N[aux_pick.indices]
             aux_acts = _chosen(sae, x_BD, pre_BF, aux_idx, sparse_grad)
@@ -239,11 +243,14 @@ def train_sae(train_ND: torch.Tensor, stats: WhiteningStats, cfg: SAEConfig, che
                              torch.Generator().manual_seed(cfg.seed * 1000 + step))
             _reset_adam_rows(optimizer, sae, revived)
             tokens_since_fired_F[revived] = 0
+            dead_ids_N = None
             merged += len(freed)
             resampled += len(revived)
         if logged:
-            row = {"step": step, "tokens": step * cfg.batch_tokens, "fvu": fvu.item(), "l1": l1.item(),
-                   "aux": aux.item(), "k": k, "dead_fraction": dead_F.float().mean().item()}
+            fvu_value, l1_value, aux_value, dead_fraction = torch.stack(  # one host sync for the row, not four
+                [fvu.detach(), l1.detach().float(), aux.detach().float(), dead_F.float().mean()]).tolist()
+            row = {"step": step, "tokens": step * cfg.batch_tokens, "fvu": fvu_value, "l1": l1_value,
+                   "aux": aux_value, "k": k, "dead_fraction": dead_fraction}
             history.append(row)
             bar.set_postfix(fvu=f"{row['fvu']:.3f}", dead=f"{row['dead_fraction']:.3f}")
             if on_log:
@@ -253,12 +260,14 @@ def train_sae(train_ND: torch.Tensor, stats: WhiteningStats, cfg: SAEConfig, che
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
             _save_checkpoint(checkpoint, {
                 "fingerprint": fingerprint, "sae": sae.state_dict(), "optimizer": optimizer.state_dict(),
-                "tokens_since_fired": tokens_since_fired_F, "history": history, "step": step, "merged": merged,
-                "resampled": resampled})
+                "tokens_since_fired": tokens_since_fired_F, "dead_ids": dead_ids_N, "history": history, "step": step,
+                "merged": merged, "resampled": resampled})
             if stop_after_steps is not None and step - start_step >= stop_after_steps and step < total_steps:
                 bar.close()
+                batches.close()
                 raise TrainingInterrupted(step)
     bar.close()
+    batches.close()
     wall = time.perf_counter() - began
     tokens_per_second = (step - start_step) * cfg.batch_tokens / wall if wall > 0 else 0.0
     return TrainResult(sae.fold_whitening(mean_D, scale_D).eval(), history, merged, resampled, tokens_per_second,
