@@ -113,10 +113,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--dead-window-tokens", type=int, default=None,
+                        help="shorter than the profile's, so latents die and AuxK runs in the profiled steps")
     parser.add_argument("--out", default="artifacts/benchmarks/sae_step_profile.txt")
     args = parser.parse_args()
     settings = load_profile(args.profile)
-    cfg = settings.sae.model_copy(update={"epochs": 1.0, "l1_coeff": 0.0, "bf16_autocast": True})
+    window = args.dead_window_tokens or settings.sae.dead_window_tokens
+    cfg = settings.sae.model_copy(update={"epochs": 1.0, "l1_coeff": 0.0, "bf16_autocast": True,
+                                          "dead_window_tokens": window})
+    dead_fractions = []  # each run's at its end: how much AuxK had to do
     train_ND = synthetic_activations(2 * args.steps * cfg.batch_tokens, settings.d_model, args.device)
     stats = WhiteningStats(train_ND.mean(0), train_ND.std(0), train_ND.shape[0])
 
@@ -124,8 +129,9 @@ def main() -> None:
         if args.device == "cuda":
             torch.cuda.synchronize()
         began = time.perf_counter()
-        train_sae(train_ND[:steps * cfg.batch_tokens], stats,
-                  cfg if maintenance else cfg.model_copy(update={"maintenance_at_fractions": []}))
+        result = train_sae(train_ND[:steps * cfg.batch_tokens], stats,
+                           cfg if maintenance else cfg.model_copy(update={"maintenance_at_fractions": []}))
+        dead_fractions.append(result.history[-1]["dead_fraction"])
         if args.device == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - began
@@ -146,7 +152,8 @@ def main() -> None:
               "step_ms": round(1e3 * plain_s, 2), "tokens_per_s": round(cfg.batch_tokens / plain_s),
               "step_ms_profiled_with_setup": round(1e3 * profiled_s, 2),
               "fixed_ms_per_run": round(1e3 * (once_s - args.steps * plain_s), 1),
-              "maintenance_ms_each": round(1e3 * maintenance_s, 1)}
+              "maintenance_ms_each": round(1e3 * maintenance_s, 1), "dead_window_tokens": cfg.dead_window_tokens,
+              "dead_fraction_at_the_end": max(dead_fractions)}
     if args.device == "cuda":  # a step with no host sync lets the host queue the next while the GPU works
         header["host_syncs_in_a_run_of_steps"] = {"steps": args.steps, **sync_census(lambda: run(args.steps))}
     kernels = kernel_candidates(cfg.batch_tokens, train_ND.shape[1], cfg.n_latents, cfg.k, args.device)

@@ -9,7 +9,7 @@ from sae_pipeline.sae.metrics import coherence_metrics, reconstruction_metrics
 from sae_pipeline.sae.batches import training_batches
 from sae_pipeline.sae.model import SAELoadError, TopKSAE, _DenseBF16Decode, _SparseDecode
 from sae_pipeline.sae.train import (
-    TrainingInterrupted, k_at, lr_at, merge_near_duplicates, resample_latents, train_sae, whitening_scale,
+    TrainingInterrupted, auxk_loss, k_at, lr_at, merge_near_duplicates, resample_latents, train_sae, whitening_scale,
 )
 
 
@@ -205,6 +205,34 @@ def test_resampling_more_latents_than_tokens_makes_no_duplicates():
     worst = x_BD.pow(2).sum(1).argsort(descending=True)
     assert torch.allclose(sae.W_dec_FD[:8], torch.nn.functional.normalize(x_BD[worst], dim=1), atol=1e-6)
     assert coherence_metrics(sae.W_dec_FD[:40], 0.85).near_duplicates == 0
+
+
+@pytest.mark.parametrize("aux_k", [3, 10])  # 10: more than the 7 dead latents, so all of them
+def test_auxk_is_the_dead_latents_top_k_reconstructing_the_residual(aux_k):
+    """The dense sub-SAE over the dead columns against every latent's pre-activation with the live ones masked
+    out, decoded through the whole decoder: the same loss and the same gradients."""
+    g = torch.Generator().manual_seed(7)
+    sae = TopKSAE(24, 64, 4)
+    sae.init_tied(g)
+    with torch.no_grad():
+        sae.b_enc_F.normal_(generator=g)
+        sae.b_dec_D.normal_(generator=g)
+    x_BD, residual_BD = torch.randn(16, 24, generator=g), torch.randn(16, 24, generator=g)
+    dead_ids_N = torch.tensor([3, 9, 17, 30, 41, 42, 60])
+    aux = auxk_loss(sae, x_BD, residual_BD, dead_ids_N, aux_k, bf16=False)
+    aux.backward()
+    grads = {name: param.grad.clone() for name, param in sae.named_parameters()}
+    sae.zero_grad()
+    live_F = torch.ones(64, dtype=torch.bool)
+    live_F[dead_ids_N] = False
+    chosen = sae.pre_acts(x_BD).masked_fill(live_F, float("-inf")).topk(min(aux_k, 7), dim=-1)
+    codes_BF = torch.zeros(16, 64).scatter(1, chosen.indices, torch.relu(chosen.values))
+    want = (codes_BF @ sae.W_dec_FD - residual_BD).pow(2).sum() / (residual_BD - residual_BD.mean(0)).pow(2).sum()
+    want.backward()
+    torch.testing.assert_close(aux, want)
+    assert aux > 0 and grads["W_enc_DF"][:, live_F].abs().max() == 0  # live latents get nothing from AuxK
+    for name, param in sae.named_parameters():
+        torch.testing.assert_close(grads[name], param.grad, msg=name)
 
 
 def subspace_data():

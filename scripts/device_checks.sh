@@ -3,7 +3,8 @@
 #   here:   bash scripts/device_checks.sh prepare      # wheels the device image lacks -> .device_wheels/ (ignored)
 #   device: run(command="bash scripts/device_checks.sh", carry=[".device_wheels"], timeout_s=590)
 # (its steps' own limits add to 630 s; on 2026-11-30 the steps took about 300 s in all). Naming steps runs
-# only those: `bash scripts/device_checks.sh tests steering` (steps: tests peers profile steering steering_peer fused).
+# only those: `bash scripts/device_checks.sh tests steering` (steps: tests peers profile profile_auxk steering
+# steering_peer fused).
 # Results (JSON, and the log) come back under $OUT; copy the figures into benchmarks/README.md.
 # The image has torch, transformers, safetensors, pyyaml, onnx(runtime) and pytest, not pydantic or the peers.
 set -uo pipefail
@@ -18,7 +19,7 @@ fi
 OUT="${OUT:-/tmp/device_out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/benchmarks" TQDM_DISABLE=1 SAE_PIPELINE_ARTIFACTS="$OUT/artifacts"
-STEPS=" ${*:-tests peers profile steering steering_peer fused} "
+STEPS=" ${*:-tests peers profile profile_auxk steering steering_peer fused} "
 step() {  # step NAME COMMAND...: runs when named; a failing step is reported and the rest still run
     [[ "$STEPS" == *" $1 "* ]] || return 0
     shift
@@ -41,6 +42,10 @@ checks() {
     # #9: where our training step's time goes, by kernel, at the same shapes
     step profile timeout 60 python3 benchmarks/profile_sae_step.py --profile mistral-7b --device cuda \
         --out "$OUT/sae_step_profile_gpu.txt"
+    # #9: the same with latents dying after one batch unfired, so every step runs AuxK (its dense sub-SAE over the
+    # dead columns, train.auxk_loss)
+    step profile_auxk timeout 60 python3 benchmarks/profile_sae_step.py --profile mistral-7b --device cuda \
+        --dead-window-tokens 16384 --out "$OUT/sae_step_profile_auxk_gpu.txt"
     # #4, #9: decode overhead of the steering hooks on a Mistral-7B-shaped model at context 2048
     step steering timeout 120 python3 benchmarks/bench_steering.py --mistral-shaped --device cuda --context 2048 --rounds 4 \
         --out "$OUT/steering_gpu.json"
