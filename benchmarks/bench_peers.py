@@ -247,7 +247,7 @@ def main() -> None:
     parser.add_argument("--arm", default=None, help=argparse.SUPPRESS)  # the child process's single arm
     args = parser.parse_args()
     if not args.synthetic and not args.activations:
-        args.activations = str(newest_harvest(artifacts_root() / "activations", args.layer))
+        args.activations = str(newest_harvest(artifacts_root() / "activations", args.layer, args.tokens))
     if args.arm:
         print(json.dumps(run_arm(args.arm, args)))
         return

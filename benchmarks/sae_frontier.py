@@ -31,7 +31,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="+")
     args = parser.parse_args()
     profile = load_profile(args.profile)
-    root = Path(args.activations) if args.activations else newest_harvest(artifacts_root() / "activations", args.layer)
+    root = Path(args.activations) if args.activations else newest_harvest(
+        artifacts_root() / "activations", args.layer, args.tokens or 0)
     directory = layer_dir(root, args.layer)
     train_ND, heldout_ND = load_split(directory, "train", args.tokens), load_split(directory, "heldout")
     for override in args.overrides:

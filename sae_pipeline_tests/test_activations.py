@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -86,12 +87,15 @@ def test_budget_beyond_the_corpus_is_named(tmp_path, tiny, tiny_profile, tiny_co
         harvest(tiny.model, tiny.tokenizer, tiny_corpus, tmp_path / "acts", [1], greedy)
 
 
-def test_newest_harvest_is_the_latest_root_holding_the_layer(tmp_path):
+def test_newest_harvest_is_the_latest_root_holding_the_layer_and_enough_tokens(tmp_path):
     older, newer = tmp_path / "older", tmp_path / "newer"
-    layer_dir(older, 3).mkdir(parents=True)
-    layer_dir(newer, 5).mkdir(parents=True)
+    for root, layers, tokens in ((older, (3, 5), 1000), (newer, (5,), 10)):
+        for layer in layers:
+            layer_dir(root, layer).mkdir(parents=True)
+            (layer_dir(root, layer) / "index.json").write_text(json.dumps({"n_train_tokens": tokens}))
     os.utime(older, (1, 1))
     assert newest_harvest(tmp_path, 5) == newer
     assert newest_harvest(tmp_path, 3) == older  # the newer root lacks layer 3
+    assert newest_harvest(tmp_path, 5, min_train_tokens=100) == older  # the newer one holds too few tokens
     with pytest.raises(ShardError, match="layer 7"):
         newest_harvest(tmp_path, 7)

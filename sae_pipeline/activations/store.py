@@ -31,11 +31,16 @@ def layer_dir(root: Path, layer: int) -> Path:
     return root / f"layer_{layer:02d}"
 
 
-def newest_harvest(base: Path, layer: int) -> Path:
-    """The most recently written harvest root under `base` that holds `layer` (the benchmarks' default)."""
-    roots = sorted((r for r in base.glob("*") if layer_dir(r, layer).exists()), key=lambda r: r.stat().st_mtime)
+def newest_harvest(base: Path, layer: int, min_train_tokens: int = 0) -> Path:
+    """The most recently written harvest root under `base` that holds `layer` with at least min_train_tokens
+    training tokens (the benchmarks' default: a smaller harvest written later must not stand in for the one a
+    benchmark's token budget needs)."""
+    roots = sorted((r for r in base.glob("*") if layer_dir(r, layer).exists()
+                    and read_index(layer_dir(r, layer))["n_train_tokens"] >= min_train_tokens),
+                   key=lambda r: r.stat().st_mtime)
     if not roots:
-        raise ShardError(f"no harvested activations for layer {layer} under {base}: materialise `activations` first")
+        raise ShardError(f"no harvested activations for layer {layer} with >= {min_train_tokens:,} training tokens "
+                         f"under {base}: materialise `activations` first")
     return roots[-1]
 
 
