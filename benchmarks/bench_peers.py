@@ -240,7 +240,8 @@ def main() -> None:
     parser.add_argument("--profile", default="smollm2")
     parser.add_argument("--layer", type=int, default=15)
     parser.add_argument("--tokens", type=int, default=524_288)
-    parser.add_argument("--activations", default=None, help="harvest root (default: the newest holding the layer)")
+    parser.add_argument("--activations", default=None,
+                        help="harvest root (default: the newest holding the layer with --tokens training tokens)")
     parser.add_argument("--synthetic", action="store_true", help="synthetic activations at the profile's d_model")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--arms", nargs="+", default=[arm for arm in ARMS if arm != "ours_host_data"], choices=ARMS)

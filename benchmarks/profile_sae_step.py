@@ -121,7 +121,7 @@ def main() -> None:
     window = args.dead_window_tokens or settings.sae.dead_window_tokens
     cfg = settings.sae.model_copy(update={"epochs": 1.0, "l1_coeff": 0.0, "bf16_autocast": True,
                                           "dead_window_tokens": window})
-    dead_fractions = []  # each run's at its end: how much AuxK had to do
+    dead_fractions = []  # at each run's end: how much AuxK had to do
     train_ND = synthetic_activations(2 * args.steps * cfg.batch_tokens, settings.d_model, args.device)
     stats = WhiteningStats(train_ND.mean(0), train_ND.std(0), train_ND.shape[0])
 
@@ -153,7 +153,7 @@ def main() -> None:
               "step_ms_profiled_with_setup": round(1e3 * profiled_s, 2),
               "fixed_ms_per_run": round(1e3 * (once_s - args.steps * plain_s), 1),
               "maintenance_ms_each": round(1e3 * maintenance_s, 1), "dead_window_tokens": cfg.dead_window_tokens,
-              "dead_fraction_at_the_end": max(dead_fractions)}
+              "max_dead_fraction_at_a_runs_end": max(dead_fractions)}
     if args.device == "cuda":  # a step with no host sync lets the host queue the next while the GPU works
         header["host_syncs_in_a_run_of_steps"] = {"steps": args.steps, **sync_census(lambda: run(args.steps))}
     kernels = kernel_candidates(cfg.batch_tokens, train_ND.shape[1], cfg.n_latents, cfg.k, args.device)

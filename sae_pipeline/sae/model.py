@@ -27,7 +27,7 @@ class SAELoadError(RuntimeError):
 class EncoderOutput(NamedTuple):
     top_acts: torch.Tensor  # (B, K), post-ReLU
     top_indices: torch.Tensor  # (B, K)
-    pre_acts: torch.Tensor  # (B, F), before top-k: the L1 penalty and AuxK read it
+    pre_acts: torch.Tensor  # (B, F), before top-k: the L1 penalty reads it
 
 
 def _token_of_entry(indices_BS: torch.Tensor) -> torch.Tensor:
@@ -159,9 +159,9 @@ class TopKSAE(nn.Module):
         """pre_BF (computed without a graph) at the chosen latents, differentiable in the encoder and b_dec (not in
         x_BD: the data).
 
-        A loss that reads only chosen latents (top-k, AuxK) has a gradient on those entries alone; this backward
+        A loss that reads only chosen latents (top-k) has a gradient on those entries alone; this backward
         touches only them, O(B*S*D) instead of the dense encoder's O(B*F*D) twice (the idea of sparsify's fused
-        encoder). Indices must be unique within each row (top-k and AuxK choices are)."""
+        encoder). Indices must be unique within each row (top-k choices are)."""
         if pre_BF.requires_grad or x_BD.requires_grad:
             raise ValueError("pre_BF and x_BD must carry no graph: their gradients would be dropped")
         return _SelectedPreActs.apply(x_BD, self.b_dec_D, self.W_enc_DF, self.b_enc_F, pre_BF, indices_BS)
@@ -170,7 +170,7 @@ class TopKSAE(nn.Module):
                     ) -> torch.Tensor:
         """sum_k acts[b, k] * W_dec[indices[b, k]]: reads only the K chosen decoder rows per token (K*D, not F*D),
         forward and backward. dense_bf16: the forward as a bf16 product over the (B, F) codes (faster on a GPU;
-        indices unique within each row, as top-k and AuxK choices are)."""
+        indices unique within each row, as top-k choices are)."""
         decode = _DenseBF16Decode if dense_bf16 else _SparseDecode
         return decode.apply(acts_BK.to(self.W_dec_FD.dtype), indices_BK, self.W_dec_FD)
 

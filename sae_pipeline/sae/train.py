@@ -199,9 +199,9 @@ def train_sae(train_ND: torch.Tensor, stats: WhiteningStats, cfg: SAEConfig, che
     began, start_step = time.perf_counter(), step
     bar = tqdm(total=total_steps, initial=step, desc=f"train SAE F={cfg.n_latents} k={cfg.k}", unit="step")
     batches = training_batches(train_ND, cfg.batch_tokens, cfg.seed, step, total_steps, device)
-    # Without L1 the loss reads only the top-k and AuxK latents, so their gradient is sparse: the dense encoder
-    # pass runs without a graph and only the chosen entries are differentiated. L1 on every pre-activation needs
-    # the dense graph.
+    # Without L1 the reconstruction reads only the top-k latents, so its gradient is sparse: the dense encoder pass
+    # runs without a graph and only the chosen entries are differentiated (AuxK builds its own small graph). L1 on
+    # every pre-activation needs the dense graph.
     sparse_grad = cfg.l1_coeff == 0
     dense_decode = cfg.bf16_autocast and device.type == "cuda"  # model.py's _DenseBF16Decode: a GPU's faster path
     while step < total_steps:
