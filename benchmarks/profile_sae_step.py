@@ -3,7 +3,9 @@
 Synthetic activations at a profile's d_model (bench_peers.synthetic_activations), the profile's dictionary, k and
 batch, the bf16 autocast `bench_peers.py` times ours with. Prints the operators sorted by their own device time
 (the kernels on a GPU, the ops on a CPU) and the step's wall time, so the table's shares can be read against the
-throughput `bench_peers.py` reports; then each piece of a step timed alone, as it runs now and as it could.
+throughput `bench_peers.py` reports; then each piece of a step timed alone, as it runs now and as it could. The
+header line also holds a run's fixed cost (set-up, maintenance passes, fold) and, on a GPU, its host syncs by the
+line that issued them.
 
     python benchmarks/profile_sae_step.py --profile mistral-7b --device cuda     # the device machine
     .venv/bin/python benchmarks/profile_sae_step.py --steps 4                     # embedded default, CPU

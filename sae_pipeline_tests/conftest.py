@@ -99,18 +99,21 @@ def embedded_model_cache():
     return models_dir() / EMBEDDED_NAME
 
 
+def _with_models(artifacts, model_dirs):
+    """The artifact root with each cached model directory symlinked into its models/."""
+    (artifacts / "models").mkdir(parents=True)
+    for model_dir in model_dirs:
+        (artifacts / "models" / model_dir.name).symlink_to(model_dir)
+    return artifacts
+
+
 @pytest.fixture
 def artifacts_with_embedded_model(artifacts, embedded_model_cache):
     """A fresh artifact root that already holds the embedded model (a symlink: no second dequantisation)."""
-    (artifacts / "models").mkdir(parents=True)
-    (artifacts / "models" / embedded_model_cache.name).symlink_to(embedded_model_cache)
-    return artifacts
+    return _with_models(artifacts, [embedded_model_cache])
 
 
 @pytest.fixture
 def artifacts_with_encoder(artifacts, encoder_cache):
     """A fresh artifact root that already holds the encoder (a symlink: no second download)."""
-    (artifacts / "models").mkdir(parents=True)
-    for model_dir in encoder_cache.iterdir():
-        (artifacts / "models" / model_dir.name).symlink_to(model_dir)
-    return artifacts
+    return _with_models(artifacts, encoder_cache.iterdir())

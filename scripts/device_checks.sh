@@ -2,7 +2,8 @@
 # The checks that need a GPU (issues #4, #6, #9) as one short command for the device machine. Two steps:
 #   here:   bash scripts/device_checks.sh prepare      # wheels the device image lacks -> .device_wheels/ (ignored)
 #   device: run(command="bash scripts/device_checks.sh", carry=[".device_wheels"], timeout_s=590)
-# (its steps' own limits add to 630 s; on 2026-11-30 the steps took about 300 s in all). Naming steps runs
+# (its steps' own limits add to 750 s, more than one call's 600: name steps when time is short; on 2026-11-30 the
+# steps took about 300 s in all, `tests peers profile` 178 s). Naming steps runs
 # only those: `bash scripts/device_checks.sh tests steering` (steps: tests peers profile profile_auxk steering
 # steering_peer fused).
 # Results (JSON, and the log) come back under $OUT; copy the figures into benchmarks/README.md.
