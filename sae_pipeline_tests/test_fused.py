@@ -214,6 +214,31 @@ def test_fused_nets_steer_the_model_as_the_sidecars_they_fold_on_every_backend(t
     assert getattr(tiny.model, "_sae_pipeline_steering", None) is None
 
 
+def test_nets_are_fitted_and_calibrated_on_exactly_the_tokens_the_runtime_steers(tiny, tmp_path):
+    from sae_pipeline.evaluation.generation import chat_ids
+    from sae_pipeline.fused.data import chat_outputs
+    from sae_pipeline.model.hooks import layer_outputs
+    from sae_pipeline.steering.behaviors import apply_behaviors, remove_behaviors
+    from sae_pipeline.steering.sidecar import save_dense
+
+    layer, prompts = 2, ["hi", "steer every token of this longer request"]
+    directions = torch.nn.functional.normalize(torch.randn(2, 64, generator=torch.Generator().manual_seed(5)), dim=-1)
+    save_dense(DenseSidecar(directions, directions.clone(), torch.full((2,), -10.0)), tmp_path / "chem.safetensors")
+    got = chat_outputs(tiny.model, tiny.tokenizer, prompts, layer, "test")
+    clean, steered = [], []
+    for prompt in prompts:
+        ids = torch.tensor([chat_ids(tiny.tokenizer, prompt)])
+        clean.append(layer_outputs(tiny.model, ids, [layer])[layer][0])
+        apply_behaviors(tiny.model, {"chem": {layer: tmp_path / "chem.safetensors"}}, {"chem": 1.0})
+        try:  # an always-firing rule: the runtime steers every token it may
+            steered.append(layer_outputs(tiny.model, ids, [layer])[layer][0])
+        finally:
+            remove_behaviors(tiny.model)
+    touched = torch.cat([(c != s).any(-1) for c, s in zip(clean, steered)])
+    assert torch.equal(touched, torch.cat([torch.arange(len(c)) > 0 for c in clean]))  # all but each sink
+    assert torch.equal(got, torch.cat(clean)[touched])
+
+
 def test_each_int8_scheme_quantises_what_it_says(tmp_path):
     import onnx
 

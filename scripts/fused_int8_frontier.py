@@ -6,9 +6,10 @@ Two measurements, each against the runtime's own feature rule on the held-out pr
 - `stress`: a harder net than the release holds (it steers one feature): at each released layer, the first
   `--features` latents of every behaviour's dictionary (removal, the release's alphas), six groups folded into one
   net, then distilled with the profile's settings; fold and distilled in PyTorch, float ONNX and every INT8 scheme.
-What the layer's inputs look like is recorded too (per-token max |x|: the attention sink's massive activation sets a
-per-tensor input range). One JSON line per (measurement, layer, net, backend) is appended to
-data/evidence/fused_int8.jsonl.
+What the layer's inputs look like is recorded too (per-token max |x|). Since 2026-11-30 the tokens leave out each
+chat's attention sink, as the runtime does (`sinks: "excluded"`; earlier rows held them: its massive activation set the
+per-tensor input ranges and its delta, never applied at run time, counted among the steered tokens). One JSON line
+per (measurement, layer, net, backend) is appended to data/evidence/fused_int8.jsonl.
 
     python scripts/fused_int8_frontier.py [--release artifacts/fused/release] [--features 8]
 """
@@ -80,7 +81,7 @@ def main() -> None:
         heldout = split_tokens(loaded.model, loaded.tokenizer, layer, profile.behaviors.behaviors, "heldout").all_ND()
         token_max = heldout.abs().amax(-1)
         inputs = {"token_max_abs": {f"p{q * 100:g}": round(float(token_max.quantile(q)), 3)
-                                    for q in (0.5, 0.95, 0.999, 1.0)}}
+                                    for q in (0.5, 0.95, 0.999, 1.0)}, "sinks": "excluded"}
         with tempfile.TemporaryDirectory() as tmp:
             teacher = Teacher.of(groups, epsilon)
             alphas_G = teacher.groups.alpha_G

@@ -1,8 +1,9 @@
 """The tensors a fused net is distilled, checked and calibrated on (issue #6), held in memory only.
 
-The hooked MLP output at the net's layer over every token of each prompt's chat sequence (what the runtime hook sees
-at a prefill), for the harmful prompts of every behaviour and for benign and borderline-safe ones (where the sidecar
-mostly does nothing, so the target is 0). Prompts go in, tensors come out; no text is kept."""
+The hooked MLP output at the net's layer over each prompt's chat sequence past its first token (what the runtime hook
+steers at a prefill: it never touches a row's attention sink), for the harmful prompts of every behaviour and for
+benign and borderline-safe ones (where the sidecar mostly does nothing, so the target is 0). Prompts go in, tensors
+come out; no text is kept."""
 
 from __future__ import annotations
 
@@ -23,9 +24,12 @@ CALIBRATION_BATCH = 512  # tokens per calibration feed
 @torch.no_grad()
 def chat_outputs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], layer: int,
                  desc: str) -> torch.Tensor:
-    """(tokens, d_model) float32 on the CPU: the layer's MLP output over every token of each prompt's chat turn."""
+    """(tokens, d_model) float32 on the CPU: the layer's MLP output over each prompt's chat turn, its first token (the
+    attention sink) left out. The runtime never steers the sink, yet the rule fires there (SmolLM2 layer 11: on every
+    prompt, delta norms up to 44) and its |x| ~ 25,000 set INT8 ranges: with the sinks, a16w8_decoder's held-out p95
+    error was 4.8 %, without them 0.15 % (data/evidence/fused_int8.jsonl)."""
     device = next(model.parameters()).device
-    parts = [layer_outputs(model, torch.tensor([chat_ids(tokenizer, p)], device=device), [layer])[layer][0]
+    parts = [layer_outputs(model, torch.tensor([chat_ids(tokenizer, p)], device=device), [layer])[layer][0, 1:]
              .float().cpu() for p in tqdm(prompts, desc=desc, unit="prompt")]
     if not parts:
         raise ValueError(f"{desc}: no prompts")
