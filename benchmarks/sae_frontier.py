@@ -45,7 +45,10 @@ def main() -> None:
         coherence = coherence_metrics(result.sae.W_dec_FD, cfg.merge_cos)
         row = {"layer": args.layer, "train_tokens": int(tokens_ND.shape[0]), "epochs": cfg.epochs,
                "n_latents": cfg.n_latents, "k": cfg.k, "k_start": cfg.k_start, "l1_coeff": cfg.l1_coeff,
-               "lr": cfg.lr, "batch_tokens": cfg.batch_tokens, "heldout_tokens": int(heldout_ND.shape[0]),
+               "lr": cfg.lr, "batch_tokens": cfg.batch_tokens, "dead_window_tokens": cfg.dead_window_tokens,
+               "maintenance_at_fractions": cfg.maintenance_at_fractions, "resampled": result.resampled,
+               "dead_fraction_train": round(result.history[-1]["dead_fraction"], 4),
+               "heldout_tokens": int(heldout_ND.shape[0]),
                "r2": round(recon.r2, 4), "r2_train": round(recon_train.r2, 4),
                "r2_ordinary": round(recon.r2_ordinary, 4),
                "massive_variance_share": round(recon.massive_variance_share, 4),
