@@ -9,7 +9,8 @@ from sae_pipeline.sae.metrics import coherence_metrics, reconstruction_metrics
 from sae_pipeline.sae.batches import training_batches
 from sae_pipeline.sae.model import SAELoadError, TopKSAE, _DenseBF16Decode, _SparseDecode
 from sae_pipeline.sae.train import (
-    TrainingInterrupted, auxk_loss, k_at, lr_at, merge_near_duplicates, resample_latents, train_sae, whitening_scale,
+    TrainingInterrupted, auxk_loss, k_at, lr_at, merge_near_duplicates, resample_latents, switch_off_latents, train_sae,
+    whitening_scale,
 )
 
 
@@ -193,6 +194,20 @@ def test_merge_pass_removes_near_duplicates_and_resampling_aims_at_the_residual(
     unit = torch.nn.functional.normalize(x_BD, dim=1)
     assert torch.allclose(sae.W_dec_FD[5], unit[7], atol=1e-6) and torch.allclose(sae.W_dec_FD[9], unit[11], atol=1e-6)
     assert sae.encode(x_BD[7:8], k=32).pre_acts[0, 5] > 0
+
+
+def test_a_latent_freed_by_the_last_merge_never_fires_and_duplicates_nothing():
+    sae = TopKSAE(16, 32, 8)
+    g = torch.Generator().manual_seed(4)
+    sae.init_tied(g)
+    with torch.no_grad():
+        sae.W_dec_FD[6] = sae.W_dec_FD[1] + 0.05 * torch.randn(16, generator=g)
+        sae.normalize_decoder()
+    freed = merge_near_duplicates(sae, 0.85)
+    switch_off_latents(sae, freed)
+    assert freed == [6] and coherence_metrics(sae.W_dec_FD, 0.85).near_duplicates == 0
+    out = sae.encode(torch.randn(256, 16, generator=g), k=32)
+    assert (out.top_acts[out.top_indices == 6] == 0).all() and (out.top_acts[out.top_indices == 1] > 0).any()
 
 
 def test_resampling_more_latents_than_tokens_makes_no_duplicates():

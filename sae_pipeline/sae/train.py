@@ -110,6 +110,16 @@ def resample_latents(sae: TopKSAE, latents: list[int], x_BD: torch.Tensor, recon
         sae.b_enc_F[latents] = 0.0
 
 
+def switch_off_latents(sae: TopKSAE, latents: list[int]) -> None:
+    """Leave latents with no encoder and no decoder direction: they never fire (counted dead) and are no one's
+    near-duplicate. For latents freed after the last step, which resampling could not train (resampled untrained at
+    the end, k 192's dead latents took top-k slots: R2 0.914 -> 0.809, data/evidence/sae_r2_frontier.jsonl)."""
+    with torch.no_grad():
+        sae.W_enc_DF[:, latents] = 0.0
+        sae.b_enc_F[latents] = 0.0
+        sae.W_dec_FD[latents] = 0.0
+
+
 def _reset_adam_rows(optimizer: torch.optim.Optimizer, sae: TopKSAE, latents: list[int]) -> None:
     for param, index in ((sae.W_dec_FD, (latents,)), (sae.W_enc_DF, (slice(None), latents)), (sae.b_enc_F, (latents,))):
         state = optimizer.state.get(param, {})
@@ -277,6 +287,10 @@ def train_sae(train_ND: torch.Tensor, stats: WhiteningStats, cfg: SAEConfig, che
                 raise TrainingInterrupted(step)
     bar.close()
     batches.close()
+    # the merge pass once more: pairs can form after the last maintenance, and the gate counts them on what is saved
+    freed = merge_near_duplicates(sae, cfg.merge_cos)
+    switch_off_latents(sae, freed)
+    merged += len(freed)
     wall = time.perf_counter() - began
     tokens_per_second = (step - start_step) * cfg.batch_tokens / wall if wall > 0 else 0.0
     return TrainResult(sae.fold_whitening(mean_D, scale_D).eval(), history, merged, resampled, tokens_per_second,
