@@ -190,7 +190,7 @@ def test_merge_pass_removes_near_duplicates_and_resampling_aims_at_the_residual(
     x_BD = torch.randn(64, 16, generator=g)
     recon_BD = x_BD.clone()
     recon_BD[7], recon_BD[11] = -x_BD[7], 0.0  # the two worst-reconstructed tokens, 7 the worse
-    resample_latents(sae, sorted(freed), x_BD, recon_BD, torch.Generator().manual_seed(1))
+    resample_latents(sae, sorted(freed), x_BD, recon_BD, torch.Generator().manual_seed(1), 1.0)
     unit = torch.nn.functional.normalize(x_BD, dim=1)
     assert torch.allclose(sae.W_dec_FD[5], unit[7], atol=1e-6) and torch.allclose(sae.W_dec_FD[9], unit[11], atol=1e-6)
     assert sae.encode(x_BD[7:8], k=32).pre_acts[0, 5] > 0
@@ -216,7 +216,7 @@ def test_resampling_more_latents_than_tokens_makes_no_duplicates():
     sae.init_tied(g)
     x_BD = torch.randn(8, 16, generator=g)
     revived = list(range(40))  # five times the batch's tokens
-    resample_latents(sae, revived, x_BD, torch.zeros_like(x_BD), torch.Generator().manual_seed(3))
+    resample_latents(sae, revived, x_BD, torch.zeros_like(x_BD), torch.Generator().manual_seed(3), 1.0)
     worst = x_BD.pow(2).sum(1).argsort(descending=True)
     assert torch.allclose(sae.W_dec_FD[:8], torch.nn.functional.normalize(x_BD[worst], dim=1), atol=1e-6)
     assert coherence_metrics(sae.W_dec_FD[:40], 0.85).near_duplicates == 0

@@ -88,7 +88,7 @@ def merge_near_duplicates(sae: TopKSAE, threshold: float, chunk: int = 512) -> l
 
 
 def resample_latents(sae: TopKSAE, latents: list[int], x_BD: torch.Tensor, recon_BD: torch.Tensor,
-                     generator: torch.Generator, encoder_scale: float = 0.2) -> None:
+                     generator: torch.Generator, encoder_scale: float) -> None:
     """Point each latent at the residual of one of the batch's worst-reconstructed tokens (Bricken et al. 2023),
     in the order given; latents beyond the batch's tokens get random unit directions (reusing a residual would make
     exact duplicates: 3,128 near-duplicate pairs at 18,432 latents when they cycled).
@@ -259,7 +259,7 @@ def train_sae(train_ND: torch.Tensor, stats: WhiteningStats, cfg: SAEConfig, che
             # freed latents first: they still hold a kept latent's direction, so each needs a residual of its own
             revived = freed + sorted(set(torch.nonzero(dead_F).flatten().tolist()) - set(freed))
             resample_latents(sae, revived, x_BD, recon_BD.detach(),
-                             torch.Generator().manual_seed(cfg.seed * 1000 + step))
+                             torch.Generator().manual_seed(cfg.seed * 1000 + step), cfg.resample_encoder_scale)
             _reset_adam_rows(optimizer, sae, revived)
             tokens_since_fired_F[revived] = 0
             dead_ids_N = None
