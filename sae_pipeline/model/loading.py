@@ -6,6 +6,7 @@ first load converts it once to safetensors under the artifact root and later loa
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import shutil
@@ -74,8 +75,17 @@ def _embedded_gguf(workdir: Path) -> Path:
 
 
 def _cache_embedded(cache: Path) -> None:
-    """Dequantise the GGUF once and save safetensors + config + tokenizer + hashes (atomic rename)."""
+    """Dequantise the GGUF once and save safetensors + config + tokenizer + hashes (atomic rename). Under a file
+    lock: processes that start together (parallel test workers, a multiprocess run) wait for one cache, not
+    delete each other's."""
     cache.parent.mkdir(parents=True, exist_ok=True)
+    with open(cache.parent / f".{cache.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (cache / MODEL_INFO_FILE).exists():
+            _dequantise_into(cache)
+
+
+def _dequantise_into(cache: Path) -> None:
     with tempfile.TemporaryDirectory(dir=cache.parent) as tmp:
         tmp_path = Path(tmp)
         gguf = _embedded_gguf(tmp_path)
