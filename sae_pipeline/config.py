@@ -96,8 +96,9 @@ class SAEConfig(_Strict):
     # at these fractions of training: merge near-duplicates, then resample freed and dead latents
     maintenance_at_fractions: list[float] = Field(default_factory=lambda: [0.6, 0.8, 0.95])
     # a resampled latent's encoder norm, as a multiple of the live latents' mean. Bricken et al.'s 0.2 keeps untrained
-    # latents out of the top-k until they learn; at high k they must beat a lower k-th pre-activation, and 1.0 leaves
-    # fewer dead (k 160: 1.54 % against 1.93 %, data/evidence/sae_r2_frontier.jsonl) if training follows
+    # latents out of the top-k, but with a fifth of the live norm one rarely beats the k-th pre-activation and stays
+    # dead; 1.0 leaves fewer dead (k 160: 1.54 % against 1.93 %, data/evidence/sae_r2_frontier.jsonl) when enough
+    # training follows the resampling
     resample_encoder_scale: float = Field(default=0.2, gt=0)
     whiten: Literal["diagonal", "scalar", "none"] = "scalar"
     bf16_autocast: bool = True

@@ -210,16 +210,19 @@ def test_a_latent_freed_by_the_last_merge_never_fires_and_duplicates_nothing():
     assert (out.top_acts[out.top_indices == 6] == 0).all() and (out.top_acts[out.top_indices == 1] > 0).any()
 
 
-def test_resampling_more_latents_than_tokens_makes_no_duplicates():
+def test_resampling_more_latents_than_tokens_makes_no_duplicates_and_sets_the_chosen_encoder_norm():
     g = torch.Generator().manual_seed(2)
     sae = TopKSAE(16, 64, 4)
     sae.init_tied(g)
     x_BD = torch.randn(8, 16, generator=g)
     revived = list(range(40))  # five times the batch's tokens
-    resample_latents(sae, revived, x_BD, torch.zeros_like(x_BD), torch.Generator().manual_seed(3), 1.0)
+    live_norm = sae.W_enc_DF[:, 40:].norm(dim=0).mean()
+    resample_latents(sae, revived, x_BD, torch.zeros_like(x_BD), torch.Generator().manual_seed(3), 0.5)
     worst = x_BD.pow(2).sum(1).argsort(descending=True)
     assert torch.allclose(sae.W_dec_FD[:8], torch.nn.functional.normalize(x_BD[worst], dim=1), atol=1e-6)
     assert coherence_metrics(sae.W_dec_FD[:40], 0.85).near_duplicates == 0
+    # resample_encoder_scale: the revived encoders at that multiple of the live latents' mean norm
+    assert torch.allclose(sae.W_enc_DF[:, :40].norm(dim=0), 0.5 * live_norm.expand(40), rtol=1e-5)
 
 
 @pytest.mark.parametrize("aux_k", [3, 10])  # 10: more than the 7 dead latents, so all of them
