@@ -17,6 +17,8 @@ from sae_pipeline.defs.resources import ModelResource
 from sae_pipeline.model.hooks import mlp_module
 from sae_pipeline_tests.conftest import write_gates
 
+STAGES_TIMINGS = "main_job_tiny_stages-activations+corpus+sae.json"  # what --stages corpus,activations,sae writes
+
 
 def test_main_steps_cover_every_asset_and_partition_once():
     defs = build_defs(load_profile("tiny"))
@@ -81,7 +83,7 @@ def test_ctrl_c_or_sigterm_stops_the_job_after_the_run_it_interrupted(artifacts,
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode != 0
     assert "main job 4/4" not in stdout, "the job went on after Ctrl-C"
-    runs = json.loads((artifacts / "benchmarks" / "main_job_tiny.json").read_text())["runs"]
+    runs = json.loads((artifacts / "benchmarks" / STAGES_TIMINGS).read_text())["runs"]
     # the interrupted run fails, or succeeds when the signal falls after its step (Dagster then swallows it)
     assert [(r["label"], r["success"]) for r in runs][:2] == [("corpus", True), ("activations [1...3]", True)]
     assert [r["label"] for r in runs] == ["corpus", "activations [1...3]", "sae [1]"]
@@ -106,7 +108,8 @@ def test_driver_runs_the_steps_goes_on_after_a_failed_gate_and_exits_non_zero(ar
     cmd = [sys.executable, "-m", "sae_pipeline.defs.driver", "--stages", "corpus,activations,sae"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 1, done.stderr[-2000:]
-    report = json.loads((artifacts / "benchmarks" / "main_job_tiny.json").read_text())
+    report = json.loads((artifacts / "benchmarks" / STAGES_TIMINGS).read_text())
+    assert not (artifacts / "benchmarks" / "main_job_tiny.json").exists(), "a partial run left the whole job's file"
     assert [(r["label"], r["success"]) for r in report["runs"]] == [
         ("corpus", True), ("activations [1...3]", True), ("sae [1]", False), ("sae [3]", False)]
     assert report["executor"] == "in_process"

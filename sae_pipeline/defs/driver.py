@@ -5,7 +5,7 @@ multiprocess executor's step process). A run whose blocking check fails makes th
 (the assets downstream refuse to run, with the reason); a failed corpus or harvest stops it, and so do Ctrl-C and
 SIGTERM, after the run they interrupt. The partition named `reverse` (reverse-safety, an audit) runs with
 STEER_DEBUG=1, and it alone. The wall time of every run is written to `artifacts/benchmarks/main_job_{profile}.json`
-and printed by stage.
+(`main_job_{profile}_stages-{a+b}.json` for chosen stages) and printed by stage.
 
     python -m sae_pipeline.defs.driver [--stages sae,refusal_gate] [--dry-run]
 """
@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import NamedTuple
 
 import dagster as dg
@@ -165,19 +166,24 @@ def markdown(rows: Sequence[dict]) -> str:
     return "\n".join(lines + [f"| **total** | {sum(r['runs'] for r in rows)} | | **{total / 60:.1f}** | |"])
 
 
-def write_timings(timings: Sequence[StepTiming], profile: Profile, planned: int) -> None:
+def timings_path(profile: Profile, stages: Sequence[str] | None) -> Path:
+    """The whole job's timings, or a chosen stages' beside them: a partial run never overwrites the whole one's."""
+    suffix = f"_stages-{'+'.join(sorted(stages))}" if stages else ""
+    return artifacts_root() / "benchmarks" / f"main_job_{profile.name}{suffix}.json"
+
+
+def write_timings(timings: Sequence[StepTiming], profile: Profile, planned: int, path: Path) -> None:
     report = {"profile": profile.name, "executor": profile.execution.executor, "planned_runs": planned,
               "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "runs": [t._asdict() for t in timings], "stages": stage_table(timings)}
-    path = artifacts_root() / "benchmarks" / f"main_job_{profile.name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".json.partial")  # a Ctrl-C while writing leaves the last whole file
     partial.write_text(json.dumps(report, indent=1))
     partial.replace(path)
 
 
-def run_main(steps: Sequence[Step], defs: dg.Definitions, instance: dg.DagsterInstance, profile: Profile
-             ) -> list[StepTiming]:
+def run_main(steps: Sequence[Step], defs: dg.Definitions, instance: dg.DagsterInstance, profile: Profile,
+             stages: Sequence[str] | None = None) -> list[StepTiming]:
     """Run the steps in order; the timings file is rewritten after every run, so an interrupted job keeps them."""
     repository = ReconstructableRepository.for_module(DEFS_MODULE, DEFS_ATTRIBUTE, working_directory=os.getcwd())
     timings: list[StepTiming] = []
@@ -190,7 +196,7 @@ def run_main(steps: Sequence[Step], defs: dg.Definitions, instance: dg.DagsterIn
             except KeyboardInterrupt:  # outside Dagster's own interrupt handling, e.g. while the run starts
                 succeeded = False
             timings.append(StepTiming(step.selection, step.label(), succeeded, time.perf_counter() - clock))
-            write_timings(timings, profile, len(steps))
+            write_timings(timings, profile, len(steps), timings_path(profile, stages))
             if stop_requested():
                 print(f"main job stopped: interrupted during {step.label()}", file=sys.stderr)
                 break
@@ -209,8 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sae_pipeline.defs import defs  # the active profile's (SAE_PIPELINE_PROFILE), as the CLI loads it
 
     steps = main_steps(defs)
-    if args.stages:
-        wanted = set(args.stages.split(","))
+    wanted = set(args.stages.split(",")) if args.stages else None
+    if wanted:
         unknown = wanted - {s.selection[0] for s in steps}
         if unknown:
             parser.error(f"no stage starts with {sorted(unknown)}; stages: {sorted({s.selection[0] for s in steps})}")
@@ -219,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(step.label() for step in steps))
         return 0
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler's stop counts as Ctrl-C
-    timings = run_main(steps, defs, dg.DagsterInstance.get(), load_profile())
+    timings = run_main(steps, defs, dg.DagsterInstance.get(), load_profile(), wanted)
     print(markdown(stage_table(timings)))
     return int(len(timings) < len(steps) or not all(t.success for t in timings))
 
