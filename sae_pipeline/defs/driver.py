@@ -19,7 +19,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -166,7 +166,7 @@ def markdown(rows: Sequence[dict]) -> str:
     return "\n".join(lines + [f"| **total** | {sum(r['runs'] for r in rows)} | | **{total / 60:.1f}** | |"])
 
 
-def timings_path(profile: Profile, stages: Sequence[str] | None) -> Path:
+def timings_path(profile: Profile, stages: Collection[str] | None) -> Path:
     """The whole job's timings, or a chosen stages' beside them: a partial run never overwrites the whole one's."""
     suffix = f"_stages-{'+'.join(sorted(stages))}" if stages else ""
     return artifacts_root() / "benchmarks" / f"main_job_{profile.name}{suffix}.json"
@@ -183,7 +183,7 @@ def write_timings(timings: Sequence[StepTiming], profile: Profile, planned: int,
 
 
 def run_main(steps: Sequence[Step], defs: dg.Definitions, instance: dg.DagsterInstance, profile: Profile,
-             stages: Sequence[str] | None = None) -> list[StepTiming]:
+             stages: Collection[str] | None = None) -> list[StepTiming]:
     """Run the steps in order; the timings file is rewritten after every run, so an interrupted job keeps them."""
     repository = ReconstructableRepository.for_module(DEFS_MODULE, DEFS_ATTRIBUTE, working_directory=os.getcwd())
     timings: list[StepTiming] = []
