@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from sae_pipeline.config import FeatureConfig
-from sae_pipeline.features.causal import latent_sigmas, screen_features, shifted_output, sidecar_from_sae
+from sae_pipeline.features.causal import (
+    SIGNS, latent_sigmas, screen_features, seed_gains, shifted_output, sidecar_from_sae)
 from sae_pipeline.model.hooks import mlp_module
 from sae_pipeline.sae.model import TopKSAE
 
@@ -44,6 +45,15 @@ class NeverJudge:
         return [0.0] * len(texts)
 
 
+class CountingJudge(NeverJudge):
+    def __init__(self):
+        self.calls = 0
+
+    def refusal_probability(self, texts):
+        self.calls += 1
+        return super().refusal_probability(texts)
+
+
 def test_sigmas_are_the_token_std_of_each_latent(tiny, sae):
     from sae_pipeline.evaluation.generation import chat_ids, user_token_span
     from sae_pipeline.model.hooks import layer_outputs
@@ -75,6 +85,7 @@ def test_features_that_spike_benign_refusals_are_never_kept(tiny, sae):
     decoded = [r for r in result.records if r["decoded"]]
     assert len(decoded) == 3 and len(result.records) == 5
     assert all(r["harmful_refusal_gain"] == 1.0 and r["benign_spike"] for r in decoded)
+    assert all(r["seeds_decoded"] == CFG.screen_seeds and r["benign_false_refusal_change"] == 1.0 for r in decoded)
     assert result.selected == [] and not any(r["selected"] for r in result.records)
 
 
@@ -90,11 +101,38 @@ def test_the_strongest_gains_are_kept_ties_by_the_log_prob_shift(tiny, sae):
     assert {r["feature_id"] for r in decoded} == {r["feature_id"] for r in shortlisted}
 
 
-def test_features_without_an_effect_in_the_wanted_direction_are_not_kept(tiny, sae):
-    result = screen_features(tiny.model, tiny.tokenizer, sae, LAYER, [0, 1, 2], HARMFUL, BENIGN, NeverJudge(), CFG)
+def test_features_without_an_effect_are_not_kept_and_cost_one_seed_and_no_benign_decoding(tiny, sae):
+    judge = CountingJudge()
+    result = screen_features(tiny.model, tiny.tokenizer, sae, LAYER, [0, 1, 2], HARMFUL, BENIGN, judge, CFG)
     decoded = [r for r in result.records if r["decoded"]]
     assert decoded and all(r["harmful_refusal_gain"] == 0.0 for r in decoded)
     assert result.selected == [] and result.signs == []
+    assert all(r["seeds_decoded"] == 1 and r["benign_false_refusal_change"] is None and r["benign_spike"] is None
+               for r in decoded)
+    baseline_calls = CFG.screen_seeds + 1
+    assert judge.calls == baseline_calls + len(SIGNS) * len(decoded)
+
+
+def _selection(gains: dict[int, list[float]]) -> tuple[int, list[float]] | None:
+    """The screen's rule on one candidate's gains: the wanted sign and its gains when it can be kept, else None."""
+    wanted = max(SIGNS, key=lambda s: (sum(gains[s]), s == -1))
+    return (wanted, gains[wanted]) if min(gains[wanted]) > 0 else None
+
+
+def test_stopping_the_seeds_early_keeps_exactly_what_a_full_measurement_keeps():
+    rng = torch.Generator().manual_seed(0)
+    stopped_early = 0
+    for _ in range(2000):
+        seeds = int(torch.randint(1, 5, (1,), generator=rng))
+        # gains on a coarse grid, as refusal-rate differences are, so ties and zeros occur
+        table_SS = (torch.randint(-2, 4, (len(SIGNS), seeds), generator=rng) / 4).tolist()
+        full = {sign: table_SS[i] for i, sign in enumerate(SIGNS)}
+        calls = []
+        early = seed_gains(lambda sign, seed: calls.append((sign, seed)) or full[sign][seed], seeds)
+        assert all(early[s] == full[s][:len(early[s])] for s in SIGNS) and len(calls) == sum(map(len, early.values()))
+        assert _selection(early) == _selection(full)
+        stopped_early += len(calls) < len(SIGNS) * seeds
+    assert stopped_early > 500, "the random tables exercise the early stop"
 
 
 def test_the_sidecar_reproduces_the_sae_pre_activations_and_orients_the_decoder(sae):
@@ -104,15 +142,6 @@ def test_the_sidecar_reproduces_the_sae_pre_activations_and_orients_the_decoder(
     assert torch.allclose(s_BN, sae.encode(x_BD).pre_acts[:, [5, 9]], atol=1e-5)
     assert torch.equal(sidecar.A_sel_ND[0], sae.W_dec_FD[5].detach())
     assert torch.equal(sidecar.A_sel_ND[1], -sae.W_dec_FD[9].detach())
-
-
-class CountingJudge(NeverJudge):
-    def __init__(self):
-        self.calls = 0
-
-    def refusal_probability(self, texts):
-        self.calls += 1
-        return super().refusal_probability(texts)
 
 
 def test_an_interrupted_screen_resumes_from_its_journal_and_a_new_setting_restarts(tiny, sae, tmp_path):
@@ -130,7 +159,7 @@ def test_an_interrupted_screen_resumes_from_its_journal_and_a_new_setting_restar
     resumed = screen_features(tiny.model, tiny.tokenizer, sae, LAYER, [0, 1, 2], HARMFUL, BENIGN, again, CFG,
                               Journal(path, key))
     assert resumed == first
-    assert again.calls == 2 * CFG.screen_seeds + 1, "only the torn candidate is measured again"
+    assert again.calls == len(SIGNS), "only the torn candidate is measured again (one seed: it has no gain)"
     assert len(path.read_text().splitlines()) == len(lines)
     selection_only = CFG.model_copy(update={"screen_keep": 1})
     assert journal_key({"sae": "s"}, [0, 1, 2], HARMFUL, BENIGN, selection_only) == key

@@ -137,6 +137,23 @@ def test_tampered_scores_fail_closed(tmp_path):
         load_scores(tmp_path)
 
 
+def test_saved_scores_are_reused_only_for_the_same_provenance_and_intact(tmp_path):
+    from sae_pipeline.features.scoring import LatentScores
+    from sae_pipeline.features.store import load_matching_scores, save_scores
+
+    scores = LatentScores(*(torch.arange(4.0) for _ in range(5)), torch.ones(POSITION_BINS, 4), torch.zeros(4),
+                          0.5, 0.1, 2, 2)
+    provenance = {"sae_hash": "h", "step": 7, "scoring_hashes": {"dataset_hash": "d", "cfg_hash": "c"}}
+    assert load_matching_scores(tmp_path, provenance) is None
+    save_scores(scores, tmp_path, provenance)
+    reused = load_matching_scores(tmp_path, provenance)
+    assert reused is not None and torch.equal(reused.delta_mu_F, scores.delta_mu_F)
+    assert reused.probe_auroc == scores.probe_auroc
+    assert load_matching_scores(tmp_path, {**provenance, "step": 8}) is None
+    (tmp_path / "scores.safetensors").write_bytes(b"junk")
+    assert load_matching_scores(tmp_path, provenance) is None
+
+
 def test_probe_gate_fit_respects_the_benign_budget_and_folds_exactly():
     from sae_pipeline.features.gate import fit_probe_gate
 

@@ -31,5 +31,6 @@ def table(rows: list[dict]) -> dg.MetadataValue:
     schema = dg.TableSchema(columns=[dg.TableColumn(name, kinds.get(type(rows[0][name]), "string"))
                                      for name in columns])
     return dg.MetadataValue.table(
-        [dg.TableRecord({k: (v if isinstance(v, (int, float, bool)) else str(v)) for k, v in row.items()})
+        [dg.TableRecord({k: (v if isinstance(v, (int, float, bool)) else "" if v is None else str(v))
+                         for k, v in row.items()})
          for row in rows], schema=schema)

@@ -12,6 +12,10 @@ one batch's noise does not explain: a mean gain of one prompt in one seed kept n
 benign false-refusal rate by more than `max_benign_spike`; of those the `keep` with the largest gain (ties: the
 log-prob shift) are kept, each with its wanted sign. None may qualify: then the layer has no steering
 features and the evaluation runs the refusal mode alone.
+Stage 2 stops measuring what cannot change the selection: the seeds stop once both signs have a gain <= 0 (neither
+can then be kept, whichever is wanted), and the benign prompts are decoded only for a wanted sign that raised
+refusal in every seed. The kept features are the ones a full measurement keeps; a record says how many seeds it
+decoded and leaves the benign change None where it was not measured.
 Replies live in memory only: the judge reads them and they are dropped; only rates and log-probs are returned.
 Each finished measurement is appended to a journal, so an interrupted screen resumes where it stopped and a change
 of the selection settings re-selects without measuring again."""
@@ -137,6 +141,19 @@ def _refusal_rate(model, tokenizer, judge: RefusalJudge, ids: list[list[int]], c
     return sum(refused) / max(len(refused), 1)
 
 
+def seed_gains(measure: Callable[[int, int], float], seeds: int) -> dict[int, list[float]]:
+    """measure(sign, seed) -> harmful refusal gain, for both signs seed by seed while either sign could still be kept
+    (a gain > 0 in every seed so far): once both have a gain <= 0 no further seed can change the selection.
+    Both signs are measured alike, so a surviving sign's total is compared with its rival's over the same seeds."""
+    gains: dict[int, list[float]] = {sign: [] for sign in SIGNS}
+    for seed in range(seeds):
+        if seed and all(min(values) <= 0 for values in gains.values()):
+            break
+        for sign in SIGNS:
+            gains[sign].append(measure(sign, seed))
+    return gains
+
+
 def screen_features(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sae: TopKSAE, layer: int,
                     candidates: Sequence[int], harmful: Sequence[str], benign: Sequence[str], judge: RefusalJudge,
                     cfg: FeatureConfig, journal: Journal | None = None,
@@ -174,17 +191,21 @@ def screen_features(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
                 shifts[sign] = logprob() - baseline["refusal_logprob"]
         return {"logprob_shift_minus": shifts[-1], "logprob_shift_plus": shifts[1]}
 
+    def harmful_gain(feature: int, sigma: float, sign: int, seed: int) -> float:
+        with shifted_output(model, layer, sign * shift(feature, sigma)):
+            return (_refusal_rate(model, tokenizer, judge, batches[seed], cfg, "screen harmful")
+                    - baseline["harmful_refusal_by_seed"][seed])
+
     def decoded_effects(feature: int, sigma: float) -> dict:
-        gains = {}
-        for sign in SIGNS:
-            with shifted_output(model, layer, sign * shift(feature, sigma)):
-                gains[sign] = [_refusal_rate(model, tokenizer, judge, b, cfg, "screen harmful") - base
-                               for b, base in zip(batches, baseline["harmful_refusal_by_seed"])]
+        gains = seed_gains(lambda sign, seed: harmful_gain(feature, sigma, sign, seed), len(batches))
         wanted = max(SIGNS, key=lambda s: (sum(gains[s]), s == -1))  # ties: removal, the runtime's default
-        with shifted_output(model, layer, wanted * shift(feature, sigma)):
-            benign_change = (_refusal_rate(model, tokenizer, judge, benign_ids, cfg, "screen benign")
-                             - baseline["benign_false_refusal"])
-        return {"wanted_sign": wanted, "harmful_refusal_gain_minus": sum(gains[-1]) / len(gains[-1]),
+        benign_change = None
+        if min(gains[wanted]) > 0:
+            with shifted_output(model, layer, wanted * shift(feature, sigma)):
+                benign_change = (_refusal_rate(model, tokenizer, judge, benign_ids, cfg, "screen benign")
+                                 - baseline["benign_false_refusal"])
+        return {"wanted_sign": wanted, "seeds_decoded": len(gains[wanted]),
+                "harmful_refusal_gain_minus": sum(gains[-1]) / len(gains[-1]),
                 "harmful_refusal_gain_plus": sum(gains[1]) / len(gains[1]),
                 "harmful_refusal_gain_by_seed": gains[wanted], "benign_false_refusal_change": benign_change}
 
@@ -198,10 +219,11 @@ def screen_features(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         effects = journal.measure(f"decode/{record['feature_id']}",
                                   lambda: decoded_effects(record["feature_id"], record["sigma"]))
         gain = sum(effects["harmful_refusal_gain_by_seed"]) / len(effects["harmful_refusal_gain_by_seed"])
+        change = effects["benign_false_refusal_change"]
         record.update({**effects, "decoded": True, "harmful_refusal_gain": gain,
-                       "benign_spike": effects["benign_false_refusal_change"] > cfg.screen_max_benign_spike})
+                       "benign_spike": None if change is None else change > cfg.screen_max_benign_spike})
 
-    eligible = [r for r in records if r["decoded"] and not r["benign_spike"]
+    eligible = [r for r in records if r["decoded"] and r["benign_spike"] is False
                 and min(r["harmful_refusal_gain_by_seed"]) > 0]
     eligible.sort(key=lambda r: (-r["harmful_refusal_gain"],
                                  -(r["logprob_shift_minus"] if r["wanted_sign"] < 0 else r["logprob_shift_plus"])))

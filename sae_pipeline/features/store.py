@@ -45,3 +45,16 @@ def load_scores(directory: Path) -> tuple[LatentScores, dict]:
         return LatentScores(**{name: tensors[name] for name in _TENSORS}, **scalars), info["provenance"]
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
         raise ScoresLoadError(f"cannot read latent scores in {directory}: {err}") from err
+
+
+def load_matching_scores(directory: Path, provenance: dict) -> LatentScores | None:
+    """The scores saved in `directory` when they were made for exactly `provenance` (a rerun after an interruption
+    keeps a finished layer's ~4 minutes of scoring), else None: none there, made otherwise, or failing their own
+    checks, and then they are made again."""
+    if not (directory / "scores.json").exists():
+        return None
+    try:
+        scores, saved = load_scores(directory)
+    except ScoresLoadError:
+        return None
+    return scores if saved == provenance else None

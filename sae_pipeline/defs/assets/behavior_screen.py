@@ -85,8 +85,8 @@ def build_behavior_screen_assets(profile: Profile, partitions: dg.MultiPartition
         limit, flips_limit = gates["screen_benign_false_refusal_max"].value, gates["screen_sign_flips_max"].value
         baseline_benign = result.baseline["benign_false_refusal"]
         for record in result.records:
-            record["benign_false_refusal"] = (baseline_benign + record["benign_false_refusal_change"]
-                                              if record["decoded"] else None)
+            change = record.get("benign_false_refusal_change")  # None: not decoded, or no harmful gain to weigh
+            record["benign_false_refusal"] = None if change is None else baseline_benign + change
             if record["selected"] and record["benign_false_refusal"] > limit:
                 record["selected"] = False  # the absolute bound on the benign slice
         kept = [r for r in result.records if r["selected"]]
@@ -112,7 +112,7 @@ def build_behavior_screen_assets(profile: Profile, partitions: dg.MultiPartition
             "selected": [r["feature_id"] for r in kept], "signs": [r["wanted_sign"] for r in kept],
             "records": result.records}, indent=2, sort_keys=True))
         shown = ("feature_id", "sigma", "logprob_shift_minus", "logprob_shift_plus", "harmful_refusal_gain",
-                 "benign_false_refusal", "benign_sign_flips", "selected")
+                 "seeds_decoded", "benign_false_refusal", "benign_sign_flips", "selected")
         return dg.MaterializeResult(metadata={
             "screened": True, "path": dg.MetadataValue.path(str(path)), "sha256": file_sha256(path),
             "selected": ",".join(str(r["feature_id"]) for r in kept) or "none",

@@ -19,7 +19,7 @@ from sae_pipeline.evaluation.determinism import deterministic
 from sae_pipeline.features.plots import delta_mu_histogram
 from sae_pipeline.features.ranking import rank_latents, ranking_provenance, write_ranking
 from sae_pipeline.features.scoring import score_latents
-from sae_pipeline.features.store import load_scores, save_scores
+from sae_pipeline.features.store import load_matching_scores, load_scores, save_scores
 from sae_pipeline.hashing import config_hash
 from sae_pipeline.layout import corpus_dir, features_dir, sae_layer_dir
 from sae_pipeline.sae.gates import sae_gate_failures
@@ -49,10 +49,14 @@ def build_feature_assets(profile: Profile) -> list:
         sae, sae_cfg = TopKSAE.load(sae_path)
         harmful = [r.prompt for r in sets.harmful if r.split == cfg.split]
         benign = [r.prompt for r in sets.benign if r.split == cfg.split]
-        with deterministic(cfg.seed):
-            scores = score_latents(loaded.model, loaded.tokenizer, sae, layer, harmful, benign, cfg.batch_size)
         provenance = ranking_provenance(sae_path, cfg.seed, layer, sets.dataset_hash,
                                         config_hash(cfg.model_dump(mode="json")))
+        scores = load_matching_scores(out, provenance)
+        if scores is None:
+            with deterministic(cfg.seed):
+                scores = score_latents(loaded.model, loaded.tokenizer, sae, layer, harmful, benign, cfg.batch_size)
+        else:
+            context.log.info(f"layer {layer}: reusing the scores already made for this SAE, data and config in {out}")
         sha256 = save_scores(scores, out, provenance)
         live = scores.liveness_F > 0
         return dg.MaterializeResult(metadata={

@@ -110,7 +110,7 @@ def build_steering_assets(profile: Profile) -> list:
                                     "selected": result.selected, "signs": result.signs,
                                     "records": result.records}, indent=2, sort_keys=True))
         shown = ("feature_id", "sigma", "logprob_shift_minus", "logprob_shift_plus", "harmful_refusal_gain_minus",
-                 "harmful_refusal_gain_plus", "benign_false_refusal_change", "selected")
+                 "harmful_refusal_gain_plus", "seeds_decoded", "benign_false_refusal_change", "selected")
         return dg.MaterializeResult(metadata={
             "path": dg.MetadataValue.path(str(path)), "sae_path": dg.MetadataValue.path(str(sae_path)),
             "sae_hash": sae_cfg["sae_hash"], "selected": ",".join(map(str, result.selected)),
