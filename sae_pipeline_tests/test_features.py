@@ -119,6 +119,26 @@ def test_user_token_span_covers_exactly_the_users_words(tiny):
     assert tiny.tokenizer.decode(chat_ids(tiny.tokenizer, prompt)[start:end]) == prompt
 
 
+def test_batched_user_token_outputs_match_each_prompt_run_alone(tiny):
+    from sae_pipeline.evaluation.generation import chat_ids, user_token_span
+    from sae_pipeline.features.scoring import user_token_outputs
+    from sae_pipeline.model.hooks import layer_outputs
+
+    prompts = ["bake a cake", "sort a list in python quickly and explain why it works", "hi",
+               "plan a three-day trip to Rome for two", "what is 2 + 2"]
+    seen = {}
+    for i, captured in user_token_outputs(tiny.model, tiny.tokenizer, prompts, [1, 3], batch_size=3):
+        assert i not in seen
+        seen[i] = captured
+    assert sorted(seen) == list(range(len(prompts)))
+    for i, prompt in enumerate(prompts):  # independently: the prompt alone, unpadded, sliced to the user's words
+        start, end = user_token_span(tiny.tokenizer, prompt)
+        alone = layer_outputs(tiny.model, torch.tensor([chat_ids(tiny.tokenizer, prompt)]), [1, 3])
+        for layer in (1, 3):
+            assert seen[i][layer].shape == (end - max(start, 1), 64)
+            assert torch.allclose(seen[i][layer], alone[layer][0, max(start, 1):end], atol=1e-5)
+
+
 def test_tampered_scores_fail_closed(tmp_path):
     from sae_pipeline.features.scoring import LatentScores
     from sae_pipeline.features.store import ScoresLoadError, load_scores, save_scores

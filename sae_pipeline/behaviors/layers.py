@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sae_pipeline.features.scoring import probe_auroc, user_token_outputs
@@ -21,13 +20,12 @@ class BehaviorLayers(NamedTuple):
 
 @torch.no_grad()
 def pooled_mlp_outputs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, layers: Sequence[int],
-                       prompts: Sequence[str]) -> dict[int, torch.Tensor]:
+                       prompts: Sequence[str], batch_size: int = 16) -> dict[int, torch.Tensor]:
     """layer -> (P, D) float64: the MLP output averaged over each prompt's own tokens (as the feature scores pool)."""
-    rows: dict[int, list] = {layer: [] for layer in layers}
-    for prompt in tqdm(prompts, desc="pooled MLP outputs", unit="prompt"):
-        captured = user_token_outputs(model, tokenizer, prompt, layers)
+    rows: dict[int, list] = {layer: [None] * len(prompts) for layer in layers}
+    for i, captured in user_token_outputs(model, tokenizer, prompts, layers, batch_size, "pooled MLP outputs"):
         for layer in layers:
-            rows[layer].append(captured[layer].double().mean(0).cpu())
+            rows[layer][i] = captured[layer].double().mean(0).cpu()
     return {layer: torch.stack(r) for layer, r in rows.items()}
 
 

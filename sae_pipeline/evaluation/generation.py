@@ -39,7 +39,7 @@ def user_token_span(tokenizer: PreTrainedTokenizerBase, prompt: str) -> tuple[in
     return start, min(end, len(ids))
 
 
-def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
 
 
@@ -47,7 +47,7 @@ def _device(model: PreTrainedModel) -> torch.device:
     return next(model.parameters()).device
 
 
-def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     # similar lengths together: less padding; the order is fixed, so batches (and numerics) are reproducible
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
@@ -74,10 +74,10 @@ def _left_padded(sequences: Sequence[list[int]], pad_id: int) -> tuple[torch.Ten
 def generate_greedy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[int]],
                     max_new_tokens: int, batch_size: int, desc: str) -> list[Generation]:
     """Greedy continuations of chat-formatted prompt ids, in input order."""
-    pad_id, device = _pad_id(tokenizer), _device(model)
+    pad_id, device = pad_token_id(tokenizer), _device(model)
     stop = _stop_ids(model, tokenizer)
     out: list[Generation | None] = [None] * len(prompts)
-    for batch in tqdm(_batches([len(p) for p in prompts], batch_size), desc=desc, unit="batch"):
+    for batch in tqdm(length_batches([len(p) for p in prompts], batch_size), desc=desc, unit="batch"):
         ids_BS, mask_BS = _left_padded([prompts[i] for i in batch], pad_id)
         width = ids_BS.shape[1]
         generated_BT = model.generate(
@@ -91,7 +91,8 @@ def generate_greedy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     return out  # type: ignore[return-value]
 
 
-def _right_padded(sequences: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def right_padded(sequences: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right padding: every sequence keeps positions 0..len-1, as when it runs alone."""
     width = max(len(s) for s in sequences)
     ids_BS = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask_BS = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -107,10 +108,10 @@ def continuation_logprobs(model: PreTrainedModel, tokenizer: PreTrainedTokenizer
     """Mean per-token log-probability of the same continuation after each context (teacher forced). The contexts
     are a prefill of their own and the continuation follows through the KV cache, as in generation: a steering gate
     that decides at the prefill reads the prompt, never the continuation it is scored on."""
-    pad_id, device = _pad_id(tokenizer), _device(model)
+    pad_id, device = pad_token_id(tokenizer), _device(model)
     scores: list[float] = [0.0] * len(contexts)
     continuation_C = torch.tensor(continuation, dtype=torch.long)
-    for batch in _batches([len(c) for c in contexts], batch_size):
+    for batch in length_batches([len(c) for c in contexts], batch_size):
         ids_BS, mask_BS = _left_padded([contexts[i] for i in batch], pad_id)
         positions_BS = (mask_BS.cumsum(1) - 1).clamp(min=0)
         prefill = model(input_ids=ids_BS.to(device), attention_mask=mask_BS.to(device),
@@ -133,11 +134,11 @@ def continuation_logprobs(model: PreTrainedModel, tokenizer: PreTrainedTokenizer
 def perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
                batch_size: int, max_tokens: int = 512) -> float:
     """Token-weighted perplexity of plain texts (no chat template)."""
-    pad_id, device = _pad_id(tokenizer), _device(model)
+    pad_id, device = pad_token_id(tokenizer), _device(model)
     sequences = [tokenizer(text, add_special_tokens=True)["input_ids"][:max_tokens] for text in texts]
     total_nll, total_tokens = 0.0, 0
-    for batch in _batches([len(s) for s in sequences], batch_size):
-        ids_BS, mask_BS = _right_padded([sequences[i] for i in batch], pad_id)
+    for batch in length_batches([len(s) for s in sequences], batch_size):
+        ids_BS, mask_BS = right_padded([sequences[i] for i in batch], pad_id)
         logits_BSV = model(input_ids=ids_BS.to(device), attention_mask=mask_BS.to(device)).logits.float().cpu()
         nll_BS = F.cross_entropy(logits_BSV[:, :-1].transpose(1, 2), ids_BS[:, 1:], reduction="none")
         valid_BS = mask_BS[:, 1:].bool()
@@ -151,10 +152,10 @@ def mean_next_token_kl(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
                        batch_size: int, steered: Callable[[], AbstractContextManager]) -> float:
     """Mean over prompt positions of KL(unsteered || steered) next-token distributions, batch by batch (holding
     every distribution at once would take gigabytes at a 49k vocabulary)."""
-    pad_id, device = _pad_id(tokenizer), _device(model)
+    pad_id, device = pad_token_id(tokenizer), _device(model)
     total, count = 0.0, 0
-    for batch in _batches([len(s) for s in sequences], batch_size):
-        ids_BS, mask_BS = _right_padded([sequences[i] for i in batch], pad_id)
+    for batch in length_batches([len(s) for s in sequences], batch_size):
+        ids_BS, mask_BS = right_padded([sequences[i] for i in batch], pad_id)
         inputs = dict(input_ids=ids_BS.to(device), attention_mask=mask_BS.to(device))
         reference_BSV = model(**inputs).logits.float().log_softmax(-1)
         with steered():

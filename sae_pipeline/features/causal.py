@@ -34,11 +34,11 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sae_pipeline.config import FeatureConfig
-from sae_pipeline.evaluation.generation import (
-    CANONICAL_REFUSAL, chat_ids, continuation_logprobs, generate_greedy, user_token_span)
+from sae_pipeline.evaluation.generation import CANONICAL_REFUSAL, chat_ids, continuation_logprobs, generate_greedy
 from sae_pipeline.evaluation.judges import RefusalJudge
+from sae_pipeline.features.scoring import user_token_outputs
 from sae_pipeline.hashing import config_hash
-from sae_pipeline.model.hooks import layer_outputs, mlp_module
+from sae_pipeline.model.hooks import mlp_module
 from sae_pipeline.sae.model import TopKSAE
 from sae_pipeline.steering.sidecar import DenseSidecar
 
@@ -55,16 +55,13 @@ class ScreenResult(NamedTuple):
 
 @torch.no_grad()
 def latent_sigmas(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sae: TopKSAE, layer: int,
-                  prompts: Sequence[str], feature_ids: Sequence[int]) -> torch.Tensor:
+                  prompts: Sequence[str], feature_ids: Sequence[int], batch_size: int = 16) -> torch.Tensor:
     """Std of each latent's z over the user tokens of the prompts (zeros where it does not fire included)."""
-    device = next(model.parameters()).device
     ids_F = torch.tensor(list(feature_ids))
     sums_F, squares_F, tokens = torch.zeros(len(ids_F), dtype=torch.float64), torch.zeros(
         len(ids_F), dtype=torch.float64), 0
-    for prompt in prompts:
-        start, end = user_token_span(tokenizer, prompt)
-        acts_SD = layer_outputs(model, torch.tensor([chat_ids(tokenizer, prompt)], device=device), [layer])[layer]
-        codes = sae.encode(acts_SD[0, max(start, 1):end].float().cpu())
+    for _, captured in user_token_outputs(model, tokenizer, prompts, [layer], batch_size, f"sigmas L{layer}"):
+        codes = sae.encode(captured[layer].float().cpu())
         z_SF = torch.zeros(codes.top_acts.shape[0], sae.n_latents).scatter_(1, codes.top_indices, codes.top_acts)
         z_SC = z_SF[:, ids_F].double()
         sums_F += z_SC.sum(0)
@@ -173,7 +170,8 @@ def screen_features(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         scores = continuation_logprobs(model, tokenizer, sample_ids, refusal_ids, cfg.batch_size)
         return sum(scores) / len(scores)
 
-    sigmas_F = latent_sigmas(model, tokenizer, sae, layer, list(harmful) + list(benign), candidates)
+    sigmas_F = latent_sigmas(model, tokenizer, sae, layer, list(harmful) + list(benign), candidates,
+                             cfg.batch_size)
     baseline = journal.measure("baseline", lambda: {
         "refusal_logprob": logprob(),
         "harmful_refusal_by_seed": [_refusal_rate(model, tokenizer, judge, b, cfg, "screen baseline")

@@ -67,11 +67,12 @@ def build_behavior_assets(profile: Profile) -> list:
         sets = load_prompt_sets()
         tuning = [r for r in sets.harmful if r.split == profile.features.split and r.category in cfg.behaviors]
         benign = [r.prompt for r in sets.benign if r.split == profile.features.split]
+        batch = profile.features.batch_size
         with deterministic(profile.features.seed):
             choice = choose_behavior_layers(
-                pooled_mlp_outputs(loaded.model, loaded.tokenizer, layers, [r.prompt for r in tuning]),
-                [r.category for r in tuning], pooled_mlp_outputs(loaded.model, loaded.tokenizer, layers, benign),
-                cfg.max_layers, eligible)
+                pooled_mlp_outputs(loaded.model, loaded.tokenizer, layers, [r.prompt for r in tuning], batch),
+                [r.category for r in tuning],
+                pooled_mlp_outputs(loaded.model, loaded.tokenizer, layers, benign, batch), cfg.max_layers, eligible)
         key = config_hash({"behaviors": cfg.model_dump(mode="json"), "model": loaded.model_hash,
                            "data": sets.dataset_hash, "eligible": eligible, "split": profile.features.split,
                            "seed": profile.features.seed})
