@@ -1,9 +1,11 @@
 """Foundation benchmarks, in one run on one machine:
 
 1. activation harvest tokens/s vs a bare forward truncated at the same last layer (ratio; goal >= 0.9);
-2. SAE training tokens/s (bf16 autocast vs fp32 master-only), same shapes as the profile.
+2. SAE training tokens/s (bf16 autocast vs fp32 master-only), same shapes as the profile;
+3. prompt activations (what the feature scores, the screen's sigmas and the behaviour layer probes pool): the
+   batched user-token capture vs one prompt per forward, prompts/s on the tuning prompts (ratio).
 
-    python benchmarks/bench_foundation.py [--profile smollm2] [--windows 64] [--train-tokens 65536]
+    python benchmarks/bench_foundation.py [--profile smollm2] [--windows 64] [--train-tokens 65536] [--prompts 256]
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ from sae_pipeline.activations.harvest import harvest, token_windows
 from sae_pipeline.activations.store import WhiteningStats
 from sae_pipeline.config import load_profile
 from sae_pipeline.corpus.build import build_corpus
+from sae_pipeline.evaluation.datasets import load_prompt_sets
+from sae_pipeline.evaluation.generation import chat_ids, user_token_span
+from sae_pipeline.features.scoring import user_token_outputs
 from sae_pipeline.layout import corpus_dir
-from sae_pipeline.model.hooks import decoder_layers
+from sae_pipeline.model.hooks import decoder_layers, layer_outputs
 from sae_pipeline.model.loading import load_model
 from sae_pipeline.sae.train import train_sae
 
@@ -47,11 +52,27 @@ def bare_forward_seconds(model, batches: list[torch.Tensor], last_layer: int) ->
             layers._modules[str(i)] = layer
 
 
+def prompt_capture_rates(loaded, prompts: list[str], layer: int, batch_size: int) -> dict[str, float]:
+    """Prompts/s: one forward per prompt (the capture before batching) against `user_token_outputs`."""
+    began = time.perf_counter()
+    for prompt in prompts:
+        start, end = user_token_span(loaded.tokenizer, prompt)
+        ids = torch.tensor([chat_ids(loaded.tokenizer, prompt)])
+        layer_outputs(loaded.model, ids, [layer])[layer][0, max(start, 1):end]
+    single = len(prompts) / (time.perf_counter() - began)
+    began = time.perf_counter()
+    for _ in user_token_outputs(loaded.model, loaded.tokenizer, prompts, [layer], batch_size):
+        pass
+    batched = len(prompts) / (time.perf_counter() - began)
+    return {"one_per_forward": single, "batched": batched, "batched_over_one": batched / single}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--profile", default="smollm2")
     parser.add_argument("--windows", type=int, default=64)
     parser.add_argument("--train-tokens", type=int, default=65_536)
+    parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--out", default="artifacts/benchmarks/foundation.json")
     args = parser.parse_args()
     profile = load_profile(args.profile)
@@ -82,6 +103,10 @@ def main() -> None:
     for name, bf16 in (("bf16_autocast", True), ("fp32", False)):
         sae_cfg = profile.sae.model_copy(update={"epochs": 1.0, "bf16_autocast": bf16, "maintenance_at_fractions": []})
         train[name] = train_sae(acts, stats, sae_cfg).tokens_per_second
+    sets = load_prompt_sets()
+    tuning = [r.prompt for r in sets.harmful + sets.benign if r.split == profile.features.split]
+    tuning = tuning[::max(1, len(tuning) // args.prompts)][:args.prompts]  # every length the set holds
+    captures = prompt_capture_rates(loaded, tuning, max(cfg.layers), profile.features.batch_size)
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__, "profile": profile.name, "layers": cfg.layers,
@@ -91,6 +116,8 @@ def main() -> None:
         "sae_train_tokens_per_s": train,
         "sae_shape": {"d_model": profile.d_model, "n_latents": profile.sae.n_latents, "k": profile.sae.k,
                       "batch_tokens": profile.sae.batch_tokens},
+        "prompt_activations_per_s": {**captures, "prompts": len(tuning), "layer": max(cfg.layers),
+                                     "batch_size": profile.features.batch_size},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))

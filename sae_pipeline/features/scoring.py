@@ -60,7 +60,7 @@ def user_token_outputs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     """(index into prompts, layer -> (S, D) MLP output over that prompt's own tokens in its chat turn, never
     position 0, the attention sink), once per prompt: what the feature scores, the screen's sigmas and the behaviour
     layer probes pool. Prompts of similar length run together, right-padded so each keeps its positions, and the
-    forward stops after the last layer (~6x a prompt at a time on 2 CPU cores)."""
+    forward stops after the last layer (2x a prompt per forward on 2 CPU cores: the bare forward's tokens/s)."""
     device = next(model.parameters()).device
     sequences = [chat_ids(tokenizer, p) for p in prompts]
     for batch in tqdm(length_batches([len(s) for s in sequences], batch_size), desc=desc, unit="batch"):
