@@ -52,16 +52,17 @@ def build_feature_assets(profile: Profile) -> list:
         provenance = ranking_provenance(sae_path, cfg.seed, layer, sets.dataset_hash,
                                         config_hash(cfg.model_dump(mode="json")))
         scores = load_matching_scores(out, provenance)
-        if scores is None:
+        reused = scores is not None
+        if reused:
+            context.log.info(f"layer {layer}: reusing the scores already made for this SAE, data and config in {out}")
+        else:
             with deterministic(cfg.seed):
                 scores = score_latents(loaded.model, loaded.tokenizer, sae, layer, harmful, benign, cfg.batch_size)
-        else:
-            context.log.info(f"layer {layer}: reusing the scores already made for this SAE, data and config in {out}")
         sha256 = save_scores(scores, out, provenance)
         live = scores.liveness_F > 0
         return dg.MaterializeResult(metadata={
             "path": dg.MetadataValue.path(str(out)), "sae_path": dg.MetadataValue.path(str(sae_path)),
-            "scores_sha256": sha256, "sae_hash": sae_cfg["sae_hash"],
+            "scores_sha256": sha256, "sae_hash": sae_cfg["sae_hash"], "scores_reused": reused,
             "probe_auroc": scores.probe_auroc, "rank_stability_spearman": scores.rank_stability,
             "live_latents": int(live.sum()), "harmful_prompts": scores.n_harmful, "benign_prompts": scores.n_benign,
             "delta_mu_histogram": png_markdown(delta_mu_histogram(
