@@ -49,8 +49,8 @@ def load_scores(directory: Path) -> tuple[LatentScores, dict]:
 
 def load_matching_scores(directory: Path, provenance: dict) -> LatentScores | None:
     """The scores saved in `directory` when they were made for exactly `provenance` (a rerun after an interruption
-    keeps a finished layer's scoring, ~1 minute on 2 CPU cores), else None: none there, made otherwise, or failing their own
-    checks, and then they are made again."""
+    keeps a finished layer's scoring, ~1 minute on 2 CPU cores), else None: none there, made otherwise, or failing
+    their own checks, and then they are made again."""
     if not (directory / "scores.json").exists():
         return None
     try:
